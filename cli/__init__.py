@@ -1,0 +1,1 @@
+"""Command-line entry points (click). Thin: parse -> one library call -> summary; torch loads inside commands."""

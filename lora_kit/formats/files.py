@@ -1,0 +1,120 @@
+"""safetensors on disk: header reads without torch, validated loads, atomic writes.
+
+Every problem with a file becomes one LoraKitError that names the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+from ..errors import LoraKitError
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def check_input(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise LoraKitError(f"{p}: no such file")
+    if p.is_dir():
+        raise LoraKitError(f"{p}: is a folder, expected a .safetensors file")
+    return p
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """(tensor entries, metadata) of a safetensors file, checked against the file size; no torch needed."""
+    p = check_input(path)
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LoraKitError(f"{p}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > size - 8 or n > 100_000_000:
+            raise LoraKitError(f"{p}: not a safetensors file (bad header length {n} for a file of {size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LoraKitError(f"{p}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise LoraKitError(f"{p}: not a safetensors file (its header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - n
+    for key, entry in header.items():
+        try:
+            start, end = entry["data_offsets"]
+            expected = _DTYPE_SIZES.get(entry["dtype"], 0)
+            numel = 1
+            for d in entry["shape"]:
+                numel *= d
+        except (KeyError, TypeError, ValueError):
+            raise LoraKitError(f"{p}: corrupt safetensors header (entry {key!r})") from None
+        if end > data_size:
+            raise LoraKitError(f"{p}: truncated: tensor {key!r} ends at byte {end} but the data holds {data_size}")
+        if expected and end - start != numel * expected:
+            raise LoraKitError(f"{p}: corrupt safetensors header (tensor {key!r} has the wrong byte size)")
+    return header, metadata
+
+
+def load(path: str | os.PathLike):
+    """(tensors, metadata) of a validated safetensors file, on the CPU."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _, metadata = read_header(path)
+    try:
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraKitError(f"{path}: cannot read safetensors ({e})") from None
+
+
+def check_output(path: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an existing output (unless force) or an output folder that is missing or not writable."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise LoraKitError(f"{p}: already exists (use --force / force=True to overwrite)")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise LoraKitError(f"{p}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise LoraKitError(f"{p}: the folder {parent} is not writable")
+    return p
+
+
+def serialize(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: t.contiguous() for k, t in tensors.items()}, metadata=metadata)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:
+    """Write bytes to a temp file beside `path`, then rename: readers never see a partial file."""
+    p = check_output(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+def addnet_hashes(data: bytes) -> dict[str, str]:
+    """sd-webui-additional-networks hashes of a serialized file: sha256 of the bytes after the header, and the
+    legacy hash (sha256 of the 64 KiB at offset 1 MiB, first 8 hex digits)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return {
+        "sshs_model_hash": hashlib.sha256(data[8 + n :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],
+    }

@@ -1,0 +1,150 @@
+"""kohya-compatible LoRA files (what sd-scripts, A1111, ComfyUI, Forge and diffusers all read).
+
+Keys are `<prefix>_<module path with "." -> "_">.lora_down.weight / .lora_up.weight / .alpha`:
+`lora_unet` (SD1/SD2: diffusers paths; SDXL: SGM paths such as `input_blocks_4_1_...`), `lora_te` (the one CLIP of
+SD1/SD2), `lora_te1`/`lora_te2` (two CLIPs), `lora_te3` (T5). Text-encoder paths are spelled `text_model_<rest>`
+whatever transformers calls them. Names are mapped back through the model's own module list, never by splitting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import LoraKitError
+from ..inject import _layers
+from ..state import group
+
+SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+VARIANTS = {  # key fragments of LoRA variants lora_kit does not read yet -> their names
+    "hada_": "LoHa", "lokr_": "LoKr", ".lora_mid.": "LoCon with a Tucker core (lora_mid)", ".dora_scale": "DoRA",
+    ".on_input": "IA3", ".diff": "full-weight diff", ".a1.weight": "GLoRA", "oft_": "OFT",
+}  # fmt: skip
+RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}  # fmt: skip
+
+
+def sgm_blocks(config: Mapping) -> dict[str, str]:
+    """diffusers UNet block paths -> SGM (`input_blocks`/`middle_block`/`output_blocks`) paths, for any depth."""
+    n = len(config["block_out_channels"])
+    lpb = config["layers_per_block"]
+    lpb = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * n
+    table = {
+        "conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2", "conv_out": "out.2", "mid_block.resnets.0": "middle_block.0",
+        "mid_block.attentions.0": "middle_block.1", "mid_block.resnets.1": "middle_block.2",
+    }  # fmt: skip
+    i = 1
+    for b in range(n):
+        for j in range(lpb[b]):
+            table[f"down_blocks.{b}.resnets.{j}"] = f"input_blocks.{i}.0"
+            table[f"down_blocks.{b}.attentions.{j}"] = f"input_blocks.{i}.1"
+            i += 1
+        if b < n - 1:
+            table[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{i}.0.op"
+            i += 1
+    i = 0
+    up_lpb = list(reversed(lpb))
+    for b in range(n):
+        has_attention = "CrossAttn" in config["up_block_types"][b]
+        for j in range(up_lpb[b] + 1):
+            table[f"up_blocks.{b}.resnets.{j}"] = f"output_blocks.{i}.0"
+            table[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{i}.1"
+            i += 1
+        if b < n - 1:
+            table[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{i - 1}.{2 if has_attention else 1}.conv"
+    return table
+
+
+def to_sgm(path: str, table: Mapping[str, str]) -> str | None:
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        head, rest = ".".join(parts[:cut]), parts[cut:]
+        if head in table:
+            if ".resnets." in f".{head}." and rest:
+                inner = RESNET_SGM.get(".".join(rest))
+                return None if inner is None else f"{table[head]}.{inner}"
+            return ".".join([table[head], *rest])
+    return None
+
+
+def prefix(component: str, module: nn.Module, arch: str) -> str:
+    if component in ("unet", "transformer"):
+        return "lora_unet"
+    if "T5" in type(module).__name__:
+        return "lora_te3"
+    if component == "text_encoder":
+        return "lora_te" if arch in ("sd1", "sd2") else "lora_te1"
+    return "lora_te2"
+
+
+def stems(component: str, module: nn.Module, arch: str) -> dict[str, list[str]]:
+    """{module path: [stem to write, other stems that mean the same module]} for every layer of a component."""
+    pre = prefix(component, module, arch)
+    table = sgm_blocks(module.config) if component == "unet" else None
+    out = {}
+    for path, _ in _layers(module):
+        flat = path.replace(".", "_")
+        if component.startswith("text_encoder") and pre != "lora_te3":
+            rest = path.removeprefix("text_model.").replace(".", "_")
+            names = [f"{pre}_text_model_{rest}", f"{pre}_{rest}"]
+            if pre in ("lora_te", "lora_te1"):  # SD1 files written by diffusers' converter say te1
+                other = "lora_te1" if pre == "lora_te" else "lora_te"
+                names += [f"{other}_text_model_{rest}", f"{other}_{rest}"]
+        else:
+            names = [f"{pre}_{flat}"]
+            sgm = to_sgm(path, table) if table is not None else None
+            if sgm is not None:
+                names.insert(0 if arch == "sdxl" else 1, f"{pre}_{sgm.replace('.', '_')}")
+        out[path] = names
+    return out
+
+
+def to_kohya(state: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module], arch: str) -> dict[str, torch.Tensor]:
+    """Canonical dict -> kohya keys."""
+    if arch in ("sd3", "flux"):
+        raise LoraKitError(f"kohya names for {arch} transformers are not written yet; use format='peft'")
+    names = {c: stems(c, m, arch) for c, m in comps.items()}
+    out = {}
+    for (component, path), parts in group(state).items():
+        stem = names[component][path][0]
+        out[stem + ".lora_down.weight"] = parts["down"]
+        out[stem + ".lora_up.weight"] = parts["up"]
+        out[stem + ".alpha"] = parts.get("alpha", torch.tensor(float(parts["down"].shape[0])))
+    return out
+
+
+def is_kohya(keys) -> bool:
+    return any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
+
+
+def from_kohya(
+    tensors: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module], arch: str, source: str
+) -> dict[str, torch.Tensor]:
+    """kohya keys -> canonical dict; every key must name a module of this model."""
+    for key in tensors:
+        for fragment, variant in VARIANTS.items():
+            if fragment in key:
+                raise LoraKitError(f"{source}: {variant} adapters ({key}) are not supported yet")
+    lookup = {}
+    for component, module in comps.items():
+        for path, names in stems(component, module, arch).items():
+            for name in names:
+                lookup.setdefault(name, (component, path))
+    out, unknown = {}, []
+    for key, tensor in tensors.items():
+        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        stem = key[: -len(suffix)] if suffix else None
+        if stem is None or stem not in lookup:
+            unknown.append(key)
+            continue
+        component, path = lookup[stem]
+        out[f"{component}.{path}.{suffix[1:]}"] = tensor
+    if unknown:
+        raise LoraKitError(
+            f"{source}: {len(unknown)} keys name no layer of this {arch} model, e.g. {', '.join(unknown[:3])}"
+        )
+    return out

@@ -1,0 +1,201 @@
+"""Put adapters into any nn.Module, and take them out again: inject, remove, collapse, weights, iteration."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import LoraKitError
+from .layers import LoraAdapter, LoraWrapper, wrap
+from .targets import Target, layer_kind, resolve
+
+
+def _layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(path, layer) for every Linear/Conv2d or wrapper below `module`, not descending into wrappers."""
+    for child_name, child in module.named_children():
+        path = f"{prefix}{child_name}"
+        if isinstance(child, LoraWrapper) or layer_kind(child) is not None:
+            yield path, child
+        else:
+            yield from _layers(child, path + ".")
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    return layer.base if isinstance(layer, LoraWrapper) else layer
+
+
+def find_targets(model: nn.Module, targets: str | Target | Sequence) -> list[str]:
+    """Paths of the layers of `model` that `targets` selects, in module order."""
+    selected: dict[str, None] = {}
+    for target in resolve(targets):
+        pattern = re.compile(target.children) if target.children else None
+        if target.parents:
+            classes = target.parent_classes()
+            parents = [(p + ".", m) for p, m in model.named_modules() if classes and isinstance(m, classes)]
+        else:
+            parents = [("", model)]
+        for parent_path, parent in parents:
+            for rel, layer in _layers(parent):
+                if layer_kind(_base(layer)) in target.kinds and (pattern is None or pattern.fullmatch(rel)):
+                    selected[(parent_path + rel).lstrip(".")] = None
+    paths = set(selected)
+    return [p for p, _ in _layers(model) if p in paths]
+
+
+def _no_match_message(model: nn.Module, targets) -> str:
+    examples = [p for p, _ in _layers(model)][:6]
+    names = targets if isinstance(targets, str) else [t for t in resolve(targets)]
+    return (
+        f"no layer of {type(model).__name__} matches targets {names!r}; "
+        f"it has layers such as {', '.join(examples) or '(none)'}"
+    )
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: str | Target | Sequence = "attn",
+    rank: int = 16,
+    alpha: float | None = None,
+    name: str = "default",
+    *,
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+    dropout: float = 0.0,
+    init: str = "kaiming",
+    paths: Sequence[str] | None = None,
+) -> list[str]:
+    """Add adapter `name` to every targeted layer (or exactly `paths`); returns the wrapped paths.
+
+    alpha defaults to rank (scale 1). Convs with kernels larger than 1x1 use conv_rank/conv_alpha when given (kohya's
+    conv_dim/conv_alpha). A layer that is already wrapped gets the new adapter in its existing wrapper.
+    """
+    if paths is None:
+        paths = find_targets(model, targets)
+        if not paths:
+            raise LoraKitError(_no_match_message(model, targets))
+    plan = []
+    for path in paths:
+        layer = model.get_submodule(path)
+        use_conv = conv_rank is not None and layer_kind(_base(layer)) == "conv"
+        r, a = (conv_rank, conv_alpha) if use_conv else (rank, alpha)
+        wrapper = layer if isinstance(layer, LoraWrapper) else None
+        if wrapper is not None and name in wrapper.adapters:
+            raise LoraKitError(f"{path} already has an adapter named {name!r}")
+        limit = wrapper.max_rank if wrapper else min(layer.weight.shape[0], layer.weight[0].numel())
+        if r > limit:
+            raise LoraKitError(f"rank {r} is larger than min(in, out) = {limit} of {path}")
+        plan.append((path, layer, r, a))
+    for path, _, r, a in plan:  # everything validated: now change the model
+        attach_adapter(model, path, name, r, a, dropout=dropout, init=init)
+    return list(paths)
+
+
+def attach_adapter(
+    model: nn.Module, path: str, name: str, rank: int, alpha: float | None = None, dropout: float = 0.0,
+    init: str = "kaiming",
+) -> LoraAdapter:
+    """Add one adapter to the layer at `path`, wrapping it first unless it is already wrapped."""
+    layer = model.get_submodule(path)
+    wrapper = layer if isinstance(layer, LoraWrapper) else wrap(layer)
+    adapter = wrapper.add_adapter(name, rank, alpha, dropout=dropout, init=init)
+    if wrapper is not layer:
+        _set_module(model, path, wrapper)
+    return adapter
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraWrapper]]:
+    """(path, wrapper) for every wrapped layer."""
+    for path, layer in _layers(model):
+        if isinstance(layer, LoraWrapper):
+            yield path, layer
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for _, wrapper in lora_modules(model):
+        names.update(dict.fromkeys(wrapper.adapters))
+    return list(names)
+
+
+def remove_lora(model: nn.Module, name: str | None = None) -> list[str]:
+    """Remove adapter `name` (all adapters when None); a wrapper left empty is replaced by its original module."""
+    touched = []
+    for path, wrapper in list(lora_modules(model)):
+        if name is not None:
+            if name not in wrapper.adapters:
+                continue
+            del wrapper.adapters[name]
+        if name is None or len(wrapper.adapters) == 0:
+            _set_module(model, path, wrapper.base)
+        touched.append(path)
+    return touched
+
+
+def collapse_lora(model: nn.Module, name: str | None = None) -> list[str]:
+    """Bake adapter `name` (every enabled adapter when None), at its weight, into the base weights and remove it.
+
+    The deltas are summed in fp32 and checked for finiteness before any base weight is written.
+    """
+    deltas = []
+    for path, wrapper in lora_modules(model):
+        if name is not None and name not in wrapper.adapters:
+            continue
+        d = wrapper.delta_weight(name)
+        if not torch.isfinite(d).all():
+            raise LoraKitError(f"the LoRA delta of {path} is not finite (NaN/inf); nothing was collapsed")
+        deltas.append((path, wrapper, d))
+    for path, wrapper, d in deltas:
+        w = wrapper.base.weight
+        with torch.no_grad():
+            w.copy_((w.float() + d).to(w.dtype))
+    remove_lora(model, name)
+    return [p for p, _, _ in deltas]
+
+
+def set_weight(model: nn.Module, name: str, weight: float, paths: Sequence[str] | None = None) -> int:
+    """Set the user weight of adapter `name` (on `paths` only, when given); returns how many modules changed."""
+    wanted = set(paths) if paths is not None else None
+    n = 0
+    for path, wrapper in lora_modules(model):
+        if name in wrapper.adapters and (wanted is None or path in wanted):
+            wrapper.adapters[name].weight = float(weight)
+            n += 1
+    if n == 0:
+        raise LoraKitError(f"no adapter named {name!r} in {type(model).__name__}; adapters: {adapter_names(model)}")
+    return n
+
+
+def tune_lora_scale(model: nn.Module, weight: float) -> None:
+    """cloneofsimo-compatible alias: set the user weight of every adapter."""
+    for _, wrapper in lora_modules(model):
+        for adapter in wrapper.adapters.values():
+            adapter.weight = float(weight)
+
+
+def enable_lora(model: nn.Module, name: str | None = None, enabled: bool = True) -> None:
+    for _, wrapper in lora_modules(model):
+        for n, adapter in wrapper.adapters.items():
+            if name is None or n == name:
+                adapter.enabled = enabled
+
+
+def extract_lora_ups_down(model: nn.Module, name: str | None = None) -> Iterator[tuple[nn.Parameter, nn.Parameter]]:
+    """cloneofsimo's iterator: `(up, down)` for every adapter (or adapter `name`) in module order."""
+    for _, wrapper in lora_modules(model):
+        for n, adapter in wrapper.adapters.items():
+            if name is None or n == name:
+                yield adapter.up, adapter.down
+
+
+def lora_parameters(model: nn.Module, name: str | None = None) -> Iterator[nn.Parameter]:
+    for up, down in extract_lora_ups_down(model, name):
+        yield down
+        yield up

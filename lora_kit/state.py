@@ -1,0 +1,143 @@
+"""The canonical LoRA state dict <-> adapters in a model.
+
+Canonical keys are `{component}.{module_path}.lora_down.weight`, `.lora_up.weight` and `.alpha` (0-d), where the
+component is `unet`, `transformer`, `text_encoder`, `text_encoder_2` or `text_encoder_3` and the module path is the
+diffusers/transformers module name. Order carries no meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .errors import LoraKitError
+from .inject import _layers, adapter_names, attach_adapter, lora_modules
+from .layers import LoraWrapper
+
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+
+def component_name(module: nn.Module) -> str:
+    """The pipeline component a bare module plays: unet, transformer or text_encoder."""
+    cls = type(module).__name__
+    if "UNet" in cls:
+        return "unet"
+    if "Transformer" in cls and type(module).__module__.startswith("diffusers"):
+        return "transformer"
+    if type(module).__module__.startswith("transformers"):
+        return "text_encoder"
+    raise LoraKitError(f"cannot tell which pipeline component a {cls} is; pass a pipeline or a UNet/transformer")
+
+
+def components(target) -> dict[str, nn.Module]:
+    """{component: module} of a diffusers pipeline, or {name: module} for a bare module."""
+    if isinstance(target, nn.Module):
+        return {component_name(target): target}
+    found = {c: getattr(target, c) for c in COMPONENTS if isinstance(getattr(target, c, None), nn.Module)}
+    if not found:
+        raise LoraKitError(f"{type(target).__name__} has no unet, transformer or text encoder to put adapters in")
+    return found
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """'unet.a.b.lora_down.weight' -> ('unet', 'a.b', 'down')."""
+    for suffix, part in SUFFIXES.items():
+        if key.endswith("." + suffix):
+            component, _, path = key[: -len(suffix) - 1].partition(".")
+            return component, path, part
+    raise LoraKitError(f"{key!r} is not a canonical LoRA key (component.path.lora_down.weight/lora_up.weight/alpha)")
+
+
+def group(state: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """Canonical dict -> {(component, path): {'down', 'up', 'alpha'}}."""
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        component, path, part = split_key(key)
+        groups.setdefault((component, path), {})[part] = tensor
+    return groups
+
+
+def ungroup(groups: Mapping[tuple[str, str], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    inverse = {part: suffix for suffix, part in SUFFIXES.items()}
+    return {f"{c}.{p}.{inverse[part]}": t for (c, p), parts in groups.items() for part, t in parts.items()}
+
+
+def only_adapter_name(target) -> str:
+    names: dict[str, None] = {}
+    for module in components(target).values():
+        names.update(dict.fromkeys(adapter_names(module)))
+    if len(names) != 1:
+        raise LoraKitError(f"say which adapter: the model has {list(names) or 'none'}")
+    return next(iter(names))
+
+
+def lora_state_dict(target, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The canonical state dict of adapter `name` (the only one if None) across the target's components."""
+    name = name or only_adapter_name(target)
+    state: dict[str, torch.Tensor] = {}
+    for component, module in components(target).items():
+        for path, wrapper in lora_modules(module):
+            if name in wrapper.adapters:
+                a = wrapper.adapters[name]
+                prefix = f"{component}.{path}."
+                state[prefix + "lora_down.weight"] = a.down.detach().clone()
+                state[prefix + "lora_up.weight"] = a.up.detach().clone()
+                state[prefix + "alpha"] = a.alpha.detach().clone()
+    if not state:
+        raise LoraKitError(f"no adapter named {name!r} in the model")
+    return state
+
+
+def _check_group(component: str, path: str, parts: Mapping, layers: dict | None, name: str) -> str | None:
+    """Why this (component, path) cannot take these factors, or None when it fits."""
+    if layers is None:
+        return f"{component}.{path}: the model has no component {component!r}"
+    if path not in layers:
+        return f"{component}.{path}: no such Linear/Conv2d in the {component}"
+    if "down" not in parts or "up" not in parts:
+        return f"{component}.{path}: lora_down and lora_up must both be present"
+    layer = layers[path]
+    if isinstance(layer, LoraWrapper) and name in layer.adapters:
+        return f"{component}.{path}: already has an adapter named {name!r}"
+    weight = (layer.base if isinstance(layer, LoraWrapper) else layer).weight
+    down, up = parts["down"], parts["up"]
+    rank = down.shape[0]
+    fan_in = weight[0].numel()
+    if down.numel() != rank * fan_in or up.numel() != weight.shape[0] * rank or up.shape[:2] != (weight.shape[0], rank):
+        return (
+            f"{component}.{path}: down {tuple(down.shape)} / up {tuple(up.shape)} do not fit a layer with weight "
+            f"{tuple(weight.shape)}"
+        )
+    return None
+
+
+def load_lora_state_dict(
+    target, state: Mapping[str, torch.Tensor], name: str = "default", weight: float = 1.0, source: str = "state dict"
+) -> list[str]:
+    """Inject adapter `name` from a canonical state dict; returns 'component.path' of every adapted layer.
+
+    Everything is checked before the model is touched: an unknown module, a missing factor or a shape that does
+    not fit raises LoraKitError naming `source` and the first mismatches, and leaves the model as it was.
+    """
+    comps = components(target)
+    layers = {c: dict(_layers(m)) for c, m in comps.items()}
+    groups = group(state)
+    problems = [p for (c, path), parts in groups.items() if (p := _check_group(c, path, parts, layers.get(c), name))]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise LoraKitError(f"{source} does not fit the model: {'; '.join(problems[:3])}{more}")
+    done = []
+    for (component, path), parts in groups.items():
+        down = parts["down"]
+        rank = down.shape[0]
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+        adapter = attach_adapter(comps[component], path, name, rank, alpha)
+        with torch.no_grad():
+            adapter.down.copy_(down.reshape(adapter.down.shape).float())
+            adapter.up.copy_(parts["up"].reshape(adapter.up.shape).float())
+        adapter.weight = float(weight)
+        done.append(f"{component}.{path}")
+    return done

@@ -1,0 +1,98 @@
+"""Target presets as data: which Linear/Conv2d layers of a model get adapters.
+
+A `Target` names parent module classes (matched by isinstance, never by class name) and a regex over the path of a
+layer relative to that parent; with no parents the regex runs over the full module path. `kinds` says which layers
+qualify: `linear`, `conv1x1` (1x1 convs, which kohya treats like linears) and `conv` (kernels larger than 1x1).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+KINDS = ("linear", "conv1x1", "conv")
+
+
+@dataclass(frozen=True)
+class Target:
+    parents: tuple[str, ...] = ()  # "package.module:Class"; () means the whole model is the parent
+    children: str | None = None  # regex, fullmatch on the layer path relative to the parent; None = every layer
+    kinds: tuple[str, ...] = ("linear", "conv1x1")
+
+    def __post_init__(self):
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"Target.kinds has {bad}; allowed: {list(KINDS)}")
+        if self.children is not None:
+            re.compile(self.children)
+
+    def parent_classes(self) -> tuple[type, ...]:
+        """The parent classes that exist in the installed libraries (a preset may name classes of several)."""
+        found = []
+        for spec in self.parents:
+            module_name, _, cls_name = spec.partition(":")
+            try:
+                found.append(getattr(importlib.import_module(module_name), cls_name))
+            except (ImportError, AttributeError):
+                continue  # e.g. a FLUX class on a diffusers without FLUX; other parents of the preset still match
+        return tuple(found)
+
+
+def layer_kind(layer: nn.Module) -> str | None:
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if isinstance(layer, nn.Conv2d):
+        return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"
+    return None
+
+
+_ATTN = (
+    "diffusers.models.attention_processor:Attention",
+    "diffusers.models.transformers.transformer_flux:FluxAttention",
+)
+_TRANSFORMER_2D = ("diffusers.models.transformers.transformer_2d:Transformer2DModel",)
+_RESNET = (
+    "diffusers.models.resnet:ResnetBlock2D",
+    "diffusers.models.downsampling:Downsample2D",
+    "diffusers.models.upsampling:Upsample2D",
+)
+_CLIP_ATTN = ("transformers.models.clip.modeling_clip:CLIPAttention",)
+_CLIP_MLP = ("transformers.models.clip.modeling_clip:CLIPMLP",)
+_DIT_BLOCKS = (
+    "diffusers.models.attention:JointTransformerBlock",
+    "diffusers.models.transformers.transformer_sd3:SD3SingleTransformerBlock",
+    "diffusers.models.transformers.transformer_flux:FluxTransformerBlock",
+    "diffusers.models.transformers.transformer_flux:FluxSingleTransformerBlock",
+)
+
+PRESETS: dict[str, tuple[Target, ...]] = {
+    # diffusers training examples: the attention projections only
+    "attn": (Target(_ATTN, r"to_q|to_k|to_v|to_out\.0"),),
+    # kohya's default: every Linear / 1x1 conv inside the transformer blocks (attn1/attn2, proj_in/out, ff)
+    "kohya": (Target(_TRANSFORMER_2D),),
+    # LoCon / LoRA-C3Lier: kohya plus the resnet convs (3x3 too), conv_shortcut, time_emb_proj, down/upsamplers
+    "locon": (Target(_TRANSFORMER_2D), Target(_RESNET, kinds=("linear", "conv1x1", "conv"))),
+    "clip-attn": (Target(_CLIP_ATTN, r"q_proj|k_proj|v_proj|out_proj"),),
+    "clip-all": (Target(_CLIP_ATTN, r"q_proj|k_proj|v_proj|out_proj"), Target(_CLIP_MLP, r"fc1|fc2")),
+    # SD3 / FLUX transformer blocks: attention and MLP linears, not the AdaLN modulation
+    "dit": (Target(_DIT_BLOCKS, r"(attn\d?|ff|ff_context)\..+|proj_mlp|proj_out"),),
+}
+
+
+def resolve(targets) -> tuple[Target, ...]:
+    """A preset name, a Target, or a sequence of them -> a tuple of Targets."""
+    if isinstance(targets, str):
+        if targets not in PRESETS:
+            raise ValueError(f"unknown target preset {targets!r}; presets: {', '.join(PRESETS)}")
+        return PRESETS[targets]
+    if isinstance(targets, Target):
+        return (targets,)
+    out: list[Target] = []
+    for t in targets:
+        out.extend(resolve(t))
+    if not out:
+        raise ValueError("targets is empty")
+    return tuple(out)

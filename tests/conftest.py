@@ -1,0 +1,190 @@
+"""Tiny offline pipelines for SD1.x, SD2.x (v-prediction, linear projection), SDXL, SD3 and FLUX, built from
+configs with random weights (nothing is downloaded), plus helpers the tests share."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+WORDS = ["a", "photo", "of", "dog", "cat", "sks", "the", "in", "on", "style", "painting", "person", "red", "circle"]
+ARCHS = ["sd1", "sd2", "sdxl", "sd3", "flux"]
+
+
+@lru_cache
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_byte_level_clip_tokenizer(folder: str, words=WORDS) -> None:
+    """A tiny byte-level CLIP BPE (512 byte tokens, whole-word merges for `words`, 2 specials)."""
+    os.makedirs(folder, exist_ok=True)
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [b + "</w>" for b in base]
+    merges: list[str] = []
+    for w in words:
+        cur = w[0]
+        for i, ch in enumerate(w[1:], 1):
+            right = ch + ("</w>" if i == len(w) - 1 else "")
+            if f"{cur} {right}" not in merges:
+                merges.append(f"{cur} {right}")
+            cur = cur + right
+            if cur not in vocab:
+                vocab.append(cur)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def clip_tokenizer(folder: str, pad_token: str | None = None):
+    from transformers import CLIPTokenizer
+
+    write_byte_level_clip_tokenizer(folder)
+    kw = {"model_max_length": 77}
+    if pad_token:
+        kw["pad_token"] = pad_token
+    return CLIPTokenizer.from_pretrained(folder, **kw)
+
+
+def clip_config(tok, hidden: int = 32, proj: int | None = None, act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig
+
+    kw = dict(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act=act, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    if proj:
+        kw["projection_dim"] = proj
+    return CLIPTextConfig(**kw)
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -5.0) for c in chars] + [("▁" + c, -4.0) for c in chars] + [("▁" + w, -1.0) for w in WORDS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def t5_encoder(tok):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            decoder_start_token_id=0,
+        )
+    )  # fmt: skip
+
+
+VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=32, block_out_channels=(32, 64),
+    layers_per_block=1, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+)  # fmt: skip
+UNET_SD1 = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+)  # fmt: skip
+UNET_SD2 = dict(UNET_SD1, use_linear_projection=True, attention_head_dim=(2, 4))
+UNET_SDXL = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64, norm_num_groups=1,
+)  # fmt: skip
+
+
+def build_pipeline(arch: str, folder: str):
+    """A tiny random pipeline of the given architecture; tokenizers are written under `folder`."""
+    import diffusers as d
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer(os.path.join(folder, "tok1"))
+    ddim = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    if arch in ("sd1", "sd2"):
+        sd2 = arch == "sd2"
+        te = CLIPTextModel(clip_config(tok, act="gelu" if sd2 else "quick_gelu"))
+        unet = d.UNet2DConditionModel(**(UNET_SD2 if sd2 else UNET_SD1))
+        sched = d.DDIMScheduler(**ddim, prediction_type="v_prediction" if sd2 else "epsilon")
+        return d.StableDiffusionPipeline(
+            vae=d.AutoencoderKL(**VAE), text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+    if arch == "sdxl":
+        tok2 = clip_tokenizer(os.path.join(folder, "tok2"), pad_token="!")
+        return d.StableDiffusionXLPipeline(
+            vae=d.AutoencoderKL(**VAE), text_encoder=CLIPTextModel(clip_config(tok)),
+            text_encoder_2=CLIPTextModelWithProjection(clip_config(tok2, proj=32)), tokenizer=tok, tokenizer_2=tok2,
+            unet=d.UNet2DConditionModel(**UNET_SDXL),
+            scheduler=d.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                               beta_schedule="scaled_linear", timestep_spacing="leading"),
+        )  # fmt: skip
+    small_vae = dict(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, norm_num_groups=1,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+    tok_t5 = t5_tokenizer()
+    if arch == "flux":
+        transformer = d.FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        )  # fmt: skip
+        return d.FluxPipeline(
+            scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=d.AutoencoderKL(**small_vae, latent_channels=1),
+            text_encoder=CLIPTextModel(clip_config(tok, proj=32)), tokenizer=tok, text_encoder_2=t5_encoder(tok_t5),
+            tokenizer_2=tok_t5, transformer=transformer,
+        )  # fmt: skip
+    if arch == "sd3":
+        tok2 = clip_tokenizer(os.path.join(folder, "tok2"), pad_token="!")
+        transformer = d.SD3Transformer2DModel(
+            sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+            caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+        )  # fmt: skip
+        return d.StableDiffusion3Pipeline(
+            scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=d.AutoencoderKL(**small_vae, latent_channels=4),
+            text_encoder=CLIPTextModelWithProjection(clip_config(tok, proj=32)),
+            text_encoder_2=CLIPTextModelWithProjection(clip_config(tok2, proj=32)), text_encoder_3=t5_encoder(tok_t5),
+            tokenizer=tok, tokenizer_2=tok2, tokenizer_3=tok_t5, transformer=transformer,
+        )  # fmt: skip
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def make_pipe(tiny_folder):
+    """A fresh tiny pipeline per call (the tests mutate them), deterministic for a given arch."""
+
+    def make(arch: str):
+        pipe = build_pipeline(arch, os.path.join(tiny_folder, arch))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make
