@@ -80,7 +80,9 @@ def set_weights(target, weights: Mapping[str, float | Mapping[str, float]]) -> N
             elif key in comps:
                 pairs = list(lora_modules(comps[key]))
             else:
-                raise LoraKitError(f"weight key {key!r} is neither a component {list(comps)} nor a block {list(BLOCKS)}")
+                raise LoraKitError(
+                    f"weight key {key!r} is neither a component {list(comps)} nor a block {list(BLOCKS)}"
+                )
             for _, wrapper in pairs:
                 if name in wrapper.adapters:
                     wrapper.adapters[name].weight = float(value)

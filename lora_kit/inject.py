@@ -99,7 +99,12 @@ def inject_lora(
 
 
 def attach_adapter(
-    model: nn.Module, path: str, name: str, rank: int, alpha: float | None = None, dropout: float = 0.0,
+    model: nn.Module,
+    path: str,
+    name: str,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
     init: str = "kaiming",
 ) -> LoraAdapter:
     """Add one adapter to the layer at `path`, wrapping it first unless it is already wrapped."""
@@ -152,7 +157,7 @@ def collapse_lora(model: nn.Module, name: str | None = None) -> list[str]:
         if not torch.isfinite(d).all():
             raise LoraKitError(f"the LoRA delta of {path} is not finite (NaN/inf); nothing was collapsed")
         deltas.append((path, wrapper, d))
-    for path, wrapper, d in deltas:
+    for _, wrapper, d in deltas:
         w = wrapper.base.weight
         with torch.no_grad():
             w.copy_((w.float() + d).to(w.dtype))

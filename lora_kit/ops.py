@@ -17,13 +17,15 @@ def uniform_alpha(state: Mapping[str, torch.Tensor], alpha: float | None = None)
     misapplies files whose per-module alphas differ; with one alpha diffusers, ComfyUI and A1111 agree.
     """
     groups = group(state)
-    alphas = [float(parts["alpha"]) if "alpha" in parts else float(parts["down"].shape[0]) for parts in groups.values()]
+    alphas = [
+        float(parts["alpha"]) if "alpha" in parts else float(parts["down"].shape[0]) for parts in groups.values()
+    ]
     if not alphas:
         return dict(state)
     if alpha is None:
         alpha = Counter(alphas).most_common(1)[0][0]
     out = {}
-    for (key, parts), old in zip(groups.items(), alphas):
+    for (key, parts), old in zip(groups.items(), alphas, strict=True):
         up = parts["up"]
         if old != alpha:
             up = (up.float() * (old / alpha)).to(up.dtype)

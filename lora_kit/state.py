@@ -106,7 +106,11 @@ def _check_group(component: str, path: str, parts: Mapping, layers: dict | None,
     down, up = parts["down"], parts["up"]
     rank = down.shape[0]
     fan_in = weight[0].numel()
-    if down.numel() != rank * fan_in or up.numel() != weight.shape[0] * rank or up.shape[:2] != (weight.shape[0], rank):
+    if (
+        down.numel() != rank * fan_in
+        or up.numel() != weight.shape[0] * rank
+        or up.shape[:2] != (weight.shape[0], rank)
+    ):
         return (
             f"{component}.{path}: down {tuple(down.shape)} / up {tuple(up.shape)} do not fit a layer with weight "
             f"{tuple(weight.shape)}"

@@ -18,7 +18,9 @@ ARCHS = ["sd1", "sd2", "sdxl", "sd3", "flux"]
 
 @lru_cache
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -26,7 +28,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def write_byte_level_clip_tokenizer(folder: str, words=WORDS) -> None:
@@ -185,6 +187,91 @@ def make_pipe(tiny_folder):
     def make(arch: str):
         pipe = build_pipeline(arch, os.path.join(tiny_folder, arch))
         pipe.set_progress_bar_config(disable=True)
+        for component in pipe.components.values():
+            if hasattr(component, "eval"):
+                component.eval()  # models built from a config start in training mode (T5 dropout)
         return pipe
 
     return make
+
+
+def randomize_adapters(target, seed: int = 0, std: float = 0.2) -> None:
+    """Random non-zero up and down for every adapter, so an adapter actually changes the output."""
+    import torch
+
+    from lora_kit.inject import extract_lora_ups_down
+    from lora_kit.state import components
+
+    g = torch.Generator().manual_seed(seed)
+    for module in components(target).values():
+        for up, down in extract_lora_ups_down(module):
+            with torch.no_grad():
+                up.copy_(torch.randn(up.shape, generator=g) * std)
+                down.copy_(torch.randn(down.shape, generator=g) * std)
+
+
+def main_model(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def forward_main(model, seed: int = 1):
+    """The UNet's noise prediction / the transformer's output on fixed random inputs."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    with torch.no_grad():
+        if "FluxTransformer" in type(model).__name__:
+            seq = 16
+            return model(
+                hidden_states=torch.randn(1, seq, cfg.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(1, 7, cfg.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([0.5]), img_ids=torch.randn(seq, 3, generator=g),
+                txt_ids=torch.zeros(7, 3), return_dict=False,
+            )[0]  # fmt: skip
+        if "SD3Transformer" in type(model).__name__:
+            return model(
+                hidden_states=torch.randn(1, cfg.in_channels, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(1, 7, cfg.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([10]), return_dict=False,
+            )[0]  # fmt: skip
+        kwargs = {}
+        if cfg.addition_embed_type == "text_time":
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(1, cfg.projection_class_embeddings_input_dim - 6 * 8, generator=g),
+                "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]]),
+            }
+        return model(
+            torch.randn(1, cfg.in_channels, 16, 16, generator=g), 10,
+            encoder_hidden_states=torch.randn(1, 7, cfg.cross_attention_dim, generator=g), return_dict=False, **kwargs,
+        )[0]  # fmt: skip
+
+
+def forward_text(encoder):
+    import torch
+
+    ids = torch.tensor([[1, 5, 9, 20, 40, 60, 2]]) % encoder.config.vocab_size
+    with torch.no_grad():
+        return encoder(ids).last_hidden_state
+
+
+def pipeline_outputs(pipe) -> dict:
+    """{component: output} for the main model and every text encoder of a pipeline."""
+    out = {"main": forward_main(main_model(pipe))}
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            out[name] = forward_text(getattr(pipe, name))
+    return out
+
+
+def assert_outputs_close(a: dict, b: dict, atol: float = 1e-5, exact: bool = False) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")

@@ -1,0 +1,192 @@
+"""File formats: key names, metadata, uniform alpha, and one clear error for every bad file."""
+
+import hashlib
+import json
+import struct
+
+import pytest
+import torch
+from conftest import main_model, pipeline_outputs, randomize_adapters
+from safetensors.torch import save_file
+
+import lora_kit
+from lora_kit import LoraKitError
+from lora_kit.formats import files
+from lora_kit.inject import inject_lora, lora_modules
+from lora_kit.state import components
+
+
+@pytest.fixture
+def sd1(make_pipe):
+    pipe = make_pipe("sd1")
+    inject_lora(pipe.unet, "locon", rank=4, alpha=1.0, conv_rank=2, conv_alpha=3.0)
+    inject_lora(pipe.text_encoder, "clip-attn", rank=2, alpha=2.0)
+    randomize_adapters(pipe, seed=11)
+    return pipe
+
+
+def test_kohya_names_and_metadata_sd1(sd1, tmp_path):
+    path = lora_kit.save(sd1, tmp_path / "a.safetensors", metadata={"trigger_words": ["sks"]})
+    header, meta = files.read_header(path)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in header
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.alpha" in header
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in header
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in header)
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_network_dim"] == "Dynamic" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert json.loads(meta["lora_kit.trigger_words"]) == ["sks"]
+    tensors, _ = files.load(path)
+    alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
+    assert len(alphas) == 1  # one alpha for every module, whatever was trained
+    assert meta["ss_network_alpha"] == f"{alphas.pop():g}"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + n :]).hexdigest()
+
+
+def test_sdxl_writes_sgm_names_and_reads_both_spellings(make_pipe, tmp_path):
+    pipe = make_pipe("sdxl")
+    inject_lora(pipe.unet, "locon", rank=2)
+    inject_lora(pipe.text_encoder, "clip-attn", rank=2)
+    inject_lora(pipe.text_encoder_2, "clip-attn", rank=2)
+    randomize_adapters(pipe, seed=2)
+    path = lora_kit.save(pipe, tmp_path / "xl.safetensors")
+    header, meta = files.read_header(path)
+    for key in [
+        "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k",  # down_blocks.1.attentions.0
+        "lora_unet_input_blocks_3_0_skip_connection",  # down_blocks.1.resnets.0.conv_shortcut
+        "lora_unet_input_blocks_2_0_op",  # down_blocks.0.downsamplers.0.conv
+        "lora_unet_middle_block_1_proj_in", "lora_unet_middle_block_2_out_layers_3",
+        "lora_unet_output_blocks_1_2_conv",  # up_blocks.0.upsamplers.0.conv (after the attention)
+        "lora_unet_output_blocks_3_0_emb_layers_1",  # up_blocks.1.resnets.0.time_emb_proj
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te2_text_model_encoder_layers_1_self_attn_out_proj",
+    ]:  # fmt: skip
+        assert key + ".lora_down.weight" in header, key
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    # the same LoRA spelled with diffusers paths (what diffusers' converter writes) reads to the same model
+    tensors, _ = files.load(path)
+    mapping = {}
+    for p, _ in lora_modules(pipe.unet):
+        from lora_kit.formats.kohya import sgm_blocks, to_sgm
+
+        mapping["lora_unet_" + to_sgm(p, sgm_blocks(pipe.unet.config)).replace(".", "_")] = "lora_unet_" + p.replace(
+            ".", "_"
+        )
+    renamed = {}
+    for k, t in tensors.items():
+        stem, dot, rest = k.partition(".")
+        renamed[mapping.get(stem, stem) + dot + rest] = t
+    save_file(renamed, tmp_path / "diffusers_names.safetensors")
+    a, b = make_pipe("sdxl"), make_pipe("sdxl")
+    lora_kit.load(a, path)
+    lora_kit.load(b, tmp_path / "diffusers_names.safetensors")
+    out_a, out_b = pipeline_outputs(a), pipeline_outputs(b)
+    assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)
+
+
+def test_peft_format_carries_alpha_metadata(sd1, make_pipe, tmp_path):
+    expected = pipeline_outputs(sd1)
+    path = lora_kit.save(sd1, tmp_path / "p.safetensors", format="peft")
+    header, meta = files.read_header(path)
+    assert all(".lora_A." in k or ".lora_B." in k for k in header)
+    config = json.loads(meta["lora_adapter_metadata"])
+    assert config["unet.lora_alpha"] == config["text_encoder.lora_alpha"]
+    assert config["unet.r"] == 4 and all(r == 2 for r in config["unet.rank_pattern"].values())
+    theirs = make_pipe("sd1")  # diffusers' own loader reads the alphas from the metadata
+    theirs.load_lora_weights(str(path))
+    got = pipeline_outputs(theirs)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0)
+    ours = make_pipe("sd1")
+    lora_kit.load(ours, path)
+    got = pipeline_outputs(ours)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0)
+
+
+def test_fp16_dtype_and_existing_output(sd1, tmp_path):
+    path = lora_kit.save(sd1, tmp_path / "h.safetensors", dtype=torch.float16)
+    tensors, _ = files.load(path)
+    assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} == {torch.float32}
+    before = path.read_bytes()
+    with pytest.raises(LoraKitError, match="already exists"):
+        lora_kit.save(sd1, path)
+    assert path.read_bytes() == before
+    lora_kit.save(sd1, path, force=True)
+    with pytest.raises(LoraKitError, match="does not exist"):
+        lora_kit.save(sd1, tmp_path / "missing" / "x.safetensors")
+
+
+def _bad_files(tmp_path, good):
+    raw = good.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) - 100])
+    (tmp_path / "text.safetensors").write_text("hello, I am not a tensor file" * 3)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    tensors, _ = files.load(good)
+    save_file({"lora_unet_no_such_block.lora_down.weight": torch.zeros(2, 4)}, tmp_path / "keys.safetensors")
+    shapes = {
+        k: (t[:, :1].contiguous() if k.endswith("lora_down.weight") and t.dim() == 2 else t)
+        for k, t in tensors.items()
+    }
+    save_file(shapes, tmp_path / "shapes.safetensors")
+    nan = dict(tensors)
+    k0 = next(k for k in nan if k.endswith("lora_up.weight"))
+    nan[k0] = torch.full_like(nan[k0], float("nan"))
+    save_file(nan, tmp_path / "nan.safetensors")
+    save_file(
+        {"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(2, 2)}, tmp_path / "loha.safetensors"
+    )
+    save_file({"weight": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "pickle.pt")
+    return {
+        "missing.safetensors": "no such file", "trunc.safetensors": "truncated",
+        "text.safetensors": "not a safetensors", "empty.safetensors": "not a safetensors",
+        "keys.safetensors": "name no layer of this sd1 model",
+        "shapes.safetensors": "do not fit a layer", "nan.safetensors": "NaN or inf", "loha.safetensors": "LoHa",
+        "foreign.safetensors": "not a LoRA file", "pickle.pt": "pickled files are not read",
+    }  # fmt: skip
+
+
+def test_bad_files_one_clear_error_and_nothing_changes(sd1, make_pipe, tmp_path):
+    good = lora_kit.save(sd1, tmp_path / "good.safetensors")
+    cases = _bad_files(tmp_path, good)
+    pipe = make_pipe("sd1")
+    base = pipeline_outputs(pipe)
+    for name, message in cases.items():
+        path = tmp_path / name
+        before = path.read_bytes() if path.exists() else None
+        with pytest.raises(LoraKitError) as info:
+            lora_kit.load(pipe, path)
+        text = str(info.value)
+        assert message in text and name in text and "\n" not in text, (name, text)
+        assert not any(True for m in components(pipe).values() for _ in lora_modules(m)), name
+        if before is not None:
+            assert path.read_bytes() == before
+    after = pipeline_outputs(pipe)
+    assert all(torch.equal(base[k], after[k]) for k in base)
+
+
+def test_wrong_architecture_is_refused(make_pipe, tmp_path):
+    xl = make_pipe("sdxl")
+    inject_lora(main_model(xl), "attn", rank=2)
+    inject_lora(xl.text_encoder_2, "clip-attn", rank=2)
+    path = lora_kit.save(xl, tmp_path / "xl.safetensors")
+    with pytest.raises(LoraKitError, match="xl.safetensors: .* keys name no layer of this sd1 model"):
+        lora_kit.load(make_pipe("sd1"), path)
+
+
+def test_load_names_and_replace(sd1, make_pipe, tmp_path):
+    path = lora_kit.save(sd1, tmp_path / "style.safetensors")
+    pipe = make_pipe("sd1")
+    assert lora_kit.load(pipe, path, weight=0.5) == "style"
+    with pytest.raises(LoraKitError, match="already loaded"):
+        lora_kit.load(pipe, path)
+    lora_kit.load(pipe, path, replace=True)
+    lora_kit.load(pipe, path, name="again")
+    wrappers = dict(lora_modules(pipe.unet))
+    assert all(set(w.adapters) == {"style", "again"} for w in wrappers.values())
+    lora_kit.unload(pipe, "style")
+    lora_kit.unload(pipe, "again")
+    assert not list(lora_modules(pipe.unet)) and not list(lora_modules(pipe.text_encoder))

@@ -1,0 +1,177 @@
+"""Injection over all five architectures: identity at init, injected == collapsed, remove restores exactly,
+save -> load round trips, and the errors a user meets."""
+
+import pytest
+import torch
+from conftest import ARCHS, assert_outputs_close, main_model, pipeline_outputs, randomize_adapters
+from torch import nn
+
+import lora_kit
+from lora_kit import LoraKitError
+from lora_kit.formats import files, read
+from lora_kit.inject import collapse_lora, find_targets, inject_lora, lora_modules, remove_lora
+from lora_kit.state import components
+from lora_kit.targets import Target
+
+MAIN_PRESET = {"sd1": "locon", "sd2": "locon", "sdxl": "locon", "sd3": "dit", "flux": "dit"}
+T5_ATTENTION = Target(children=r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.(q|k|v|o)")  # a path regex
+
+
+def adapt(pipe, arch, name="default"):
+    """Mixed ranks and alphas != ranks everywhere; random non-zero factors."""
+    inject_lora(main_model(pipe), MAIN_PRESET[arch], rank=4, alpha=1.0, conv_rank=2, conv_alpha=3.0, name=name)
+    for comp, module in components(pipe).items():
+        if comp.startswith("text_encoder"):
+            is_t5 = "T5" in type(module).__name__
+            inject_lora(module, T5_ATTENTION if is_t5 else "clip-all", rank=2, alpha=5.0, name=name)
+    randomize_adapters(pipe, seed=7)
+
+
+def _modules(pipe):
+    return {c: dict(m.named_modules()) for c, m in components(pipe).items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inject_collapse_remove(make_pipe, arch):
+    pipe = make_pipe(arch)
+    base = pipeline_outputs(pipe)
+    before = _modules(pipe)
+    adapt(pipe, arch)
+    randomize_adapters(pipe, seed=1, std=0.0)  # zero factors: the output must be the base output
+    assert_outputs_close(pipeline_outputs(pipe), base, exact=True)
+    randomize_adapters(pipe, seed=2)
+    injected = pipeline_outputs(pipe)
+    assert not torch.allclose(injected["main"], base["main"], atol=1e-4)
+
+    remove_lora(main_model(pipe))
+    for comp in components(pipe):
+        if comp.startswith("text_encoder"):
+            remove_lora(getattr(pipe, comp))
+    assert_outputs_close(pipeline_outputs(pipe), base, exact=True)
+    after = _modules(pipe)
+    for comp, mods in before.items():  # the very same module objects are back in place
+        assert mods.keys() == after[comp].keys() and all(mods[k] is after[comp][k] for k in mods)
+
+    adapt(pipe, arch)
+    injected = pipeline_outputs(pipe)
+    lora_kit.collapse(pipe)
+    assert not any(True for m in components(pipe).values() for _ in lora_modules(m))
+    assert_outputs_close(pipeline_outputs(pipe), injected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_roundtrip(make_pipe, tmp_path, arch):
+    pipe = make_pipe(arch)
+    adapt(pipe, arch, name="mine")
+    expected = pipeline_outputs(pipe)
+    path = lora_kit.save(pipe, tmp_path / "a.safetensors")
+
+    fresh = make_pipe(arch)
+    name = lora_kit.load(fresh, path)
+    assert name == "a"
+    assert_outputs_close(pipeline_outputs(fresh), expected, atol=1e-5)
+    for comp, module in components(pipe).items():  # model -> file -> model: every delta within 1e-6 relative
+        loaded = dict(lora_modules(getattr(fresh, comp)))
+        assert loaded.keys() == dict(lora_modules(module)).keys()
+        for layer, wrapper in lora_modules(module):
+            d0, d1 = wrapper.delta_weight("mine"), loaded[layer].delta_weight("a")
+            assert (d1 - d0).abs().max() <= 1e-6 * d0.abs().max(), (comp, layer)
+
+    # file -> memory -> file is bit-exact: same keys, same bytes
+    state, _ = read(path, fresh)
+    again = lora_kit.save(fresh, tmp_path / "b.safetensors", name="a")
+    first, second = files.load(path)[0], files.load(again)[0]
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) and first[k].dtype == second[k].dtype for k in first)
+    n_layers = sum(1 for m in components(fresh).values() for _ in lora_modules(m))
+    assert len(state) == 3 * n_layers  # down, up and alpha of every adapted layer
+
+
+def test_weight_and_second_adapter_join_one_wrapper(make_pipe):
+    pipe = make_pipe("sd1")
+    base = pipeline_outputs(pipe)
+    paths = inject_lora(pipe.unet, "attn", rank=2, name="a")
+    again = inject_lora(pipe.unet, "attn", rank=3, name="b")
+    assert paths == again
+    wrappers = dict(lora_modules(pipe.unet))
+    assert set(wrappers) == set(paths) and all(set(w.adapters) == {"a", "b"} for w in wrappers.values())
+    assert not any(isinstance(w.base, lora_kit.LoraInjectedLinear) for w in wrappers.values())
+    randomize_adapters(pipe.unet, seed=3)
+    both = pipeline_outputs(pipe)
+    lora_kit.set_weights(pipe, {"a": 0.0, "b": 0.0})
+    assert_outputs_close(pipeline_outputs(pipe), base, exact=True)
+    lora_kit.set_weights(pipe, {"a": 1.0, "b": 1.0})
+    assert_outputs_close(pipeline_outputs(pipe), both, exact=True)
+    # removing one adapter keeps the other; removing both restores the originals
+    remove_lora(pipe.unet, "a")
+    assert all(set(w.adapters) == {"b"} for _, w in lora_modules(pipe.unet))
+    remove_lora(pipe.unet, "b")
+    assert not list(lora_modules(pipe.unet))
+
+
+def test_presets_select_the_documented_layers(make_pipe):
+    pipe = make_pipe("sd1")
+    attn = find_targets(pipe.unet, "attn")
+    assert attn and all(p.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v"} or p.endswith("to_out.0") for p in attn)
+    kohya = set(find_targets(pipe.unet, "kohya"))
+    assert set(attn) < kohya and "down_blocks.0.attentions.0.proj_in" in kohya
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2" in kohya
+    locon = set(find_targets(pipe.unet, "locon"))
+    for p in ["down_blocks.0.resnets.0.conv1", "down_blocks.1.resnets.0.conv_shortcut",
+              "down_blocks.0.resnets.0.time_emb_proj", "down_blocks.0.downsamplers.0.conv"]:  # fmt: skip
+        assert p in locon
+    assert "conv_in" not in locon and not any("norm" in p for p in locon)
+    clip = find_targets(pipe.text_encoder, "clip-all")
+    assert len(clip) == 2 * 6 and len(find_targets(pipe.text_encoder, "clip-attn")) == 2 * 4
+    flux = make_pipe("flux")
+    dit = find_targets(flux.transformer, "dit")
+    assert "single_transformer_blocks.0.proj_mlp" in dit and not any("norm" in p for p in dit)
+
+
+def test_errors_name_the_problem(make_pipe, tmp_path):
+    pipe = make_pipe("sd1")
+    with pytest.raises(LoraKitError, match=r"no layer of CLIPTextModel matches targets 'attn'.*encoder\.layers"):
+        inject_lora(pipe.text_encoder, "attn")
+    with pytest.raises(LoraKitError, match="rank 99 is larger than min"):
+        inject_lora(pipe.unet, "attn", rank=99)
+    assert not list(lora_modules(pipe.unet))  # nothing was half-injected
+    with pytest.raises(ValueError, match="unknown target preset 'nope'"):
+        inject_lora(pipe.unet, "nope")
+    # NaN deltas are refused before any base weight is written
+    inject_lora(pipe.unet, "attn", rank=2)
+    up = next(iter(lora_modules(pipe.unet)))[1].adapters["default"].up
+    with torch.no_grad():
+        up.fill_(float("nan"))
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(LoraKitError, match="not finite"):
+        collapse_lora(pipe.unet)
+    assert all(
+        torch.allclose(weights[k], v, rtol=0, atol=0, equal_nan=True) for k, v in pipe.unet.state_dict().items()
+    )
+
+
+def test_bf16_pipeline_fp32_adapters_train_under_autocast(make_pipe):
+    pipe = make_pipe("sd1")
+    unet = pipe.unet
+    inject_lora(unet, "kohya", rank=4)
+    reference = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        unet.to(dtype)
+        for _, w in lora_modules(unet):  # adapters stay fp32 whatever the base dtype
+            w.adapters.to(torch.float32)
+        unet.zero_grad()
+        unet.requires_grad_(False)
+        params = list(lora_kit.lora_parameters(unet))
+        for p in params:
+            p.requires_grad_(True)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, 16, 16, generator=g)
+        ctx = torch.randn(2, 7, 32, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = unet(x, 10, encoder_hidden_states=ctx).sample
+        out.float().square().mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in params])
+        assert all(p.dtype == torch.float32 for p in params) and torch.isfinite(grads).all()
+        reference[dtype] = grads
+    cos = nn.functional.cosine_similarity(reference[torch.float32], reference[torch.bfloat16], dim=0)
+    assert cos > 0.98

@@ -1,0 +1,142 @@
+"""The wrapper layers against hand-written formulas (F.linear / F.conv2d on explicit weights)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_kit import functional
+from lora_kit.layers import LoraInjectedConv2d, LoraInjectedLinear
+
+CONVS = [  # (in, out, kernel, stride, padding, dilation, padding_mode)
+    (4, 6, 3, 1, 1, 1, "zeros"),
+    (4, 6, 1, 1, 0, 1, "zeros"),
+    (3, 5, (3, 5), 2, (1, 2), 1, "zeros"),
+    (4, 4, 3, 1, 2, 2, "zeros"),
+    (4, 6, 3, 1, 1, 1, "reflect"),
+]
+
+
+def _random(adapter, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        adapter.up.copy_(torch.randn(adapter.up.shape, generator=g))
+        adapter.down.copy_(torch.randn(adapter.down.shape, generator=g))
+
+
+def test_linear_matches_formula_with_two_adapters():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 5)
+    w = LoraInjectedLinear(base)
+    a = w.add_adapter("a", rank=3, alpha=1.5)
+    b = w.add_adapter("b", rank=2, alpha=4.0)
+    _random(a, 1)
+    _random(b, 2)
+    b.weight = 0.3
+    x = torch.randn(2, 7, 8)
+    expected = F.linear(x, base.weight, base.bias)
+    expected = expected + (x @ a.down.T @ a.up.T) * (1.5 / 3) + (x @ b.down.T @ b.up.T) * (4.0 / 2) * 0.3
+    torch.testing.assert_close(w(x), expected, atol=1e-5, rtol=1e-5)
+    # the collapsed weight gives the same output
+    merged = base.weight + (a.up @ a.down) * 0.5 + (b.up @ b.down) * 2.0 * 0.3
+    torch.testing.assert_close(w.delta_weight() + base.weight, merged, atol=1e-5, rtol=1e-5)
+    b.enabled = False
+    torch.testing.assert_close(w(x), F.linear(x, base.weight, base.bias) + (x @ a.down.T @ a.up.T) * 0.5)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,pad,dil,mode", CONVS)
+def test_conv_matches_collapsed_weight(cin, cout, k, stride, pad, dil, mode):
+    torch.manual_seed(0)
+    base = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dil, padding_mode=mode)
+    w = LoraInjectedConv2d(base)
+    a = w.add_adapter("a", rank=2, alpha=3.0)
+    _random(a, 4)
+    x = torch.randn(2, cin, 9, 11)
+    merged = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dil, padding_mode=mode)
+    # independent delta: the kohya 3x3 form conv2d(down.permute(1,0,2,3), up).permute(1,0,2,3)
+    with torch.no_grad():
+        delta = F.conv2d(a.down.permute(1, 0, 2, 3), a.up).permute(1, 0, 2, 3) * 1.5
+        merged.weight.copy_(base.weight + delta)
+        merged.bias.copy_(base.bias)
+    torch.testing.assert_close(w(x), merged(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.delta_weight(), delta, atol=1e-6, rtol=1e-6)
+
+
+def test_fresh_adapter_is_identity_and_init_modes():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    w = LoraInjectedLinear(base)
+    a = w.add_adapter("k", rank=4)
+    g = w.add_adapter("g", rank=4, init="gaussian")
+    x = torch.randn(3, 16)
+    assert torch.equal(w(x), base(x))
+    assert torch.count_nonzero(a.up) == 0 and torch.count_nonzero(g.up) == 0
+    assert a.down.abs().max() <= 1 / 16**0.5  # kaiming-uniform(a=sqrt 5) bound 1/sqrt(fan_in)
+    assert abs(g.down.std().item() - 0.25) < 0.08  # gaussian std 1/rank
+    assert a.scale == 1.0  # alpha defaults to rank
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    w = LoraInjectedLinear(nn.Linear(32, 32))
+    _random(w.add_adapter("a", rank=4, dropout=0.5), 0)
+    x = torch.randn(4, 32)
+    w.eval()
+    assert torch.equal(w(x), w(x))
+    w.train()
+    assert not torch.equal(w(x), w(x))
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="grouped"):
+        LoraInjectedConv2d(nn.Conv2d(4, 4, 3, groups=2))
+    w = LoraInjectedLinear(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="rank 4 is not in 1..3"):
+        w.add_adapter("a", rank=4)
+    w.add_adapter("a", rank=2)
+    with pytest.raises(ValueError, match="already exists"):
+        w.add_adapter("a", rank=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_base_fp32_adapters_with_and_without_autocast(dtype):
+    torch.manual_seed(0)
+    ref = LoraInjectedConv2d(nn.Conv2d(4, 8, 3, padding=1))
+    _random(ref.add_adapter("a", rank=2, alpha=1.0), 0)
+    half = LoraInjectedConv2d(nn.Conv2d(4, 8, 3, padding=1).to(dtype))
+    half.base.load_state_dict({k: v.to(dtype) for k, v in ref.base.state_dict().items()})
+    a = half.add_adapter("a", rank=2, alpha=1.0)
+    a.load_state_dict(ref.adapters["a"].state_dict())
+    assert a.down.dtype == torch.float32 and half.base.weight.dtype == dtype
+    x = torch.randn(2, 4, 6, 6)
+    y_ref = ref(x)
+    y_ref.square().mean().backward()
+    # plain half precision, no autocast
+    y = half(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), y_ref, atol=0.05, rtol=0.05)
+    # under autocast (bf16 is what CPU autocast supports), forward and backward
+    if dtype == torch.bfloat16:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = half(x)
+            loss = y.float().square().mean()
+        loss.backward()
+        for p in (a.down, a.up):
+            assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        ref_grad = ref.adapters["a"].up.grad
+        cos = F.cosine_similarity(a.up.grad.flatten(), ref_grad.flatten(), dim=0)
+        assert cos > 0.99
+
+
+def test_functional_delta_and_factorize_roundtrip():
+    torch.manual_seed(0)
+    up, down = torch.randn(6, 3), torch.randn(3, 5)
+    torch.testing.assert_close(functional.delta(up, down, 0.5), 0.5 * up @ down)
+    u2, d2 = functional.factorize(up @ down, 3)
+    torch.testing.assert_close(u2 @ d2, up @ down, atol=1e-4, rtol=1e-4)
+    conv_up, conv_down = torch.randn(6, 2, 1, 1), torch.randn(2, 4, 3, 3)
+    full = functional.delta(conv_up, conv_down)
+    assert full.shape == (6, 4, 3, 3)
+    cu, cd = functional.factorize(full, 2)
+    assert cu.shape == (6, 2, 1, 1) and cd.shape == (2, 4, 3, 3)
+    torch.testing.assert_close(functional.delta(cu, cd), full, atol=1e-4, rtol=1e-4)
