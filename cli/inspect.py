@@ -1,0 +1,45 @@
+"""lora-inspect FILE [--json]: what a LoRA file holds, read from its header only (instant on multi-GB files)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ._common import friendly_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+@click.option("--metadata/--no-metadata", default=False, help="Also list every header metadata entry.")
+@friendly_errors
+def main(file: str, as_json: bool, metadata: bool) -> None:
+    """Show the format, architecture, modules, ranks, alphas, trigger words and metadata of a LoRA FILE."""
+    from lora_kit.formats.header import describe
+
+    info = describe(file)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['file']}  ({info['size_bytes'] / 1e6:.2f} MB)")
+    click.echo(f"  format        {info['format']}")
+    click.echo(f"  architecture  {info['architecture']}")
+    comps = ", ".join(f"{c} {n}" for c, n in info["components"].items())
+    click.echo(f"  modules       {info['modules']} ({comps}); {info['conv_modules']} kxk conv")
+    click.echo(f"  ranks         {', '.join(f'{r} x{n}' for r, n in info['ranks'].items()) or '-'}")
+    click.echo(
+        f"  alphas        {', '.join(f'{a} x{n}' for a, n in info['alphas'].items()) or '(none: alpha = rank)'}"
+    )
+    click.echo(f"  dtypes        {', '.join(info['dtypes'])}")
+    if info["trigger_words"]:
+        click.echo(f"  trigger words {info['trigger_words']}")
+    if info["other_keys"]:
+        click.echo(f"  other keys    {', '.join(info['other_keys'])}")
+    if metadata:
+        for k, v in sorted(info["metadata"].items()):
+            click.echo(f"  {k} = {v if len(v) < 100 else v[:97] + '...'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Sniff a LoRA file's format and read it into a canonical state dict, or write one (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from .. import __version__
+from ..errors import LoraKitError
+from ..models import MODELSPEC_ARCHITECTURE, SS_BASE_MODEL_VERSION, architecture
+from ..ops import cast, uniform_alpha
+from ..state import COMPONENTS, components, group
+from . import files, kohya, peft
+
+FORMATS = ("kohya", "peft", "native")
+DEFAULT_FORMAT = {"sd1": "kohya", "sd2": "kohya", "sdxl": "kohya", "sd3": "peft", "flux": "peft"}
+
+
+def sniff(keys, source: str = "file") -> str:
+    keys = list(keys)
+    if not keys:
+        raise LoraKitError(f"{source}: holds no tensors")
+    if kohya.is_kohya(keys):
+        return "kohya"
+    if peft.is_peft(keys):
+        if all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys):
+            return "native"
+        return "peft"
+    raise LoraKitError(f"{source}: not a LoRA file lora_kit knows (keys such as {', '.join(keys[:3])})")
+
+
+def read(path: str | os.PathLike, target) -> tuple[dict, dict[str, str]]:
+    """(canonical state dict, header metadata) of a LoRA file, with names mapped onto `target`'s modules."""
+    p = files.check_input(path)
+    if p.suffix in (".pt", ".ckpt", ".bin", ".pth"):
+        raise LoraKitError(f"{p}: pickled files are not read (only safetensors); convert it to safetensors first")
+    tensors, metadata = files.load(p)
+    comps = components(target)
+    fmt = sniff(tensors, str(p))
+    if fmt == "kohya":
+        state = kohya.from_kohya(tensors, comps, architecture(comps), str(p))
+    elif fmt == "peft":
+        state = peft.from_peft(tensors, metadata, comps, str(p))
+    else:
+        state = dict(tensors)
+    for key, t in state.items():
+        if t.is_floating_point() and not t.isfinite().all():
+            raise LoraKitError(f"{p}: tensor {key} holds NaN or inf")
+    return state, metadata
+
+
+def metadata_for(state: Mapping, arch: str, extra: Mapping[str, object] | None = None) -> dict[str, str]:
+    """kohya `ss_*`, SAI `modelspec.*` and `lora_kit.*` header entries (all strings)."""
+    groups = group(state)
+    ranks = sorted({parts["down"].shape[0] for parts in groups.values()})
+    alphas = sorted({float(parts["alpha"]) for parts in groups.values() if "alpha" in parts})
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
+        "ss_network_alpha": f"{alphas[0]:g}" if len(alphas) == 1 else "Dynamic",
+        "ss_base_model_version": SS_BASE_MODEL_VERSION[arch],
+        "ss_v2": str(arch == "sd2"),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[arch],
+        "modelspec.implementation": "diffusers",
+        "lora_kit.version": __version__,
+        "lora_kit.architecture": arch,
+    }
+    for key, value in (extra or {}).items():
+        meta[key if "." in key or key.startswith("ss_") else f"lora_kit.{key}"] = (
+            value if isinstance(value, str) else json.dumps(value)
+        )
+    return meta
+
+
+def write(
+    path: str | os.PathLike,
+    state: Mapping,
+    target,
+    *,
+    format: str | None = None,
+    dtype=None,
+    metadata: Mapping[str, object] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a canonical state dict as a LoRA file for `target`'s architecture; returns the path."""
+    comps = components(target)
+    arch = architecture(comps)
+    fmt = format or DEFAULT_FORMAT[arch]
+    if fmt not in FORMATS:
+        raise LoraKitError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    files.check_output(path, force)
+    unknown = sorted({k.split(".", 1)[0] for k in state} - set(COMPONENTS))
+    if unknown:
+        raise LoraKitError(f"state dict has keys of unknown components {unknown}")
+    state = cast(uniform_alpha(state), dtype)
+    header = metadata_for(state, arch, metadata)
+    if fmt == "kohya":
+        tensors = kohya.to_kohya(state, comps, arch)
+    elif fmt == "peft":
+        tensors, extra = peft.to_peft(state)
+        header.update(extra)
+    else:
+        tensors = dict(state)
+    ss_only = {k: v for k, v in header.items() if k.startswith("ss_")}
+    header.update(files.addnet_hashes(files.serialize(tensors, ss_only)))
+    return files.write_atomic(path, files.serialize(tensors, header), force)

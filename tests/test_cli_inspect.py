@@ -1,0 +1,54 @@
+"""lora-inspect: header-only description, JSON output, one-line errors with exit 2, instant --help."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from click.testing import CliRunner
+from conftest import randomize_adapters
+from lora_kit.cli.inspect import main
+
+import lora_kit
+from lora_kit.inject import inject_lora
+
+
+def test_inspect_reports_what_was_saved(make_pipe, tmp_path):
+    pipe = make_pipe("sd1")
+    inject_lora(pipe.unet, "locon", rank=4, alpha=2.0, conv_rank=2, conv_alpha=2.0)
+    inject_lora(pipe.text_encoder, "clip-attn", rank=2, alpha=2.0)
+    randomize_adapters(pipe)
+    path = lora_kit.save(pipe, tmp_path / "a.safetensors", metadata={"trigger_words": ["sks"]}, dtype=torch.float16)
+    result = CliRunner().invoke(main, [str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    n_unet = len(lora_kit.find_targets(pipe.unet, "locon"))
+    n_conv = sum(
+        1 for _, w in lora_kit.lora_modules(pipe.unet) if w.base.weight.dim() == 4 and w.base.kernel_size != (1, 1)
+    )
+    assert info["format"] == "kohya" and info["architecture"] == "sd1"
+    assert info["components"] == {"unet": n_unet, "te": 8}
+    assert info["conv_modules"] == n_conv and info["ranks"] == {"2": n_conv + 8, "4": n_unet - n_conv}
+    assert info["alphas"] == {"2": n_unet + 8} and info["dtypes"] == ["F16"]
+    assert json.loads(info["trigger_words"]) == ["sks"]
+    text = CliRunner().invoke(main, [str(path)])
+    assert text.exit_code == 0 and "kohya" in text.output and "4 x" in text.output
+
+
+def test_inspect_bad_input_exit_2(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 3)
+    for path, message in [(tmp_path / "none.safetensors", "no such file"), (bad, "not a safetensors")]:
+        result = CliRunner().invoke(main, [str(path)])
+        assert result.exit_code == 2
+        assert result.output.strip().count("\n") == 0 and message in result.output and str(path) in result.output
+
+
+def test_help_needs_no_torch():
+    out = subprocess.run([sys.executable, "-m", "lora_kit.cli.inspect", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--json" in out.stdout
+    mods = subprocess.run(
+        [sys.executable, "-c", "import sys, lora_kit.cli.inspect; print('torch' in sys.modules)"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert mods.stdout.strip() == "False"  # --help and header reads never import torch (~2 s saved)
