@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from torch import nn
+
 from .. import __version__
 from ..errors import LoraKitError
 from ..models import MODELSPEC_ARCHITECTURE, SS_BASE_MODEL_VERSION, architecture
@@ -39,6 +41,8 @@ def read(path: str | os.PathLike, target) -> tuple[dict, dict[str, str]]:
     tensors, metadata = files.load(p)
     comps = components(target)
     fmt = sniff(tensors, str(p))
+    if isinstance(target, nn.Module):  # a bare UNet / transformer / text encoder takes its own part of the file
+        tensors = _only(tensors, next(iter(comps)), fmt, str(p))
     if fmt == "kohya":
         state = kohya.from_kohya(tensors, comps, architecture(comps), str(p))
     elif fmt == "peft":
@@ -49,6 +53,20 @@ def read(path: str | os.PathLike, target) -> tuple[dict, dict[str, str]]:
         if t.is_floating_point() and not t.isfinite().all():
             raise LoraKitError(f"{p}: tensor {key} holds NaN or inf")
     return state, metadata
+
+
+_KOHYA_PREFIXES = {"unet": ("lora_unet_",), "transformer": ("lora_unet_", "lora_transformer_"),
+                   "text_encoder": ("lora_te_", "lora_te1_")}  # fmt: skip
+
+
+def _only(tensors: Mapping, component: str, fmt: str, source: str) -> dict:
+    if fmt == "kohya":
+        keep = {k: t for k, t in tensors.items() if k.startswith(_KOHYA_PREFIXES[component])}
+    else:
+        keep = {k: t for k, t in tensors.items() if k.split(".", 1)[0] == component}
+    if not keep:
+        raise LoraKitError(f"{source}: holds no adapters for a {component}")
+    return keep
 
 
 def metadata_for(state: Mapping, arch: str, extra: Mapping[str, object] | None = None) -> dict[str, str]:
