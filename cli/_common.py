@@ -1,4 +1,4 @@
-"""What every command shares: a bad input becomes one line on stderr and exit code 2."""
+"""What every command shares: one-line errors with exit code 2, and the common options."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import sys
 
 import click
 
+DTYPES = ("fp16", "bf16", "fp32")
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
 
 def friendly_errors(fn):
-    """Run a command body; LoraKitError (and a missing file) -> 'error: ...' and exit 2, nothing else printed."""
+    """Run a command body; LoraKitError -> 'error: ...' on stderr and exit 2, nothing else printed."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -22,3 +25,28 @@ def friendly_errors(fn):
             sys.exit(2)
 
     return run
+
+
+def torch_dtype(name: str | None):
+    """'fp16' -> torch.float16; None stays None (keep the dtype the data has)."""
+    if name is None:
+        return None
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def output_options(fn):
+    """-o/--output, --dtype, --force: every writer has them."""
+    fn = click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")(fn)
+    fn = click.option(
+        "--dtype", type=click.Choice(DTYPES), default=None, help="Dtype of the written factors (default: as given)."
+    )(fn)
+    return click.option("-o", "--output", required=True, type=click.Path(), help="The file (or folder) to write.")(fn)
+
+
+def progress(desc: str):
+    """A tqdm wrapper for long loops (stderr, disappears when done)."""
+    from tqdm import tqdm
+
+    return lambda items: tqdm(list(items), desc=desc, leave=False, file=sys.stderr)

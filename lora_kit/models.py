@@ -31,3 +31,60 @@ def architecture(comps: dict[str, nn.Module]) -> str:
     if "text_encoder_2" in comps:
         return "sdxl"
     return "sd1"
+
+
+def open_pipeline(spec: str, dtype=None):
+    """A diffusers pipeline from a local folder or a hub id (the same code path); one clear error otherwise."""
+    from pathlib import Path
+
+    from .errors import LoraKitError
+
+    path = Path(spec)
+    if path.is_file():
+        raise LoraKitError(f"{spec}: single-file checkpoints are not opened yet; pass a diffusers pipeline folder")
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise LoraKitError(f"{spec}: not a diffusers pipeline folder (no model_index.json)")
+    if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
+        raise LoraKitError(f"{spec}: no such folder, and not a hub id (owner/name)")
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(spec, **({"torch_dtype": dtype} if dtype else {}))
+    except (OSError, ValueError) as e:
+        raise LoraKitError(f"{spec}: cannot open the model ({str(e).splitlines()[0]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def meta_pipeline(arch: str):
+    """The components of a real base model of `arch` (SD1.5, SD2.1, SDXL, SD3 medium, FLUX.1 dev) built on the meta
+    device from configs lora_kit ships: every module name and shape, no weights, no download. Enough to map LoRA
+    key names when no --model is given."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import diffusers
+    import torch
+    import transformers
+
+    from .errors import LoraKitError
+
+    path = Path(__file__).parent / "assets" / "configs" / f"{arch}.json"
+    if not path.is_file():
+        raise LoraKitError(f"no built-in architecture {arch!r}; pass --model (shipped: {', '.join(ARCHITECTURES)})")
+    spec = json.loads(path.read_text())
+    parts = {}
+    with torch.device("meta"):
+        for name, cfg in spec.items():
+            if name.startswith("_"):
+                continue
+            cfg = dict(cfg)
+            cls_name = cfg.pop("class")
+            if hasattr(diffusers, cls_name) and not cls_name.startswith(("CLIP", "T5")):
+                parts[name] = getattr(diffusers, cls_name)(**cfg)
+            else:
+                cls = getattr(transformers, cls_name)
+                config_cls = transformers.T5Config if cls_name.startswith("T5") else transformers.CLIPTextConfig
+                parts[name] = cls(config_cls(**cfg))
+    return SimpleNamespace(**parts)

@@ -1,42 +1,197 @@
-"""Pure functions over canonical LoRA state dicts (dict -> dict); they never touch the filesystem."""
+"""Pure functions over LoRA dicts (dict -> dict); they never touch the filesystem.
+
+A LoRA dict has keys `<stem>.lora_down.weight`, `<stem>.lora_up.weight` and `<stem>.alpha`; the stem can be a
+canonical `unet.<path>` or a stored kohya name. Every delta goes through `functional`, in fp32.
+"""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .state import group, ungroup
+from . import functional
+from .errors import LoraKitError
+from .state import alpha_of, flatten, modules
+
+LoraDict = Mapping[str, torch.Tensor]
 
 
-def uniform_alpha(state: Mapping[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
+def uniform_alpha(state: LoraDict, alpha: float | None = None) -> dict[str, torch.Tensor]:
     """The same deltas with one alpha for every module (the most common one unless given).
 
     Each `up` is multiplied by alpha_i / alpha so that alpha/rank * up @ down is unchanged. diffusers 0.42
     misapplies files whose per-module alphas differ; with one alpha diffusers, ComfyUI and A1111 agree.
     """
-    groups = group(state)
-    alphas = [
-        float(parts["alpha"]) if "alpha" in parts else float(parts["down"].shape[0]) for parts in groups.values()
-    ]
-    if not alphas:
+    mods = modules(state)
+    if not mods:
         return dict(state)
+    alphas = {stem: alpha_of(parts) for stem, parts in mods.items()}
     if alpha is None:
-        alpha = Counter(alphas).most_common(1)[0][0]
+        alpha = Counter(alphas.values()).most_common(1)[0][0]
     out = {}
-    for (key, parts), old in zip(groups.items(), alphas, strict=True):
-        up = parts["up"]
+    for stem, parts in mods.items():
+        up, old = parts["up"], alphas[stem]
         if old != alpha:
             up = (up.float() * (old / alpha)).to(up.dtype)
-        out[key] = {"down": parts["down"], "up": up, "alpha": torch.tensor(float(alpha), dtype=torch.float32)}
-        if "alpha" in parts and old == alpha:
-            out[key]["alpha"] = parts["alpha"]
-    return ungroup(out)
+        same = "alpha" in parts and old == alpha
+        out[stem] = {"down": parts["down"], "up": up, "alpha": parts["alpha"] if same else torch.tensor(float(alpha))}
+    return flatten(out)
 
 
-def cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def cast(state: LoraDict, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Factors in `dtype` (alphas stay fp32 scalars)."""
     if dtype is None:
         return dict(state)
     return {k: t if k.endswith(".alpha") else t.to(dtype) for k, t in state.items()}
+
+
+def delta(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A module's full delta scale * up @ down (fp32, shaped like the base weight)."""
+    return functional.delta(parts["up"], parts["down"], functional.lora_scale(alpha_of(parts), parts["down"].shape[0]))
+
+
+def merge(loras: Sequence[LoraDict], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """One LoRA whose delta is exactly sum_i weights[i] * delta_i for every module.
+
+    Ranks are concatenated (down stacked, each up scaled by its weight and scale), so nothing is approximated;
+    modules present in only some inputs take only those. Alpha = total rank (scale 1). Re-compress with `rerank`.
+    """
+    if len(loras) != len(weights):
+        raise LoraKitError(f"{len(loras)} LoRAs but {len(weights)} weights")
+    all_mods = [modules(lora) for lora in loras]
+    stems = list(dict.fromkeys(stem for mods in all_mods for stem in mods))
+    out = {}
+    for stem in stems:
+        downs, ups = [], []
+        for mods, w in zip(all_mods, weights, strict=True):
+            parts = mods.get(stem)
+            if parts is None or w == 0:
+                continue
+            if downs and (parts["down"].shape[1:] != downs[0].shape[1:] or parts["up"].shape[0] != ups[0].shape[0]):
+                raise LoraKitError(
+                    f"{stem}: the inputs disagree on its shape ({tuple(downs[0].shape)} vs "
+                    f"{tuple(parts['down'].shape)}) - are they for the same base model?"
+                )
+            scale = functional.lora_scale(alpha_of(parts), parts["down"].shape[0])
+            downs.append(parts["down"].float())
+            ups.append(parts["up"].float() * (w * scale))
+        if downs:
+            down, up = torch.cat(downs, 0), torch.cat(ups, 1)
+            out[stem] = {"down": down, "up": up, "alpha": torch.tensor(float(down.shape[0]))}
+    return flatten(out)
+
+
+def _relative(err2: float, norm2: float) -> float:
+    return math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+
+
+def _same(items):
+    return items
+
+
+def _refactor(
+    state: LoraDict, choose_rank: Callable[[torch.Tensor, torch.Tensor], int], progress: Callable = _same
+) -> tuple[dict[str, torch.Tensor], dict[str, float], float]:
+    """Re-factor every module's delta by SVD at the rank `choose_rank(delta, singular values)` picks.
+
+    Returns (new LoRA dict with alpha = new rank, per-module relative error, total relative error). A module whose
+    chosen rank is not below its current rank is kept exactly as it is.
+    """
+    out, errors = {}, {}
+    err2_total = norm2_total = 0.0
+    for stem, parts in progress(modules(state).items()):
+        d = delta(parts)
+        u, s, vh = torch.linalg.svd(functional.flat(d), full_matrices=False)
+        rank = max(1, min(choose_rank(d, s), s.shape[0]))
+        norm2 = float(s.square().sum())
+        if rank >= parts["down"].shape[0]:
+            out[stem], err2 = dict(parts), 0.0
+        else:
+            up, down = functional.factors(u, s, vh, rank, d.shape)
+            out[stem] = {"down": down, "up": up, "alpha": torch.tensor(float(rank))}
+            err2 = float(s[rank:].square().sum())
+        errors[stem] = _relative(err2, norm2)
+        err2_total, norm2_total = err2_total + err2, norm2_total + norm2
+    return flatten(out), errors, _relative(err2_total, norm2_total)
+
+
+def _is_kxk(d: torch.Tensor) -> bool:
+    return d.dim() == 4 and tuple(d.shape[2:]) != (1, 1)
+
+
+def rerank(state: LoraDict, rank: int, conv_rank: int | None = None, progress: Callable = _same):
+    """Best rank-`rank` approximation of every module (convs larger than 1x1: `conv_rank` if given)."""
+    return _refactor(state, lambda d, s: conv_rank if conv_rank and _is_kxk(d) else rank, progress)
+
+
+def dynamic_rank(s: torch.Tensor, method: str, param: float) -> int:
+    """kohya resize_lora's rules: sv_ratio keeps singular values above S[0]/param; sv_cumulative keeps the shortest
+    prefix whose share of sum(S) reaches param; sv_fro the same for the Frobenius norm (sum S^2 reaching param^2).
+    The result is clamped to [1, len(S) - 1]."""
+    if method == "sv_ratio":
+        index = int((s > s[0] / param).sum())
+    elif method == "sv_cumulative":
+        index = int(torch.searchsorted(torch.cumsum(s, 0) / s.sum(), param)) + 1
+    elif method == "sv_fro":
+        sq = s.square()
+        index = int(torch.searchsorted(torch.cumsum(sq, 0) / sq.sum(), param**2)) + 1
+    else:
+        raise LoraKitError(f"dynamic method {method!r} is not one of sv_ratio, sv_fro, sv_cumulative")
+    if s[0] <= 1e-6:
+        return 1
+    return max(1, min(index, len(s) - 1))
+
+
+def resize(
+    state: LoraDict,
+    rank: int | None = None,
+    dynamic: tuple[str, float] | None = None,
+    conv_rank: int | None = None,
+    progress: Callable = _same,
+):
+    """Shrink every module to `rank` or by a dynamic rule (capped at `rank` when both are given), keeping each
+    delta's strength. Returns (LoRA dict, per-module relative error, total relative error)."""
+    if rank is None and dynamic is None:
+        raise LoraKitError("give a rank, a dynamic rule, or both")
+
+    def choose(d: torch.Tensor, s: torch.Tensor) -> int:
+        cap = conv_rank if conv_rank and _is_kxk(d) else rank
+        k = dynamic_rank(s, *dynamic) if dynamic else cap
+        return min(k, cap) if cap else k
+
+    return _refactor(state, choose, progress)
+
+
+def extract(
+    base: Mapping[str, torch.Tensor],
+    tuned: Mapping[str, torch.Tensor],
+    rank: int,
+    conv_rank: int | None = None,
+    fast: bool = True,
+    progress: Callable = _same,
+) -> tuple[dict[str, torch.Tensor], dict[str, float], float]:
+    """A LoRA approximating tuned - base for every stem in both ({stem: weight}), by SVD in fp32.
+
+    `fast` uses the randomized SVD (functional.factorize_fast), whose error on real weight deltas is within ~0.5% of
+    the full SVD's. Returns (LoRA dict with alpha = rank, per-module relative error, total relative error).
+    """
+    out, errors = {}, {}
+    err2_total = norm2_total = 0.0
+    for stem, w_base in progress(base.items()):
+        if stem not in tuned:
+            continue
+        w_tuned = tuned[stem]
+        if w_tuned.shape != w_base.shape:
+            raise LoraKitError(f"{stem}: base {tuple(w_base.shape)} and tuned {tuple(w_tuned.shape)} differ in shape")
+        d = w_tuned.float() - w_base.float()
+        r = min(conv_rank if conv_rank and _is_kxk(d) else rank, *functional.flat(d).shape)
+        up, down = (functional.factorize_fast if fast else functional.factorize)(d, r)
+        err2 = float((functional.flat(d) - up.reshape(up.shape[0], -1) @ down.reshape(r, -1)).square().sum())
+        norm2 = float(d.square().sum())
+        out[stem] = {"down": down, "up": up, "alpha": torch.tensor(float(r))}
+        errors[stem] = _relative(err2, norm2)
+        err2_total, norm2_total = err2_total + err2, norm2_total + norm2
+    return flatten(out), errors, _relative(err2_total, norm2_total)

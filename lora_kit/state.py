@@ -42,27 +42,41 @@ def components(target) -> dict[str, nn.Module]:
     return found
 
 
-def split_key(key: str) -> tuple[str, str, str]:
-    """'unet.a.b.lora_down.weight' -> ('unet', 'a.b', 'down')."""
+def split_key(key: str) -> tuple[str, str]:
+    """'unet.a.b.lora_down.weight' -> ('unet.a.b', 'down'): the module stem and which part the tensor is."""
     for suffix, part in SUFFIXES.items():
         if key.endswith("." + suffix):
-            component, _, path = key[: -len(suffix) - 1].partition(".")
-            return component, path, part
-    raise LoraKitError(f"{key!r} is not a canonical LoRA key (component.path.lora_down.weight/lora_up.weight/alpha)")
+            return key[: -len(suffix) - 1], part
+    raise LoraKitError(f"{key!r} is not a LoRA key (<module>.lora_down.weight / .lora_up.weight / .alpha)")
+
+
+def modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{stem: {'down', 'up', 'alpha'}}. The stem is whatever precedes the suffix: 'unet.<path>' in a canonical
+    dict, 'lora_unet_<...>' in a kohya file; the ops work on either."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        stem, part = split_key(key)
+        out.setdefault(stem, {})[part] = tensor
+    return out
+
+
+def flatten(mods: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    inverse = {part: suffix for suffix, part in SUFFIXES.items()}
+    return {f"{stem}.{inverse[part]}": t for stem, parts in mods.items() for part, t in parts.items()}
 
 
 def group(state: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
     """Canonical dict -> {(component, path): {'down', 'up', 'alpha'}}."""
-    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        component, path, part = split_key(key)
-        groups.setdefault((component, path), {})[part] = tensor
-    return groups
+    return {tuple(stem.split(".", 1)): parts for stem, parts in modules(state).items()}
 
 
 def ungroup(groups: Mapping[tuple[str, str], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    inverse = {part: suffix for suffix, part in SUFFIXES.items()}
-    return {f"{c}.{p}.{inverse[part]}": t for (c, p), parts in groups.items() for part, t in parts.items()}
+    return flatten({f"{c}.{p}": parts for (c, p), parts in groups.items()})
+
+
+def alpha_of(parts: Mapping[str, torch.Tensor]) -> float:
+    """A module's alpha; a file without one means alpha = rank (scale 1), as in kohya and ComfyUI."""
+    return float(parts["alpha"]) if "alpha" in parts else float(parts["down"].shape[0])
 
 
 def only_adapter_name(target) -> str:
@@ -137,8 +151,7 @@ def load_lora_state_dict(
     for (component, path), parts in groups.items():
         down = parts["down"]
         rank = down.shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
-        adapter = attach_adapter(comps[component], path, name, rank, alpha)
+        adapter = attach_adapter(comps[component], path, name, rank, alpha_of(parts))
         with torch.no_grad():
             adapter.down.copy_(down.reshape(adapter.down.shape).float())
             adapter.up.copy_(parts["up"].reshape(adapter.up.shape).float())

@@ -13,11 +13,11 @@ from .. import __version__
 from ..errors import LoraKitError
 from ..models import MODELSPEC_ARCHITECTURE, SS_BASE_MODEL_VERSION, architecture
 from ..ops import cast, uniform_alpha
-from ..state import COMPONENTS, components, group
-from . import files, kohya, peft
+from ..state import COMPONENTS, components, modules
+from . import files, kohya, legacy, peft
 
 FORMATS = ("kohya", "peft", "native")
-DEFAULT_FORMAT = {"sd1": "kohya", "sd2": "kohya", "sdxl": "kohya", "sd3": "peft", "flux": "peft"}
+DEFAULT_FORMAT = {"sd1": "kohya", "sd2": "kohya", "sdxl": "kohya", "sd3": "peft", "flux": "kohya"}
 
 
 def sniff(keys, source: str = "file") -> str:
@@ -26,6 +26,8 @@ def sniff(keys, source: str = "file") -> str:
         raise LoraKitError(f"{source}: holds no tensors")
     if kohya.is_kohya(keys):
         return "kohya"
+    if legacy.is_legacy(keys):
+        return "legacy"
     if peft.is_peft(keys):
         if all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys):
             return "native"
@@ -33,26 +35,42 @@ def sniff(keys, source: str = "file") -> str:
     raise LoraKitError(f"{source}: not a LoRA file lora_kit knows (keys such as {', '.join(keys[:3])})")
 
 
-def read(path: str | os.PathLike, target) -> tuple[dict, dict[str, str]]:
-    """(canonical state dict, header metadata) of a LoRA file, with names mapped onto `target`'s modules."""
-    p = files.check_input(path)
-    if p.suffix in (".pt", ".ckpt", ".bin", ".pth"):
-        raise LoraKitError(f"{p}: pickled files are not read (only safetensors); convert it to safetensors first")
-    tensors, metadata = files.load(p)
+def read(path: str | os.PathLike, target, *, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
+    """(canonical state dict, header metadata) of a LoRA file, with names mapped onto `target`'s modules.
+
+    Pickles (`.pt`, `.bin`, ...) are read only with allow_pickle, and then with torch.load(weights_only=True).
+    """
     comps = components(target)
+    if peft.is_standalone(path):  # PEFT's save_pretrained folder: names one model, found by its module paths
+        state, metadata = peft.read_standalone(path, comps, allow_pickle)
+        return _finite(state, path), metadata
+    p = files.check_input(path)
+    if p.suffix in files.PICKLES:
+        obj = files.load_pickle(p, allow_pickle)
+        if isinstance(obj, list):  # cloneofsimo's positional [up0, down0, up1, down1, ...]
+            return _finite(legacy.from_pt(obj, p, comps, allow_pickle), p), {}
+        tensors, metadata = files.tensor_dict(obj, p), {}
+    else:
+        tensors, metadata = files.load(p)
     fmt = sniff(tensors, str(p))
-    if isinstance(target, nn.Module):  # a bare UNet / transformer / text encoder takes its own part of the file
+    if isinstance(target, nn.Module) and fmt != "legacy":  # a bare UNet / transformer / text encoder takes its part
         tensors = _only(tensors, next(iter(comps)), fmt, str(p))
-    if fmt == "kohya":
+    if fmt == "legacy":
+        state = legacy.from_safeloras(tensors, metadata, comps, str(p))
+    elif fmt == "kohya":
         state = kohya.from_kohya(tensors, comps, architecture(comps), str(p))
     elif fmt == "peft":
         state = peft.from_peft(tensors, metadata, comps, str(p))
     else:
         state = dict(tensors)
+    return _finite(state, p), metadata
+
+
+def _finite(state: dict, source) -> dict:
     for key, t in state.items():
         if t.is_floating_point() and not t.isfinite().all():
-            raise LoraKitError(f"{p}: tensor {key} holds NaN or inf")
-    return state, metadata
+            raise LoraKitError(f"{source}: tensor {key} holds NaN or inf")
+    return state
 
 
 _KOHYA_PREFIXES = {"unet": ("lora_unet_",), "transformer": ("lora_unet_", "lora_transformer_"),
@@ -69,23 +87,25 @@ def _only(tensors: Mapping, component: str, fmt: str, source: str) -> dict:
     return keep
 
 
-def metadata_for(state: Mapping, arch: str, extra: Mapping[str, object] | None = None) -> dict[str, str]:
-    """kohya `ss_*`, SAI `modelspec.*` and `lora_kit.*` header entries (all strings)."""
-    groups = group(state)
+def metadata_for(state: Mapping, arch: str | None, extra: Mapping[str, object] | None = None) -> dict[str, str]:
+    """kohya `ss_*`, SAI `modelspec.*` and `lora_kit.*` header entries (all strings); arch None (a file that does
+    not say what it is for) leaves out the entries that name the base model."""
+    groups = modules(state)
     ranks = sorted({parts["down"].shape[0] for parts in groups.values()})
     alphas = sorted({float(parts["alpha"]) for parts in groups.values() if "alpha" in parts})
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora_flux" if arch == "flux" else "networks.lora",
         "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": f"{alphas[0]:g}" if len(alphas) == 1 else "Dynamic",
-        "ss_base_model_version": SS_BASE_MODEL_VERSION[arch],
         "ss_v2": str(arch == "sd2"),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE[arch],
         "modelspec.implementation": "diffusers",
         "lora_kit.version": __version__,
-        "lora_kit.architecture": arch,
     }
+    if arch is not None:
+        meta["ss_base_model_version"] = SS_BASE_MODEL_VERSION[arch]
+        meta["modelspec.architecture"] = MODELSPEC_ARCHITECTURE[arch]
+        meta["lora_kit.architecture"] = arch
     for key, value in (extra or {}).items():
         meta[key if "." in key or key.startswith("ss_") else f"lora_kit.{key}"] = (
             value if isinstance(value, str) else json.dumps(value)

@@ -1,6 +1,7 @@
-"""safetensors on disk: header reads without torch, validated loads, atomic writes.
+"""Files on disk: safetensors header reads without torch, validated loads, atomic writes, opt-in pickles.
 
-Every problem with a file becomes one LoraKitError that names the file and what is wrong with it.
+Every problem with a file becomes one LoraKitError that names the file and what is wrong with it. Pickles (`.pt`,
+`.bin`, ...) are unpickled only when the caller passes allow_pickle, and then with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from ..errors import LoraKitError
 
+PICKLES = (".pt", ".ckpt", ".bin", ".pth")
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -72,6 +74,34 @@ def load(path: str | os.PathLike):
         return load_file(str(path)), metadata
     except (SafetensorError, OSError, ValueError) as e:
         raise LoraKitError(f"{path}: cannot read safetensors ({e})") from None
+
+
+def load_pickle(path: str | os.PathLike, allow_pickle: bool = False):
+    """The object in a torch pickle, loaded with weights_only=True (tensors, lists, dicts, numbers, strings only)."""
+    import pickle
+
+    import torch
+
+    p = check_input(path)
+    if not allow_pickle:
+        raise LoraKitError(
+            f"{p}: pickled files are not read unless you ask: pass allow_pickle=True (--allow-pickle) to load it "
+            "with torch.load(weights_only=True), or convert it to safetensors"
+        )
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoraKitError(f"{p}: cannot load this pickle with weights_only=True ({first})") from None
+
+
+def tensor_dict(obj, source) -> dict:
+    """A pickled {name: tensor} (e.g. diffusers' pytorch_lora_weights.bin), checked."""
+    import torch
+
+    if not isinstance(obj, dict) or not obj or not all(isinstance(t, torch.Tensor) for t in obj.values()):
+        raise LoraKitError(f"{source}: not a LoRA file lora_kit knows (the pickle holds no {{name: tensor}} dict)")
+    return {str(k): t for k, t in obj.items()}
 
 
 def check_output(path: str | os.PathLike, force: bool = False) -> Path:

@@ -20,7 +20,12 @@ def _component(stem: str) -> str:
     return stem.split("_")[1] if stem.startswith("lora_") else stem.split(".", 1)[0]  # lora_te1_x -> te1
 
 
-def _guess_architecture(stems: list[str], metadata: dict[str, str]) -> str:
+_CROSS_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # what attn2.to_k reads: the text encoder's width
+
+
+def guess_architecture(stems: list[str], metadata: dict[str, str], in_features: dict[str, int] | None = None) -> str:
+    """The base architecture a LoRA is for: from lora_kit's or kohya's metadata, else from its key names, else
+    from the input width of a cross-attention key projection (`in_features`: {stem: down.shape[1]})."""
     if metadata.get("lora_kit.architecture"):
         return metadata["lora_kit.architecture"]
     version = metadata.get("ss_base_model_version", "")
@@ -34,6 +39,9 @@ def _guess_architecture(stems: list[str], metadata: dict[str, str]) -> str:
         return "sd3"
     if "lora_te2_" in joined or "input_blocks" in joined or "text_encoder_2." in joined:
         return "sdxl"
+    for stem, width in (in_features or {}).items():
+        if stem.endswith(("attn2_to_k", "attn2.to_k")) and width in _CROSS_DIM:
+            return _CROSS_DIM[width]
     return "sd1/sd2" if stems else "unknown"
 
 
@@ -41,6 +49,7 @@ def describe(path: str | os.PathLike) -> dict:
     header, metadata = read_header(path)
     n = struct.unpack("<Q", open(path, "rb").read(8))[0]
     stems: dict[str, dict] = {}
+    widths: dict[str, int] = {}
     other = []
     with open(path, "rb") as f:
         for key, entry in header.items():
@@ -52,6 +61,7 @@ def describe(path: str | os.PathLike) -> dict:
             info = stems.setdefault(stem, {})
             if part in ("lora_down.weight", "lora_A.weight"):
                 info["rank"] = entry["shape"][0]
+                widths[stem] = entry["shape"][1]
                 info["kind"] = "conv" if len(entry["shape"]) == 4 and entry["shape"][2:] != [1, 1] else "linear"
                 info["dtype"] = entry["dtype"]
             elif part == "alpha" and entry["dtype"] in _SCALAR:
@@ -67,7 +77,7 @@ def describe(path: str | os.PathLike) -> dict:
         "file": str(path),
         "size_bytes": os.path.getsize(path),
         "format": fmt,
-        "architecture": _guess_architecture(list(stems), metadata),
+        "architecture": guess_architecture(list(stems), metadata, widths),
         "modules": len(stems),
         "components": dict(components),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},

@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import LoraKitError
 from ..inject import _layers
 from ..state import group
+from . import kohya_flux
 
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 VARIANTS = {  # key fragments of LoRA variants lora_kit does not read yet -> their names
@@ -105,11 +106,16 @@ def stems(component: str, module: nn.Module, arch: str) -> dict[str, list[str]]:
 
 def to_kohya(state: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module], arch: str) -> dict[str, torch.Tensor]:
     """Canonical dict -> kohya keys."""
-    if arch in ("sd3", "flux"):
-        raise LoraKitError(f"kohya names for {arch} transformers are not written yet; use format='peft'")
+    if arch == "sd3":
+        raise LoraKitError("kohya names for sd3 transformers are not written yet; use format='peft'")
     names = {c: stems(c, m, arch) for c, m in comps.items()}
+    groups = group(state)
     out = {}
-    for (component, path), parts in group(state).items():
+    if arch == "flux" and "transformer" in comps:  # BFL names, q/k/v (and proj_mlp) fused
+        mine = {path: parts for (component, path), parts in groups.items() if component == "transformer"}
+        out.update(kohya_flux.to_bfl(mine, comps["transformer"]))
+        groups = {key: parts for key, parts in groups.items() if key[0] != "transformer"}
+    for (component, path), parts in groups.items():
         stem = names[component][path][0]
         out[stem + ".lora_down.weight"] = parts["down"]
         out[stem + ".lora_up.weight"] = parts["up"]
@@ -121,20 +127,28 @@ def is_kohya(keys) -> bool:
     return any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
 
 
+def check_variants(keys, source: str) -> None:
+    """Refuse LoRA variants lora_kit does not read yet, by name, instead of dropping their keys."""
+    for key in keys:
+        for fragment, variant in VARIANTS.items():
+            if fragment in key:
+                raise LoraKitError(f"{source}: {variant} adapters ({key}) are not supported yet")
+
+
 def from_kohya(
     tensors: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module], arch: str, source: str
 ) -> dict[str, torch.Tensor]:
     """kohya keys -> canonical dict; every key must name a module of this model."""
-    for key in tensors:
-        for fragment, variant in VARIANTS.items():
-            if fragment in key:
-                raise LoraKitError(f"{source}: {variant} adapters ({key}) are not supported yet")
+    check_variants(tensors, source)
+    out: dict[str, torch.Tensor] = {}
+    if arch == "flux" and "transformer" in comps:  # BFL names first; diffusers-path names below still read
+        out, tensors = kohya_flux.from_bfl(tensors, comps["transformer"], source)
     lookup = {}
     for component, module in comps.items():
         for path, names in stems(component, module, arch).items():
             for name in names:
                 lookup.setdefault(name, (component, path))
-    out, unknown = {}, []
+    unknown = []
     for key, tensor in tensors.items():
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
         stem = key[: -len(suffix)] if suffix else None

@@ -4,6 +4,9 @@ Read also: the older diffusers spellings `.lora.down/.lora.up`, `.lora_linear_la
 `attn1.processor.to_q_lora.down`. Alphas come from the `lora_adapter_metadata` header (the PEFT LoraConfig with
 component-prefixed keys), else from `.alpha` tensors, else alpha = rank. Written files carry that metadata whenever
 some alpha differs from its rank, so diffusers never loads them at the wrong strength.
+
+Also read: PEFT's own standalone adapters (`save_pretrained`: a folder with `adapter_config.json` and
+`adapter_model.safetensors`, keys `base_model.model.<path>.lora_A.weight`), for one model at a time.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import math
 import re
 from collections import Counter
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import LoraKitError
 from ..inject import _layers
-from ..state import COMPONENTS, group
+from ..state import COMPONENTS, group, split_key
 
 METADATA_KEY = "lora_adapter_metadata"
 _SPELLINGS = [  # (regex on the key after the component, replacement giving "path.down" / "path.up")
@@ -50,16 +54,16 @@ def _alpha_for(path: str, rank: int, config: Mapping | None) -> float | None:
         return None
     alpha = float(config.get("lora_alpha", config.get("r", rank)))
     for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
+        if re.match(rf"(.*\.)?({pattern})$", path):  # peft.utils.other.get_pattern_key: the first match wins
             alpha = float(value)
+            break
     if config.get("use_rslora"):  # scale alpha / sqrt(r) == (alpha * sqrt(r)) / r
         alpha *= math.sqrt(rank)
     return alpha
 
 
-def from_peft(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], comps: Mapping[str, nn.Module], source: str
-) -> dict[str, torch.Tensor]:
+def _configs(metadata: Mapping[str, str], source: str) -> dict[str, dict]:
+    """{component: LoraConfig fields} from the `lora_adapter_metadata` header, if any."""
     configs: dict[str, dict] = {}
     if metadata.get(METADATA_KEY):
         try:
@@ -69,27 +73,50 @@ def from_peft(
         for key, value in flat.items():
             component, _, field = key.partition(".")
             configs.setdefault(component, {})[field] = value
-    layers = {c: {p for p, _ in _layers(m)} for c, m in comps.items()}
+    return configs
+
+
+def normalize(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str
+) -> dict[str, torch.Tensor]:
+    """PEFT/diffusers keys -> `{component}.{path as stored}.lora_down.weight/.lora_up.weight/.alpha`, alphas from
+    the metadata (no model needed; `from_peft` then maps the paths onto a model)."""
+    configs = _configs(metadata, source)
     out, unknown = {}, []
     for key, tensor in tensors.items():
         component, _, rest = key.partition(".")
         match = next(((p, r) for p, r in _SPELLINGS if re.fullmatch(p, rest)), None)
-        if component not in comps or match is None:
+        if component not in COMPONENTS or match is None:
             unknown.append(key)
             continue
         path, _, part = re.sub(match[0], match[1], rest).rpartition(".")
-        resolved = _resolve(path, layers[component])
-        if resolved is None:
-            unknown.append(key)
-            continue
         suffix = {"down": "lora_down.weight", "up": "lora_up.weight", "alpha": "alpha"}[part]
-        out[f"{component}.{resolved}.{suffix}"] = tensor
+        out[f"{component}.{path}.{suffix}"] = tensor
     if unknown:
-        raise LoraKitError(f"{source}: {len(unknown)} keys name no layer of this model, e.g. {', '.join(unknown[:3])}")
+        examples = ", ".join(unknown[:3])
+        raise LoraKitError(f"{source}: {len(unknown)} keys are not LoRA keys lora_kit knows, e.g. {examples}")
     for (component, path), parts in group(out).items():
         alpha = _alpha_for(path, parts["down"].shape[0], configs.get(component))
         if alpha is not None:
             out[f"{component}.{path}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def from_peft(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], comps: Mapping[str, nn.Module], source: str
+) -> dict[str, torch.Tensor]:
+    layers = {c: {p for p, _ in _layers(m)} for c, m in comps.items()}
+    out, unknown = {}, []
+    for key, tensor in normalize(tensors, metadata, source).items():
+        stem, _ = split_key(key)
+        component, _, path = stem.partition(".")
+        resolved = _resolve(path, layers[component]) if component in layers else None
+        if resolved is None:
+            unknown.append(key)
+            continue
+        out[key.replace(stem, f"{component}.{resolved}", 1)] = tensor
+    if unknown:
+        raise LoraKitError(f"{source}: {len(unknown)} keys name no layer of this model, e.g. {', '.join(unknown[:3])}")
     return out
 
 
@@ -117,3 +144,80 @@ def to_peft(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
             config[f"{component}.target_modules"] = sorted(mods)
         metadata[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
     return tensors, metadata
+
+
+STANDALONE_CONFIG = "adapter_config.json"
+_STANDALONE_KEY = re.compile(r"base_model\.model\.(.+)\.lora_(A|B)(?:\.default)?\.weight")
+
+
+def is_standalone(path) -> bool:
+    """A `save_pretrained` folder, or the adapter_model file inside one."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / STANDALONE_CONFIG).is_file()
+    return p.is_file() and p.name.startswith("adapter_model.") and (p.parent / STANDALONE_CONFIG).is_file()
+
+
+def read_standalone(
+    path, comps: Mapping[str, nn.Module], allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A PEFT standalone adapter -> (canonical dict, metadata) for the one component whose layers it names.
+
+    With a bare module, that module; with a pipeline, the component whose Linear/Conv2d paths include all of the
+    adapter's (if two do, e.g. SDXL's two CLIPs, pass the module itself). Alphas follow the config: lora_alpha,
+    alpha_pattern, and rsLoRA's alpha / sqrt(r) scale as alpha * sqrt(r).
+    """
+    from . import files
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    if p.is_dir():
+        p = next((folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()), p)
+        if p == folder:
+            raise LoraKitError(f"{folder}: has {STANDALONE_CONFIG} but no adapter_model.safetensors")
+    try:
+        config = json.loads((folder / STANDALONE_CONFIG).read_text())
+        assert isinstance(config, dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
+        raise LoraKitError(f"{folder / STANDALONE_CONFIG}: not a JSON object") from None
+    kind = str(config.get("peft_type", "LORA")).upper()
+    if kind != "LORA":
+        raise LoraKitError(f"{p}: a PEFT {kind} adapter; lora_kit reads LoRA adapters only")
+    if config.get("use_dora"):
+        raise LoraKitError(f"{p}: a DoRA adapter (use_dora); lora_kit does not read DoRA yet")
+    if p.suffix in files.PICKLES:
+        tensors, metadata = files.tensor_dict(files.load_pickle(p, allow_pickle), p), {}
+    else:
+        tensors, metadata = files.load(p)
+    factors, unknown = {}, []
+    for key, tensor in tensors.items():
+        m = _STANDALONE_KEY.fullmatch(key)
+        if m is None:
+            unknown.append(key)
+        else:
+            factors.setdefault(m[1], {})["down" if m[2] == "A" else "up"] = tensor
+    if unknown:
+        examples = ", ".join(unknown[:3])
+        raise LoraKitError(f"{p}: {len(unknown)} keys are not LoRA factors lora_kit reads, e.g. {examples}")
+    fits = {}
+    for component, module in comps.items():
+        layers = {q for q, _ in _layers(module)}
+        resolved = {path: _resolve(path, layers) for path in factors}
+        if None not in resolved.values():
+            fits[component] = resolved
+    if len(fits) != 1:
+        why = "matches no" if not fits else f"matches several ({', '.join(fits)}):"
+        example = next(iter(factors), "(none)")
+        raise LoraKitError(
+            f"{p}: the adapter (e.g. {example}) {why} component of this model; load it into the module it was made for"
+        )
+    ((component, resolved),) = fits.items()
+    out = {}
+    for path, parts in factors.items():
+        if set(parts) != {"down", "up"}:
+            raise LoraKitError(f"{p}: {path} needs both lora_A and lora_B")
+        prefix = f"{component}.{resolved[path]}."
+        out[prefix + "lora_down.weight"] = parts["down"]
+        out[prefix + "lora_up.weight"] = parts["up"]
+        out[prefix + "alpha"] = torch.tensor(_alpha_for(path, parts["down"].shape[0], config))
+    return out, metadata

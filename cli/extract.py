@@ -1,0 +1,45 @@
+"""lora-extract: a LoRA from the difference between a tuned model and its base, by SVD."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import CONTEXT, friendly_errors, output_options, progress, torch_dtype
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("base")
+@click.argument("tuned")
+@click.option("--rank", type=int, default=16, show_default=True, help="Rank of linear and 1x1 conv modules.")
+@click.option("--conv-rank", type=int, default=None, help="Rank of convs larger than 1x1 (default: --rank).")
+@click.option("--targets", default=None, help="Target preset of the UNet/transformer (default: locon / dit).")
+@click.option("--text-encoder", is_flag=True, help="Also extract the text encoders (skipped when unchanged).")
+@click.option("--exact", is_flag=True, help="Full SVD per module instead of the (much faster) randomized SVD.")
+@click.option("--format", "fmt", type=click.Choice(["kohya", "peft", "native"]), default=None,
+              help="File format (default: kohya for SD1/SD2/SDXL, the architecture's default otherwise).")  # fmt: skip
+@output_options
+@friendly_errors
+def main(base, tuned, rank, conv_rank, targets, text_encoder, exact, fmt, output, dtype, force):
+    """Extract a LoRA from BASE and TUNED (diffusers folders or hub ids of the same architecture): every targeted
+    module's weight difference is factored in fp32; per-module and total relative errors are printed."""
+    from lora_kit.extract import extract_pipelines
+    from lora_kit.formats import write
+    from lora_kit.formats.files import check_output
+
+    check_output(output, force)
+    state, errors, total, skipped, base_pipe = extract_pipelines(
+        base, tuned, rank, conv_rank, targets, text_encoder, fast=not exact, progress=progress("extract")
+    )
+    for name in skipped:
+        click.echo(f"{name}: unchanged, skipped")
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    for stem, err in worst:
+        click.echo(f"  {err:.3e}  {stem}")
+    click.echo(f"{len(errors)} modules, relative error: total {total:.3e}")
+    out = write(output, state, base_pipe, format=fmt, dtype=torch_dtype(dtype), force=force,
+                metadata={"extracted_from": [base, tuned]})  # fmt: skip
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

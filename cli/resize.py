@@ -1,0 +1,52 @@
+"""lora-resize: shrink a LoRA to a fixed rank or by a dynamic singular-value rule, keeping its strength."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import CONTEXT, friendly_errors, output_options, progress, torch_dtype
+
+
+def _dynamic(spec: str | None):
+    from lora_kit.errors import LoraKitError
+
+    if spec is None:
+        return None
+    method, _, value = spec.partition("=")
+    try:
+        return method, float(value)
+    except ValueError:
+        raise LoraKitError(f"--dynamic {spec!r}: expected sv_ratio=N, sv_fro=F or sv_cumulative=F") from None
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("input", type=click.Path(dir_okay=False))
+@click.option("--rank", type=int, default=None, help="New rank (with --dynamic: the largest rank allowed).")
+@click.option("--conv-rank", type=int, default=None, help="New rank for convs larger than 1x1 (default: --rank).")
+@click.option("--dynamic", default=None,
+              help="sv_ratio=N (keep singular values > S0/N), sv_fro=F (keep F of the Frobenius norm) or "
+                   "sv_cumulative=F (keep F of the sum of singular values), per module.")  # fmt: skip
+@output_options
+@friendly_errors
+def main(input, rank, conv_rank, dynamic, output, dtype, force):
+    """Resize the LoRA in INPUT and write it to OUTPUT in the same format; each module's delta keeps its strength
+    (alpha is rescaled), and the relative error of the truncation is printed."""
+    from collections import Counter
+
+    from lora_kit import ops
+    from lora_kit.formats.stored import architecture_of, read_lora, write_lora
+    from lora_kit.state import modules
+
+    state, fmt, meta = read_lora(input)
+    resized, errors, total = ops.resize(state, rank, _dynamic(dynamic), conv_rank, progress=progress("resize"))
+    ranks = Counter(parts["down"].shape[0] for parts in modules(resized).values())
+    worst = max(errors, key=errors.get) if errors else None
+    out = write_lora(output, resized, fmt, architecture_of(meta, state), dtype=torch_dtype(dtype), force=force)
+    click.echo(f"ranks: {', '.join(f'{r} x{n}' for r, n in sorted(ranks.items()))}")
+    if worst:
+        click.echo(f"relative error: total {total:.3e}, worst {errors[worst]:.3e} ({worst})")
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
