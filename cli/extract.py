@@ -22,23 +22,17 @@ from ._common import CONTEXT, friendly_errors, output_options, progress, torch_d
 def main(base, tuned, rank, conv_rank, targets, text_encoder, exact, fmt, output, dtype, force):
     """Extract a LoRA from BASE and TUNED (diffusers folders or hub ids of the same architecture): every targeted
     module's weight difference is factored in fp32; per-module and total relative errors are printed."""
-    from lora_kit.extract import extract_pipelines
-    from lora_kit.formats import write
-    from lora_kit.formats.files import check_output
+    from lora_kit import tools
 
-    check_output(output, force)
-    state, errors, total, skipped, base_pipe = extract_pipelines(
-        base, tuned, rank, conv_rank, targets, text_encoder, fast=not exact, progress=progress("extract")
-    )
-    for name in skipped:
-        click.echo(f"{name}: unchanged, skipped")
-    worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
-    for stem, err in worst:
+    report = tools.extract(base, tuned, output, rank=rank, conv_rank=conv_rank, targets=targets,
+                           text_encoders=text_encoder, fast=not exact, format=fmt, dtype=torch_dtype(dtype),
+                           force=force, progress=progress("extract"))  # fmt: skip
+    for note in report.notes:
+        click.echo(note)
+    for stem, err in sorted(report.errors.items(), key=lambda kv: -kv[1])[:5]:
         click.echo(f"  {err:.3e}  {stem}")
-    click.echo(f"{len(errors)} modules, relative error: total {total:.3e}")
-    out = write(output, state, base_pipe, format=fmt, dtype=torch_dtype(dtype), force=force,
-                metadata={"extracted_from": [base, tuned]})  # fmt: skip
-    click.echo(f"wrote {out}")
+    click.echo(f"{len(report.errors)} modules, relative error: total {report.total_error:.3e}")
+    click.echo(f"wrote {report.path}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from ._common import friendly_errors
 @friendly_errors
 def main(file: str, as_json: bool, metadata: bool) -> None:
     """Show the format, architecture, modules, ranks, alphas, trigger words and metadata of a LoRA FILE."""
-    from lora_kit.formats.header import describe
+    from lora_kit.formats.header import describe  # what lora_kit.inspect calls, without importing torch
 
     info = describe(file)
     if as_json:

@@ -14,6 +14,22 @@ def _is_model(spec: str) -> bool:
     return p.is_dir() or (not p.exists() and not spec.endswith((".safetensors", ".pt", ".bin", ".ckpt")))
 
 
+def _weights(n: int, alpha: float | None, weights: str | None) -> list[float]:
+    from lora_kit.errors import LoraKitError
+
+    if weights is not None:
+        if alpha is not None:
+            raise LoraKitError("give --alpha (two LoRAs) or --weights (any number), not both")
+        try:
+            return [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise LoraKitError(f"--weights {weights!r}: expected comma-separated numbers") from None
+    if n == 2:
+        a = 0.5 if alpha is None else alpha
+        return [a, 1.0 - a]
+    raise LoraKitError(f"{n} LoRAs: give --weights with {n} numbers")
+
+
 @click.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--alpha", type=float, default=None,
@@ -27,10 +43,12 @@ def _is_model(spec: str) -> bool:
 def main(inputs, alpha, weights, rank, conv_rank, output, dtype, force):
     """Merge LoRA files: `lora-merge A B --alpha 0.6 -o OUT` writes a LoRA whose delta is exactly
     0.6*dA + 0.4*dB in every module (ranks are concatenated; --rank re-compresses and prints the error).
+    Pivotal-tuning embeddings (`A.emb.safetensors`) are merged too; a token in both is an error.
 
     `lora-merge MODEL A --alpha 0.8 -o DIR` collapses A at weight 0.8 into MODEL (a diffusers folder or hub id)
     and writes a diffusers pipeline folder that from_pretrained loads.
     """
+    from lora_kit import tools
     from lora_kit.errors import LoraKitError
 
     if len(inputs) < 2:
@@ -38,46 +56,18 @@ def main(inputs, alpha, weights, rank, conv_rank, output, dtype, force):
     if _is_model(inputs[0]):
         if len(inputs) != 2 or weights:
             raise LoraKitError("with a MODEL first, give exactly one LoRA (and --alpha for its weight)")
-        from lora_kit.merge_model import collapse_into_model
-
-        out = collapse_into_model(
-            inputs[0], inputs[1], output, 1.0 if alpha is None else alpha, torch_dtype(dtype), force
-        )
-        click.echo(f"wrote the pipeline with {inputs[1]} collapsed at weight {alpha or 1.0:g} to {out}")
+        weight = 1.0 if alpha is None else alpha
+        out = tools.collapse_into_model(inputs[0], inputs[1], output, weight, torch_dtype(dtype), force)
+        click.echo(f"wrote the pipeline with {inputs[1]} collapsed at weight {weight:g} to {out}")
         return
-    if weights is not None:
-        if alpha is not None:
-            raise LoraKitError("give --alpha (two LoRAs) or --weights (any number), not both")
-        try:
-            ws = [float(w) for w in weights.split(",")]
-        except ValueError:
-            raise LoraKitError(f"--weights {weights!r}: expected comma-separated numbers") from None
-    elif len(inputs) == 2:
-        a = 0.5 if alpha is None else alpha
-        ws = [a, 1.0 - a]
-    else:
-        raise LoraKitError(f"{len(inputs)} LoRAs: give --weights with {len(inputs)} numbers")
-    if len(ws) != len(inputs):
-        raise LoraKitError(f"{len(inputs)} LoRAs but {len(ws)} weights")
-
-    from lora_kit import ops
-    from lora_kit.formats.stored import architecture_of, read_lora, write_lora
-
-    loaded = [read_lora(p) for p in inputs]
-    formats = {fmt for _, fmt, _ in loaded}
-    if len(formats) > 1:
-        raise LoraKitError(f"the inputs are in different formats ({', '.join(sorted(formats))}); convert them first")
-    archs = [architecture_of(meta, state) for state, _, meta in loaded]
-    if len(set(archs)) > 1:
-        pairs = ", ".join(f"{p}: {a}" for p, a in zip(inputs, archs, strict=True))
-        raise LoraKitError(f"the inputs are for different base models ({pairs})")
-    merged = ops.merge([state for state, _, _ in loaded], ws)
+    ws = _weights(len(inputs), alpha, weights)
+    report = tools.merge(inputs, output, ws, rank=rank, conv_rank=conv_rank, dtype=torch_dtype(dtype), force=force,
+                         progress=progress("re-rank"))  # fmt: skip
     if rank is not None:
-        merged, _, err = ops.rerank(merged, rank, conv_rank, progress=progress("re-rank"))
-        click.echo(f"re-compressed to rank {rank}: relative error {err:.3e}")
-    meta = {"merged_from": [str(p) for p in inputs], "merge_weights": ws}
-    out = write_lora(output, merged, formats.pop(), archs[0], dtype=torch_dtype(dtype), metadata=meta, force=force)
-    click.echo(f"wrote {out} ({' + '.join(f'{w:g}*{Path(p).name}' for w, p in zip(ws, inputs, strict=True))})")
+        click.echo(f"re-compressed to rank {rank}: relative error {report.total_error:.3e}")
+    for note in report.notes:
+        click.echo(note)
+    click.echo(f"wrote {report.path} ({' + '.join(f'{w:g}*{Path(p).name}' for w, p in zip(ws, inputs, strict=True))})")
 
 
 if __name__ == "__main__":

@@ -31,21 +31,15 @@ def _dynamic(spec: str | None):
 def main(input, rank, conv_rank, dynamic, output, dtype, force):
     """Resize the LoRA in INPUT and write it to OUTPUT in the same format; each module's delta keeps its strength
     (alpha is rescaled), and the relative error of the truncation is printed."""
-    from collections import Counter
+    from lora_kit import tools
 
-    from lora_kit import ops
-    from lora_kit.formats.stored import architecture_of, read_lora, write_lora
-    from lora_kit.state import modules
-
-    state, fmt, meta = read_lora(input)
-    resized, errors, total = ops.resize(state, rank, _dynamic(dynamic), conv_rank, progress=progress("resize"))
-    ranks = Counter(parts["down"].shape[0] for parts in modules(resized).values())
-    worst = max(errors, key=errors.get) if errors else None
-    out = write_lora(output, resized, fmt, architecture_of(meta, state), dtype=torch_dtype(dtype), force=force)
-    click.echo(f"ranks: {', '.join(f'{r} x{n}' for r, n in sorted(ranks.items()))}")
-    if worst:
-        click.echo(f"relative error: total {total:.3e}, worst {errors[worst]:.3e} ({worst})")
-    click.echo(f"wrote {out}")
+    report = tools.resize(input, output, rank=rank, dynamic=_dynamic(dynamic), conv_rank=conv_rank,
+                          dtype=torch_dtype(dtype), force=force, progress=progress("resize"))  # fmt: skip
+    click.echo(f"ranks: {', '.join(f'{r} x{n}' for r, n in sorted(report.ranks.items()))}")
+    if report.errors:
+        worst = max(report.errors, key=report.errors.get)
+        click.echo(f"relative error: total {report.total_error:.3e}, worst {report.errors[worst]:.3e} ({worst})")
+    click.echo(f"wrote {report.path}")
 
 
 if __name__ == "__main__":

@@ -80,3 +80,17 @@ def test_diffusers_saved_lora_loads_into_lora_kit(make_pipe, tmp_path, arch):
     ours = make_pipe(arch)
     lora_kit.load(ours, tmp_path / "pytorch_lora_weights.safetensors", name="y")
     assert_outputs_close(pipeline_outputs(ours), expected)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd3"])
+def test_peft_file_in_diffusers_loader_matches_lora_kit(make_pipe, tmp_path, arch):
+    """diffusers/PEFT files (the SD3 default, SDXL on request) with mixed ranks and alpha != rank."""
+    ours = make_pipe(arch)
+    inject_lora(main_model(ours), "dit" if arch == "sd3" else "kohya", rank=4, alpha=2.0, name="x")
+    for te in ("text_encoder", "text_encoder_2"):
+        inject_lora(getattr(ours, te), "clip-attn", rank=2, alpha=3.0, name="x")
+    randomize_adapters(ours, seed=4)
+    path = lora_kit.save(ours, tmp_path / "p.safetensors", format="peft")
+    theirs = make_pipe(arch)
+    theirs.load_lora_weights(str(path))
+    assert_outputs_close(pipeline_outputs(theirs), pipeline_outputs(ours))

@@ -228,3 +228,22 @@ def test_convert_without_model_uses_the_shipped_architecture(tmp_path):
     save_file({k: v for k, v in tensors.items() if "attn2" not in k}, tmp_path / "vague.safetensors")
     vague = _run(convert, [tmp_path / "vague.safetensors", "--to", "peft", "-o", tmp_path / "v.safetensors"])
     assert vague.exit_code == 2 and "pass --model" in vague.output
+
+
+def test_merge_carries_pivotal_embeddings_and_refuses_a_shared_token(two_loras, tmp_path):
+    from lora_kit.formats import embeddings as ti_files
+
+    a, b = two_loras
+    g = torch.Generator().manual_seed(0)
+    ea, eb = torch.randn(2, 32, generator=g), torch.randn(1, 32, generator=g)
+    ti_files.write(ti_files.sidecar(a), {"text_encoder": {"<a>": ea}})
+    ti_files.write(ti_files.sidecar(b), {"text_encoder": {"<b>": eb}})
+    out = tmp_path / "ab.safetensors"
+    result = _run(merge, [a, b, "-o", out])
+    assert result.exit_code == 0, result.output
+    merged, _ = files.load(ti_files.sidecar(out))
+    assert merged.keys() == {"<a>", "<b>"} and torch.equal(merged["<a>"], ea) and torch.equal(merged["<b>"], eb)
+    ti_files.write(ti_files.sidecar(b), {"text_encoder": {"<a>": eb}}, force=True)
+    clash = _run(merge, [a, b, "-o", tmp_path / "clash.safetensors"])
+    assert clash.exit_code == 2 and "'<a>'" in clash.output and "rename" in clash.output
+    assert not (tmp_path / "clash.safetensors").exists()

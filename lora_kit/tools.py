@@ -1,0 +1,284 @@
+"""The library functions behind the file commands (lora-merge, -resize, -extract, -convert, -inspect).
+
+Each takes paths, validates every input before writing anything, writes atomically, and returns what the command
+prints. The maths lives in `ops` (pure functions over LoRA dicts); this file only moves files in and out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .errors import LoraKitError
+from .formats import embeddings as ti_files
+from .formats import files
+from .inject import find_targets
+from .models import architecture, open_pipeline
+from .state import components, modules
+
+KEPT_METADATA = ("lora_kit.trigger_words", "lora_kit.targets", "lora_kit.config", "modelspec.trigger_phrase")
+
+
+def _same(items):
+    return items
+
+
+@dataclass
+class Report:
+    """What an operation wrote and how exact it was."""
+
+    path: Path
+    total_error: float = 0.0
+    errors: dict[str, float] = field(default_factory=dict)
+    ranks: dict[int, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _sidecar_tokens(path: Path) -> dict[str, dict]:
+    """{component: {token: (n, d)}} of a pivotal-tuning sidecar, read without a model."""
+    tensors, meta = files.load(path)
+    if ti_files.TOKENS_KEY in meta:  # SDXL {clip_l, clip_g}: rows split by the recorded token counts
+        out: dict[str, dict] = {}
+        for key, component in ti_files.SDXL_KEYS.items():
+            start = 0
+            for token, n in json.loads(meta[ti_files.TOKENS_KEY]):
+                out.setdefault(component, {})[token] = tensors[key][start : start + n]
+                start += n
+        return out
+    return {"text_encoder": dict(tensors)}
+
+
+def _merge_sidecars(inputs: Sequence[Path]) -> dict[str, dict]:
+    """The union of the inputs' pivotal-tuning tokens; a token in two sidecars is an error."""
+    merged: dict[str, dict] = {}
+    owner: dict[str, Path] = {}
+    for path in inputs:
+        side = ti_files.sidecar(path)
+        if not side.exists():
+            continue
+        for component, tokens in _sidecar_tokens(side).items():
+            for token, vectors in tokens.items():
+                if token in merged.get(component, {}):
+                    raise LoraKitError(
+                        f"{side}: token {token!r} is also in {owner[token]}; rename it in one of them first"
+                    )
+                merged.setdefault(component, {})[token] = vectors
+                owner[token] = side
+    return merged
+
+
+def merge(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    weights: Sequence[float],
+    *,
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    dtype=None,
+    force: bool = False,
+    progress: Callable = _same,
+) -> Report:
+    """Merge LoRA files into `output` with delta = sum_i weights[i] * delta_i; `rank` re-compresses by SVD.
+
+    The inputs must be in one format and for one base model. Pivotal-tuning sidecars (`x.emb.safetensors`) are
+    merged too; a token present in two of them is an error.
+    """
+    from .formats.stored import architecture_of, read_lora, write_lora
+
+    inputs = [Path(p) for p in inputs]
+    if len(inputs) != len(weights):
+        raise LoraKitError(f"{len(inputs)} LoRAs but {len(weights)} weights")
+    files.check_output(output, force)
+    loaded = [read_lora(p) for p in inputs]
+    formats = {fmt for _, fmt, _ in loaded}
+    if len(formats) > 1:
+        raise LoraKitError(f"the inputs are in different formats ({', '.join(sorted(formats))}); convert them first")
+    archs = [architecture_of(meta, state) for state, _, meta in loaded]
+    if len({a for a in archs if a}) > 1:
+        pairs = ", ".join(f"{p}: {a}" for p, a in zip(inputs, archs, strict=True))
+        raise LoraKitError(f"the inputs are for different base models ({pairs})")
+    tokens = _merge_sidecars(inputs)  # checked before anything is written
+    if tokens:
+        files.check_output(ti_files.sidecar(output), force)
+    merged = ops.merge([state for state, _, _ in loaded], weights)
+    report = Report(Path(output))
+    if rank is not None:
+        merged, report.errors, report.total_error = ops.rerank(merged, rank, conv_rank, progress=progress)
+    meta = {"merged_from": [str(p) for p in inputs], "merge_weights": list(weights)}
+    arch = next((a for a in archs if a), None)
+    write_lora(output, merged, formats.pop(), arch, dtype=dtype, metadata=meta, force=force)
+    if tokens:
+        sidecar = ti_files.write(ti_files.sidecar(output), tokens, force=force)
+        report.notes.append(f"embeddings merged into {sidecar}")
+    report.ranks = dict(Counter(p["down"].shape[0] for p in modules(merged).values()))
+    return report
+
+
+def resize(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    dynamic: tuple[str, float] | None = None,
+    conv_rank: int | None = None,
+    dtype=None,
+    force: bool = False,
+    progress: Callable = _same,
+) -> Report:
+    """Shrink a LoRA file to `rank` or by a dynamic rule (`("sv_fro", 0.9)`), keeping each delta's strength."""
+    from .formats.stored import architecture_of, read_lora, write_lora
+
+    files.check_output(output, force)
+    state, fmt, meta = read_lora(input)
+    resized, errors, total = ops.resize(state, rank, dynamic, conv_rank, progress=progress)
+    kept = {k: v for k, v in meta.items() if k in KEPT_METADATA}
+    path = write_lora(output, resized, fmt, architecture_of(meta, state), dtype=dtype, metadata=kept, force=force)
+    ranks = dict(Counter(p["down"].shape[0] for p in modules(resized).values()))
+    return Report(path, total, errors, ranks)
+
+
+DEFAULT_TARGETS = {"unet": "locon", "transformer": "dit"}
+
+
+def targeted_weights(pipe, targets: str | None, text_encoders: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {'component.path': weight}} of the layers an extraction covers."""
+    out = {}
+    for comp, module in components(pipe).items():
+        if comp.startswith("text_encoder"):
+            if not text_encoders or "CLIP" not in type(module).__name__:
+                continue
+            preset = "clip-all"
+        else:
+            preset = targets or DEFAULT_TARGETS[comp]
+        out[comp] = {f"{comp}.{p}": module.get_submodule(p).weight.detach() for p in find_targets(module, preset)}
+    return out
+
+
+def extract_pipelines(
+    base: str, tuned: str, rank: int, conv_rank: int | None = None, targets: str | None = None,
+    text_encoders: bool = False, fast: bool = True, min_diff: float = 0.0, progress: Callable = lambda x: x,
+):  # fmt: skip
+    """(LoRA state, per-module errors, total error, skipped components, the base pipeline) for BASE -> TUNED."""
+    base_pipe, tuned_pipe = open_pipeline(base), open_pipeline(tuned)
+    a, b = architecture(components(base_pipe)), architecture(components(tuned_pipe))
+    if a != b:
+        raise LoraKitError(f"{base} is {a} but {tuned} is {b}: extract needs two models of one architecture")
+    base_w = targeted_weights(base_pipe, targets, text_encoders)
+    tuned_w = targeted_weights(tuned_pipe, targets, text_encoders)
+    merged_base, merged_tuned, skipped = {}, {}, []
+    for comp, weights in base_w.items():
+        diff = max(((tuned_w[comp][k].float() - w.float()).abs().max().item() for k, w in weights.items()), default=0)
+        if diff <= min_diff:
+            skipped.append(comp)
+            continue
+        merged_base.update(weights)
+        merged_tuned.update(tuned_w[comp])
+    if not merged_base:
+        raise LoraKitError(f"{tuned} does not differ from {base} in any targeted layer")
+    state, errors, total = ops.extract(merged_base, merged_tuned, rank, conv_rank, fast=fast, progress=progress)
+    return state, errors, total, skipped, base_pipe
+
+
+def extract(
+    base: str,
+    tuned: str,
+    output: str | os.PathLike,
+    *,
+    rank: int = 16,
+    conv_rank: int | None = None,
+    targets: str | None = None,
+    text_encoders: bool = False,
+    fast: bool = True,
+    format: str | None = None,
+    dtype=None,
+    force: bool = False,
+    progress: Callable = _same,
+) -> Report:
+    """A LoRA file from two pipelines (folders or hub ids): SVD of every targeted weight difference, in fp32."""
+    from .formats import write
+
+    files.check_output(output, force)
+    state, errors, total, skipped, base_pipe = extract_pipelines(
+        base, tuned, rank, conv_rank, targets, text_encoders, fast=fast, progress=progress
+    )
+    path = write(output, state, base_pipe, format=format, dtype=dtype, force=force,
+                 metadata={"extracted_from": [base, tuned]})  # fmt: skip
+    ranks = dict(Counter(p["down"].shape[0] for p in modules(state).values()))
+    return Report(path, total, errors, ranks, [f"{c}: unchanged, skipped" for c in skipped])
+
+
+def convert(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    to: str,
+    model: str | None = None,
+    dtype=None,
+    force: bool = False,
+    allow_pickle: bool = False,
+) -> Report:
+    """Rewrite a LoRA file (any supported format) as `to`; names are mapped through `model`'s modules, or through
+    the real architecture the file is for, built on the meta device (models.meta_pipeline)."""
+    from .formats import read, write
+    from .formats.stored import architecture_of, read_lora
+    from .models import meta_pipeline
+
+    files.check_output(output, force)
+    if model is None:
+        if Path(input).suffix in files.PICKLES:
+            raise LoraKitError(f"{input}: a pickled legacy file has no names; pass --model")
+        state, _, meta = read_lora(input)
+        arch = architecture_of(meta, state)
+        if arch is None:
+            raise LoraKitError(f"{input}: the file does not say which base model it is for; pass --model")
+        pipe = meta_pipeline(arch)
+    else:
+        pipe = open_pipeline(model)
+    state, meta = read(input, pipe, allow_pickle=allow_pickle)
+    kept = {k: v for k, v in meta.items() if k in KEPT_METADATA}
+    return Report(write(output, state, pipe, format=to, dtype=dtype, metadata=kept, force=force))
+
+
+def inspect(path: str | os.PathLike) -> dict:
+    """Format, architecture, modules, ranks, alphas, trigger words and metadata, from the header only."""
+    from .formats.header import describe
+
+    return describe(path)
+
+
+def collapse_into_model(
+    model: str, lora: str | os.PathLike, output: str | os.PathLike, weight: float = 1.0, dtype=None, force=False
+) -> Path:
+    """Open MODEL, collapse LORA at `weight` (fp32 maths), save_pretrained to OUTPUT atomically (temp dir + rename)."""
+    from .api import collapse, load
+
+    out = Path(output)
+    if out.exists() and not force:
+        raise LoraKitError(f"{out}: already exists (use --force to overwrite)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise LoraKitError(f"{out}: the folder {parent} does not exist or is not writable")
+    pipe = open_pipeline(model)
+    load(pipe, lora, weight=weight)
+    collapse(pipe)
+    if dtype is not None:
+        pipe.to(dtype)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    try:
+        pipe.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
