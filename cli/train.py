@@ -1,0 +1,114 @@
+"""lora-train: every TrainConfig field is a flag (and a key of the --config TOML file; flags win)."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import CONTEXT, friendly_errors
+
+HELP = {
+    "model": "Base model: a diffusers folder or hub id.",
+    "data": "Folder of images with .txt captions, kohya N_name repeat folders, or a lora-ppim output.",
+    "output": "The LoRA file to write (textual-inversion: the embedding file).",
+    "mode": "lora | dreambooth | textual-inversion | pivotal.",
+    "steps": "Optimizer steps in all (--ti-steps included). [500]",
+    "batch_size": "Images per step (split across processes). [1]",
+    "grad_accum": "Micro-batches accumulated per optimizer step. [1]",
+    "resolution": "Training resolution; buckets keep about resolution^2 pixels per image. [512]",
+    "buckets": "Aspect-ratio buckets (--no-buckets: square centre crops). [on]",
+    "flip": "Random horizontal flips (both orientations are cached). [off]",
+    "cache": "Cache VAE latents and frozen text embeddings. [on]",
+    "rank": "LoRA rank. [16]",
+    "alpha": "LoRA alpha (scale = alpha / rank). [rank]",
+    "targets": "UNet target preset: attn, kohya, locon. [kohya]",
+    "conv_rank": "Rank of kxk convs (locon). [rank]",
+    "conv_alpha": "Alpha of kxk convs. [conv rank]",
+    "text_encoder_rank": "Train text-encoder adapters at this rank (0 = off). [0]",
+    "text_encoder_alpha": "Text-encoder alpha. [its rank]",
+    "text_encoder_targets": "Text-encoder preset: clip-attn, clip-all. [clip-attn]",
+    "dropout": "Dropout on the adapter input while training. [0]",
+    "lr": "Learning rate of the UNet adapters. [1e-4]",
+    "text_encoder_lr": "Learning rate of the text-encoder adapters. [lr]",
+    "ti_lr": "Learning rate of new token embeddings. [5e-3]",
+    "lr_scheduler": "constant | constant_with_warmup | linear | cosine. [constant]",
+    "warmup_steps": "LR warmup steps. [0]",
+    "optimizer": "adamw | adamw8bit (needs bitsandbytes). [adamw]",
+    "weight_decay": "AdamW weight decay of the adapters. [0.01]",
+    "max_grad_norm": "Gradient clipping norm (0 = off). [1.0]",
+    "seed": "Seed of every random choice (data order, noise, ...). [0]",
+    "mixed_precision": "no | fp16 | bf16 (adapters stay fp32). [no]",
+    "gradient_checkpointing": "Recompute activations in the backward pass to save memory. [off]",
+    "min_snr_gamma": "Min-SNR loss weighting with this gamma (5 is usual). [off]",
+    "noise_offset": "Noise offset (e.g. 0.05) for very dark/bright images. [0]",
+    "mask_floor": "Loss weight outside subject masks (manifest masks). [0.1]",
+    "instance_prompt": "Caption for images without one.",
+    "caption_dropout": "Share of samples trained with an empty caption. [0]",
+    "shuffle_captions": "Shuffle comma-separated tags after the first --keep-tokens. [off]",
+    "keep_tokens": "Tags kept in place when shuffling. [0]",
+    "clip_skip": "2 = condition on the penultimate CLIP layer. [1]",
+    "class_prompt": "DreamBooth: the class prompt, e.g. 'a photo of a dog'.",
+    "class_data": "DreamBooth: folder of class images (made by the base model when short). [<output>-class-images]",
+    "num_class_images": "DreamBooth: number of class images. [100]",
+    "prior_loss_weight": "DreamBooth: weight of the class (prior) loss. [1.0]",
+    "token": "Textual inversion / pivotal: the new token, e.g. '<sks>'.",
+    "init_token": "Initialise the new token from this word's embedding.",
+    "num_vectors": "Vectors per new token. [1]",
+    "ti_steps": "Pivotal: steps training the embeddings alone before LoRA joins. [0]",
+    "save_every": "Checkpoint every N steps to <output>-checkpoints/step-N. [0 = off]",
+    "save_limit": "Keep only the newest N checkpoints. [0 = all]",
+    "resume": "Resume from 'latest' or a checkpoint folder (the same config).",
+    "validation_prompt": "Prompt of validation samples (a PNG grid in <output>-samples/).",
+    "validate_every": "Validation samples every N steps. [0 = off]",
+    "validation_steps": "Denoising steps of validation and class images. [20]",
+    "logdir": "Folder for the loss log (CSV, and tensorboard when installed).",
+    "save_dtype": "fp16 | bf16 | fp32 of the written adapters. [fp16]",
+    "force": "Overwrite an existing output.",
+}
+
+
+def _options(fn):
+    from dataclasses import MISSING
+
+    from lora_kit.train.config import TrainConfig
+
+    for f in reversed(list(TrainConfig.__dataclass_fields__.values())):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, bool):
+            fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=HELP[f.name])(fn)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        if f.name == "output":
+            fn = click.option("-o", flag, f.name, type=str, default=None, help=HELP[f.name])(fn)
+        else:
+            fn = click.option(flag, f.name, type=kind, default=None, help=HELP[f.name])(fn)
+    return fn
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A TOML file of these options.")
+@_options
+@friendly_errors
+def main(config_file, **flags):
+    """Train a LoRA (lora, dreambooth), an embedding (textual-inversion), or both (pivotal) on a folder of images.
+
+    Example: lora-train --model ./sd15 --data ./photos --mode dreambooth --class-prompt "a photo of a dog"
+    --instance-prompt "a photo of sks dog" --steps 400 -o sks.safetensors
+    """
+    from lora_kit.train.config import TrainConfig
+    from lora_kit.train.loop import train
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    cfg = TrainConfig.from_toml(config_file, given) if config_file else TrainConfig.from_dict(given)
+    for name in ("model", "data", "output"):
+        if not getattr(cfg, name):
+            raise click.UsageError(f"--{name} is required (as a flag or in --config)")
+    written = train(cfg)
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

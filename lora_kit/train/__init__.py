@@ -1,0 +1,1 @@
+"""Training: a flat config, one shared loop, and short recipes for lora, dreambooth, textual inversion, pivotal."""

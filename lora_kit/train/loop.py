@@ -1,0 +1,267 @@
+"""The one training loop every mode shares, and its callbacks (checkpoints, validation samples, logging).
+
+Determinism: the batch of each step, every flip, caption choice, latent sample, noise and timestep are functions of
+(seed, step, position in the global batch). So `--resume` continues bit-exactly from a checkpoint (which holds the
+trainable tensors, optimizer and LR-scheduler state), and N processes that each take a slice of the global batch
+compute what one process computes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..errors import LoraKitError
+from . import objective
+from .backbone import Backbone
+from .config import TrainConfig
+from .data import Example, Plan, load, rng, scan, torch_generator
+from .recipes import Recipe, build, checkpoint_tensors, restore_tensors, save_outputs
+
+
+class Batcher:
+    """Turns planned example indices into model inputs, caching latent distributions and frozen text embeddings."""
+
+    def __init__(self, cfg: TrainConfig, backbone: Backbone, examples: list[Example], plan: Plan, cache_text: bool):
+        self.cfg, self.backbone, self.examples, self.plan = cfg, backbone, examples, plan
+        self.latents: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.text: dict[str, dict[str, torch.Tensor]] | None = {} if cache_text else None
+
+    def latent_dist(self, index: int, flip: bool):
+        key = (index, flip)
+        if key not in self.latents:
+            pixels, _ = load(self.examples[index], self.plan.sizes[index], flip)
+            mean, std = self.backbone.latent_dist(pixels[None])
+            if not self.cfg.cache:
+                return mean, std
+            self.latents[key] = (mean, std)
+        return self.latents[key]
+
+    def caption(self, text: str, r) -> str:
+        cfg = self.cfg
+        if cfg.caption_dropout and r.random() < cfg.caption_dropout:
+            return ""
+        if cfg.shuffle_captions:
+            tags = [t.strip() for t in text.split(",")]
+            head, tail = tags[: cfg.keep_tokens], tags[cfg.keep_tokens :]
+            r.shuffle(tail)
+            text = ", ".join(head + tail)
+        return text
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.text is None:
+            return self.backbone.encode_text(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.text]
+        if missing:
+            with torch.no_grad():
+                out = self.backbone.encode_text(missing)
+            for i, c in enumerate(missing):
+                self.text[c] = {k: v[i : i + 1] for k, v in out.items() if v is not None}
+        return {k: torch.cat([self.text[c][k] for c in captions]) for k in self.text[captions[0]]}
+
+    def batch(self, indices: list[int], positions: list[int], step_key: tuple[int, ...], prior: bool = False):
+        """Latents, conditioning, noise and timesteps of one micro-batch; `positions` index the global batch."""
+        cfg, b = self.cfg, self.backbone
+        latents, captions, masks = [], [], []
+        for i, pos in zip(indices, positions, strict=True):
+            r = rng(cfg.seed, *step_key, pos, int(prior))
+            flip = cfg.flip and r.random() < 0.5
+            mean, std = self.latent_dist(i, flip)
+            g = torch_generator(cfg.seed, *step_key, pos, int(prior), 1)
+            latents.append(mean + std * torch.randn(mean.shape, generator=g))
+            captions.append(self.caption(self.examples[i].caption, r))
+            mask = None
+            if self.examples[i].mask is not None:
+                mask = load(self.examples[i], self.plan.sizes[i], flip)[1]
+            masks.append(mask)
+        x0 = torch.cat(latents)
+        noise, timesteps = [], []
+        for pos in positions:
+            g = torch_generator(cfg.seed, *step_key, pos, int(prior), 2)
+            n = torch.randn(x0.shape[1:], generator=g)
+            if cfg.noise_offset:  # per-channel offset: lets the model learn very dark / bright images
+                n = n + cfg.noise_offset * torch.randn(x0.shape[1], 1, 1, generator=g)
+            noise.append(n)
+            timesteps.append(int(torch.randint(0, b.num_timesteps, (1,), generator=g)))
+        return {
+            "x0": x0, "noise": torch.stack(noise), "timesteps": torch.tensor(timesteps), "captions": captions,
+            "weights": objective.mask_weights(masks, tuple(x0.shape), cfg.mask_floor),
+            "size": self.plan.sizes[indices[0]], "prior": torch.full((len(indices),), prior),
+        }  # fmt: skip
+
+
+def per_sample_loss(cfg: TrainConfig, backbone: Backbone, batcher: Batcher, batch: dict) -> torch.Tensor:
+    ac = backbone.alphas_cumprod
+    noisy = objective.add_noise(batch["x0"], batch["noise"], batch["timesteps"], ac)
+    target = objective.target(batch["x0"], batch["noise"], batch["timesteps"], ac, backbone.prediction_type)
+    cond = batcher.encode(batch["captions"])
+    pred = backbone.predict(noisy, batch["timesteps"], cond, batch["size"])
+    losses = objective.per_sample_mse(pred, target, batch["weights"])
+    if cfg.min_snr_gamma:
+        snr = objective.snr(batch["timesteps"], ac)
+        losses = losses * objective.min_snr_weight(snr, cfg.min_snr_gamma, backbone.prediction_type)
+    return losses
+
+
+def _checkpoints(cfg: TrainConfig) -> list[Path]:
+    folder = cfg.checkpoint_dir
+    found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(cfg, step, recipe, pipe, optimizer, scheduler) -> Path:
+    from ..formats import files
+
+    folder = cfg.checkpoint_dir / f"step-{step}"
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "trainable.safetensors").write_bytes(files.serialize(checkpoint_tensors(recipe, pipe)))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": cfg.fingerprint()}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    if cfg.save_limit:
+        for old in _checkpoints(cfg)[: -cfg.save_limit]:
+            shutil.rmtree(old)
+    return folder
+
+
+def load_checkpoint(cfg, recipe, pipe, optimizer, scheduler) -> int:
+    from ..formats import files
+
+    if cfg.resume == "latest":
+        found = _checkpoints(cfg)
+        if not found:
+            raise LoraKitError(f"{cfg.checkpoint_dir}: no checkpoint to resume from")
+        folder = found[-1]
+    else:
+        folder = Path(cfg.resume)
+    state_file = folder / "state.json"
+    if not state_file.is_file():
+        raise LoraKitError(f"{folder}: not a lora-train checkpoint (no state.json)")
+    state = json.loads(state_file.read_text())
+    if state["fingerprint"] != cfg.fingerprint():
+        raise LoraKitError(f"{folder}: the checkpoint was made with a different model, data or training config")
+    tensors, _ = files.load(folder / "trainable.safetensors")
+    restore_tensors(recipe, pipe, tensors)
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return int(state["step"])
+
+
+def make_optimizer(cfg: TrainConfig, recipe: Recipe):
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise LoraKitError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(recipe.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(recipe.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) -> list[Path]:
+    """Run one training job; returns the files written. `callbacks` are called as cb(step, loss, context)."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from tqdm import tqdm
+
+    from ..formats import files
+    from ..models import open_pipeline
+    from .prior import class_examples
+
+    files.check_output(cfg.output, cfg.force)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % world:
+        raise LoraKitError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
+    examples, skipped = scan(cfg.data, cfg.instance_prompt)
+    pipe = pipe or open_pipeline(cfg.model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(accelerator.device)
+    backbone = Backbone(pipe, cfg.clip_skip)
+    prior_examples = class_examples(cfg, pipe, accelerator) if cfg.mode == "dreambooth" else []
+    recipe = build(cfg, pipe)
+    if cfg.gradient_checkpointing:
+        backbone.main.enable_gradient_checkpointing()
+    plan = Plan(examples, cfg.batch_size, cfg.resolution, backbone.size_step, cfg.seed, cfg.buckets)
+    batcher = Batcher(cfg, backbone, examples, plan, cache_text=cfg.cache and not recipe.text_trains)
+    prior_plan = prior_batcher = None
+    if prior_examples:
+        prior_plan = Plan(prior_examples, cfg.batch_size, cfg.resolution, backbone.size_step, cfg.seed + 1,
+                          cfg.buckets)  # fmt: skip
+        prior_batcher = Batcher(cfg, backbone, prior_examples, prior_plan, batcher.text is not None)
+    optimizer = accelerator.prepare(make_optimizer(cfg, recipe))  # fp16 loss scaling lives in the wrapper
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.steps)  # fmt: skip
+    start = load_checkpoint(cfg, recipe, pipe, optimizer, scheduler) if cfg.resume else 0
+    trainable = recipe.trainable()
+    context = {"cfg": cfg, "pipe": pipe, "accelerator": accelerator, "skipped": skipped}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.mode, file=sys.stderr,
+               disable=not accelerator.is_main_process)  # fmt: skip
+    last_checkpoint = None
+    for step in bar:
+        recipe.before_step(step)
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            key = (step, micro)
+            global_idx = plan.batch(step * cfg.grad_accum + micro)
+            positions = list(range(rank, cfg.batch_size, world))
+            batch = batcher.batch([global_idx[p] for p in positions], positions, key)
+            with accelerator.autocast():
+                losses, is_prior = per_sample_loss(cfg, backbone, batcher, batch), batch["prior"]
+                if prior_plan is not None:
+                    prior_idx = prior_plan.batch(step * cfg.grad_accum + micro)
+                    pbatch = prior_batcher.batch([prior_idx[p] for p in positions], positions, key, prior=True)
+                    losses = torch.cat([losses, per_sample_loss(cfg, backbone, prior_batcher, pbatch)])
+                    is_prior = torch.cat([is_prior, pbatch["prior"]])
+            loss = objective.combine(losses, is_prior, cfg.prior_loss_weight)
+            accelerator.backward(loss / cfg.grad_accum)
+            total += loss.detach().item() / cfg.grad_accum
+        if world > 1:  # data parallel: average the gradients (and the reported loss) over the processes
+            for p in trainable:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+            total = accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean").item()
+        if not math.isfinite(total):
+            where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+            raise LoraKitError(f"the loss became {total} at step {step + 1}; training stopped{where}")
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_([p for p in trainable if p.grad is not None], cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        recipe.after_step()
+        done = step + 1
+        bar.set_postfix(loss=f"{total:.4f}")
+        if accelerator.is_main_process:
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                last_checkpoint = save_checkpoint(cfg, done, recipe, pipe, optimizer, scheduler)
+            for cb in callbacks or []:
+                cb(done, total, context)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return []
+    return write_outputs(cfg, recipe, pipe)
+
+
+def write_outputs(cfg: TrainConfig, recipe: Recipe, pipe) -> list[Path]:
+    from ..formats import files
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
+    metadata = {"config": cfg.to_dict(), "targets": cfg.targets, "mode": cfg.mode}
+    if cfg.token:
+        metadata["trigger_words"] = [cfg.token]
+    written = save_outputs(cfg, recipe, pipe, dtype, metadata)
+    out = Path(cfg.output)
+    config_file = out.with_name(out.stem + ".config.toml")
+    written.append(files.write_atomic(config_file, cfg.to_toml().encode(), force=True))
+    return written

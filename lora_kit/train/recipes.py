@@ -1,0 +1,150 @@
+"""The four modes as short recipes over the shared loop: what trains, at which learning rate, and what is written.
+
+- lora: adapters on the UNet (and the text encoders when text_encoder_rank > 0);
+- dreambooth: the same adapters; the loop adds the class images and the prior-preservation loss;
+- textual-inversion: new token rows only (every other row restored bit-exactly after each step);
+- pivotal: textual inversion for ti_steps, then LoRA and the embeddings jointly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import embeddings
+from ..formats import embeddings as ti_files
+from ..inject import inject_lora, lora_parameters
+from ..state import components, lora_state_dict
+from .config import TrainConfig
+
+ADAPTER = "trained"  # the adapter name used while training ("train" would shadow nn.Module.train)
+
+
+@dataclass
+class Recipe:
+    groups: list[dict] = field(default_factory=list)  # optimizer parameter groups
+    lora: list[torch.nn.Parameter] = field(default_factory=list)
+    text_trains: bool = False  # a text encoder has trainable parameters (no text-embedding cache)
+    tokens: dict[str, list[str]] = field(default_factory=dict)  # component -> tokenizer entries added
+    freezes: list = field(default_factory=list)  # RowFreeze per text encoder with new tokens
+    ti_steps: int = 0  # pivotal: LoRA joins at this step
+
+    def before_step(self, step: int) -> None:
+        for p in self.lora:  # pivotal's first phase trains the embeddings alone
+            p.requires_grad_(step >= self.ti_steps)
+
+    def after_step(self) -> None:
+        for freeze in self.freezes:
+            freeze.restore()
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups for p in g["params"]]
+
+
+def _text_encoders(pipe) -> list[tuple[str, object, torch.nn.Module]]:
+    names = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+    return [(c, getattr(pipe, "tokenizer" if c == "text_encoder" else "tokenizer_2"), getattr(pipe, c)) for c in names]
+
+
+def _init_vectors(tokenizer, te, cfg: TrainConfig) -> torch.Tensor:
+    matrix = te.get_input_embeddings().weight.detach()
+    if cfg.init_token:
+        ids = tokenizer(cfg.init_token, add_special_tokens=False).input_ids
+        start = matrix[ids].float().mean(0) if ids else matrix.float().mean(0)
+    else:
+        start = matrix.float().mean(0)
+    return start.repeat(cfg.num_vectors, 1)
+
+
+def build(cfg: TrainConfig, pipe) -> Recipe:
+    """Freeze the pipeline, add what this mode trains, and return the optimizer groups."""
+    for module in components(pipe).values():
+        module.requires_grad_(False)
+    if getattr(pipe, "vae", None) is not None:
+        pipe.vae.requires_grad_(False)
+    recipe = Recipe(ti_steps=cfg.ti_steps if cfg.mode == "pivotal" else 0)
+    if cfg.mode in ("textual-inversion", "pivotal"):
+        ti_params = []
+        for comp, tokenizer, te in _text_encoders(pipe):
+            added = embeddings.add_tokens(tokenizer, te, {cfg.token: _init_vectors(tokenizer, te, cfg)})
+            recipe.tokens[comp] = added
+            weight = te.get_input_embeddings().weight
+            weight.requires_grad_(True)
+            recipe.freezes.append(embeddings.freeze_all_but_new(te, embeddings.token_ids(tokenizer, added)))
+            ti_params.append(weight)
+        recipe.groups.append({"params": ti_params, "lr": cfg.ti_lr, "weight_decay": 0.0})
+        recipe.text_trains = True
+    if cfg.mode != "textual-inversion":
+        main = pipe.unet
+        inject_lora(main, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, name=ADAPTER, conv_rank=cfg.conv_rank,
+                    conv_alpha=cfg.conv_alpha, dropout=cfg.dropout)  # fmt: skip
+        unet_params = list(lora_parameters(main, ADAPTER))
+        recipe.groups.append({"params": unet_params, "lr": cfg.lr})
+        recipe.lora += unet_params
+        if cfg.text_encoder_rank > 0:
+            te_params = []
+            for _, _, te in _text_encoders(pipe):
+                inject_lora(te, cfg.text_encoder_targets, rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
+                            name=ADAPTER, dropout=cfg.dropout)  # fmt: skip
+                te_params += list(lora_parameters(te, ADAPTER))
+            recipe.groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.lr})
+            recipe.lora += te_params
+            recipe.text_trains = True
+    for p in recipe.trainable():
+        p.requires_grad_(True)
+    return recipe
+
+
+def checkpoint_tensors(recipe: Recipe, pipe) -> dict[str, torch.Tensor]:
+    """Everything trainable, by name: adapters (canonical keys) and new token rows (`emb.<component>.<entry>`)."""
+    out = {}
+    if recipe.lora:
+        out.update({f"lora.{k}": v.contiguous() for k, v in lora_state_dict(pipe, ADAPTER).items()})
+    for comp, tokenizer, te in _text_encoders(pipe):
+        for entry in recipe.tokens.get(comp, []):
+            row = embeddings.token_ids(tokenizer, [entry])[0]
+            out[f"emb.{comp}.{entry}"] = te.get_input_embeddings().weight.detach()[row].clone()
+    return out
+
+
+def restore_tensors(recipe: Recipe, pipe, tensors: dict[str, torch.Tensor]) -> None:
+    """Put checkpoint values back into the same trainable tensors (for --resume)."""
+    from ..inject import lora_modules
+
+    comps = components(pipe)
+    with torch.no_grad():
+        for comp, module in comps.items():
+            for path, wrapper in lora_modules(module):
+                if ADAPTER in wrapper.adapters:
+                    a = wrapper.adapters[ADAPTER]
+                    a.down.copy_(tensors[f"lora.{comp}.{path}.lora_down.weight"])
+                    a.up.copy_(tensors[f"lora.{comp}.{path}.lora_up.weight"])
+        for comp, tokenizer, te in _text_encoders(pipe):
+            for entry in recipe.tokens.get(comp, []):
+                row = embeddings.token_ids(tokenizer, [entry])[0]
+                te.get_input_embeddings().weight[row] = tensors[f"emb.{comp}.{entry}"]
+
+
+def learned_embeddings(recipe: Recipe, pipe, token: str) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        comp: {token: embeddings.get_embedding(tokenizer, te, token)}
+        for comp, tokenizer, te in _text_encoders(pipe)
+        if comp in recipe.tokens
+    }
+
+
+def save_outputs(cfg: TrainConfig, recipe: Recipe, pipe, dtype, metadata: dict) -> list[Path]:
+    """The files this mode produces: the LoRA (+ the pivotal sidecar), or the embedding file for textual inversion."""
+    from ..api import save
+
+    written = []
+    if cfg.mode == "textual-inversion":
+        written.append(ti_files.write(cfg.output, learned_embeddings(recipe, pipe, cfg.token), force=cfg.force))
+        return written
+    written.append(save(pipe, cfg.output, name=ADAPTER, dtype=dtype, metadata=metadata, force=cfg.force))
+    if cfg.mode == "pivotal":
+        sidecar = ti_files.sidecar(cfg.output)
+        written.append(ti_files.write(sidecar, learned_embeddings(recipe, pipe, cfg.token), force=cfg.force))
+    return written
