@@ -76,8 +76,8 @@ class LoraWrapper(nn.Module):
     ) -> LoraAdapter:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this module")
-        if not name.isidentifier() or hasattr(self.adapters, name):
-            raise ValueError(f"adapter name {name!r} is not usable (a Python identifier that is not a torch method)")
+        if not name or "." in name or hasattr(self.adapters, name):  # ModuleDict keys cannot shadow its methods
+            raise ValueError(f"adapter name {name!r} is not usable: no dots, and not a torch method name")
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"rank {rank} is not in 1..{self.max_rank} (min of in and out features) for this module")
         down_shape, up_shape = self._factor_shapes(rank)
