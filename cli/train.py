@@ -50,7 +50,7 @@ HELP = {
     "class_data": "DreamBooth: folder of class images (made by the base model when short). [<output>-class-images]",
     "num_class_images": "DreamBooth: number of class images. [100]",
     "prior_loss_weight": "DreamBooth: weight of the class (prior) loss. [1.0]",
-    "token": "Textual inversion / pivotal: the new token, e.g. '<sks>'.",
+    "token": "Textual inversion / pivotal: the new token, e.g. '<sks>' (put in front of captions that lack it).",
     "init_token": "Initialise the new token from this word's embedding.",
     "num_vectors": "Vectors per new token. [1]",
     "ti_steps": "Pivotal: steps training the embeddings alone before LoRA joins. [0]",

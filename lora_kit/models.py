@@ -46,8 +46,13 @@ def open_pipeline(spec: str, dtype=None):
         raise LoraKitError(f"{spec}: not a diffusers pipeline folder (no model_index.json)")
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
         raise LoraKitError(f"{spec}: no such folder, and not a hub id (owner/name)")
+    import transformers
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    # loading a local model takes a second: its per-component progress bars would only bury our own output
+    diffusers_logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(spec, **({"torch_dtype": dtype} if dtype else {}))
     except (OSError, ValueError) as e:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..embeddings import expand
 from ..errors import LoraKitError
 from . import objective
 from .backbone import Backbone
@@ -52,6 +53,14 @@ class Batcher:
             head, tail = tags[: cfg.keep_tokens], tags[cfg.keep_tokens :]
             r.shuffle(tail)
             text = ", ".join(head + tail)
+        if cfg.mode in ("textual-inversion", "pivotal"):
+            # the new token must be in the caption to learn anything; a multi-vector token is spelled out as its
+            # tokenizer entries (<tok> <tok>_1 ...), as diffusers does at inference
+            if cfg.token not in text.split():
+                text = f"{cfg.token} {text}".strip()
+            text = " ".join(
+                " ".join(expand(cfg.token, cfg.num_vectors)) if w == cfg.token else w for w in text.split()
+            )
         return text
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -188,6 +197,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) 
     pipe.to(accelerator.device)
     backbone = Backbone(pipe, cfg.clip_skip)
     prior_examples = class_examples(cfg, pipe, accelerator) if cfg.mode == "dreambooth" else []
+    torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process and every rerun
     recipe = build(cfg, pipe)
     if cfg.gradient_checkpointing:
         backbone.main.enable_gradient_checkpointing()
@@ -204,6 +214,9 @@ def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) 
     start = load_checkpoint(cfg, recipe, pipe, optimizer, scheduler) if cfg.resume else 0
     trainable = recipe.trainable()
     context = {"cfg": cfg, "pipe": pipe, "accelerator": accelerator, "skipped": skipped}
+    if accelerator.is_main_process:
+        note = f", {skipped} unreadable images skipped" if skipped else ""
+        print(f"training {cfg.mode} on {len(examples)} images in {world} processes{note}", file=sys.stderr)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.mode, file=sys.stderr,
                disable=not accelerator.is_main_process)  # fmt: skip
     last_checkpoint = None

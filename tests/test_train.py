@@ -1,0 +1,292 @@
+"""lora-train on tiny SD1/SDXL pipelines: every mode writes files diffusers loads, the model learns, the objective
+matches its formulas, textual inversion touches only its rows, resume is bit-exact, and bad inputs fail cleanly."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import lora_kit
+from lora_kit import LoraKitError
+from lora_kit.cli import train as train_cli
+from lora_kit.formats import files
+from lora_kit.train import loop, objective
+from lora_kit.train.config import TrainConfig
+
+COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 30)]
+
+
+def write_images(folder: Path, caption: str = "a photo of sks dog", n: int = 4, size=(40, 32)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", size, (20, 20, 20))
+        img.paste(Image.new("RGB", (size[0] // 2, size[1] // 2), COLORS[i % 4]), (size[0] // 4, size[1] // 4))
+        img.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from conftest import build_pipeline
+
+    root = tmp_path_factory.mktemp("train_models")
+    out = {}
+    for arch in ("sd1", "sdxl"):
+        build_pipeline(arch, str(root / f"tok_{arch}")).save_pretrained(root / arch)
+        out[arch] = str(root / arch)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("data") / "images")
+
+
+def config(models, data, tmp_path, arch="sd1", **kw):
+    base = dict(model=models[arch], data=str(data), output=str(tmp_path / "out.safetensors"), steps=3,
+                resolution=32, rank=4, batch_size=2, lr=1e-3, validation_steps=2, num_class_images=2)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+MODES = {
+    "lora": dict(text_encoder_rank=2),
+    "dreambooth": dict(class_prompt="a photo of a dog"),
+    "textual-inversion": dict(token="<sks>", init_token="dog", num_vectors=2),
+    "pivotal": dict(token="<sks>", ti_steps=1, instance_prompt=None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_each_mode_writes_files_diffusers_loads(models, data, tmp_path, arch, mode):
+    from diffusers import DiffusionPipeline
+
+    cfg = config(models, data, tmp_path, arch, mode=mode, **MODES[mode])
+    written = loop.train(cfg)
+    out = Path(cfg.output)
+    assert out in written and out.with_name("out.config.toml") in written
+    pipe = DiffusionPipeline.from_pretrained(models[arch])
+    if mode == "textual-inversion":
+        tensors, _ = files.load(out)
+        if arch == "sdxl":
+            for key, te, tok in (("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2,
+                                                                                  pipe.tokenizer_2)):  # fmt: skip
+                pipe.load_textual_inversion(tensors[key], token="<sks>", text_encoder=te, tokenizer=tok)
+        else:
+            pipe.load_textual_inversion(str(out), token="<sks>")
+        assert "<sks>_1" in pipe.tokenizer.get_vocab()
+        return
+    pipe.load_lora_weights(str(out))
+    meta = files.read_header(out)[1]
+    assert meta["lora_kit.mode"] == mode
+    if mode == "pivotal":
+        assert (tmp_path / "out.emb.safetensors").exists() and "<sks>" in meta["lora_kit.trigger_words"]
+        ours = DiffusionPipeline.from_pretrained(models[arch])
+        lora_kit.load(ours, out)  # the LoRA and the sidecar's token
+        assert "<sks>" in ours.tokenizer.get_vocab()
+    if mode == "dreambooth":
+        assert len(list((tmp_path / "out-class-images").glob("*.png"))) == 2
+
+
+def _eval_loss(cfg, pipe) -> float:
+    """The loss on the training images at fixed timesteps and noise (independent of the training RNG)."""
+    from lora_kit.train.backbone import Backbone
+    from lora_kit.train.data import Plan, scan
+
+    backbone = Backbone(pipe)
+    examples, _ = scan(cfg.data)
+    plan = Plan(examples, 1, cfg.resolution, backbone.size_step, 0)
+    batcher = loop.Batcher(cfg, backbone, examples, plan, cache_text=False)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(len(examples)):
+            for t in (100, 300, 500, 700):
+                b = batcher.batch([i], [0], (12345, t))
+                b["timesteps"] = torch.tensor([t])
+                total += loop.per_sample_loss(cfg, backbone, batcher, b).item()
+    return total
+
+
+def test_loss_decreases_when_overfitting(make_pipe, data, tmp_path, models):
+    pipe = make_pipe("sd1")
+    cfg = config(models, data, tmp_path, steps=60, lr=3e-3, rank=8, targets="locon", batch_size=2)
+    before = _eval_loss(cfg, pipe)
+    loop.train(cfg, pipe=pipe)
+    after = _eval_loss(cfg, pipe)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_objective_formulas_on_a_fixed_batch():
+    g = torch.Generator().manual_seed(0)
+    ac = torch.linspace(0.999, 0.01, 1000)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 990])
+    noisy = objective.add_noise(x0, noise, t, ac)
+    for i in range(3):
+        a = ac[t[i]]
+        torch.testing.assert_close(noisy[i], a.sqrt() * x0[i] + (1 - a).sqrt() * noise[i])
+        v = objective.target(x0, noise, t, ac, "v_prediction")[i]
+        torch.testing.assert_close(v, a.sqrt() * noise[i] - (1 - a).sqrt() * x0[i])
+    snr = objective.snr(t, ac)
+    torch.testing.assert_close(snr, torch.tensor([float(ac[k] / (1 - ac[k])) for k in t]))
+    w_eps = objective.min_snr_weight(snr, 5.0, "epsilon")
+    w_v = objective.min_snr_weight(snr, 5.0, "v_prediction")
+    for i, s in enumerate(snr.tolist()):
+        assert abs(w_eps[i].item() - min(s, 5.0) / s) < 1e-6 and abs(w_v[i].item() - min(s, 5.0) / (s + 1)) < 1e-6
+    per = torch.tensor([1.0, 3.0, 10.0, 20.0])
+    prior = torch.tensor([False, False, True, True])
+    assert objective.combine(per, prior, 0.5).item() == pytest.approx(2.0 + 0.5 * 15.0)
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1.0
+    w = objective.mask_weights([mask, None], (2, 4, 4, 4), 0.1)
+    assert torch.allclose(w[0, 0, :, :2], torch.tensor(1.0)) and torch.allclose(w[0, 0, :, 2:], torch.tensor(0.1))
+    assert torch.equal(w[1], torch.ones(1, 4, 4))
+
+
+def test_textual_inversion_changes_only_its_rows(make_pipe, data, tmp_path, models):
+    pipe = make_pipe("sd1")
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    n_before = len(pipe.tokenizer)
+    cfg = config(models, data, tmp_path, mode="textual-inversion", token="<sks>", init_token="dog", num_vectors=2,
+                 steps=4, ti_lr=0.1)  # fmt: skip
+    loop.train(cfg, pipe=pipe)
+    after = pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert after.shape[0] == n_before + 2
+    assert torch.equal(after[:n_before], before)  # every old row bit-identical (AdamW weight decay included)
+    assert not torch.equal(after[n_before:], before[[pipe.tokenizer.convert_tokens_to_ids("dog</w>")] * 2])
+
+
+def test_resume_is_bit_exact(make_pipe, data, tmp_path, models):
+    straight = config(models, data, tmp_path / "a", steps=4, lr_scheduler="cosine", warmup_steps=1,
+                      text_encoder_rank=2, flip=True, caption_dropout=0.3)  # fmt: skip
+    (tmp_path / "a").mkdir()
+    loop.train(straight, pipe=make_pipe("sd1"))
+    (tmp_path / "b").mkdir()
+    first = config(models, data, tmp_path / "b", steps=4, lr_scheduler="cosine", warmup_steps=1,
+                   text_encoder_rank=2, flip=True, caption_dropout=0.3, save_every=2)  # fmt: skip
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(step, loss, context):
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        loop.train(first, callbacks=[stop_at_2], pipe=make_pipe("sd1"))
+    assert (tmp_path / "b" / "out-checkpoints" / "step-2" / "state.json").exists()
+    resumed = config(models, data, tmp_path / "b", steps=4, lr_scheduler="cosine", warmup_steps=1,
+                     text_encoder_rank=2, flip=True, caption_dropout=0.3, save_every=2, resume="latest")  # fmt: skip
+    loop.train(resumed, pipe=make_pipe("sd1"))
+    a, _ = files.load(tmp_path / "a" / "out.safetensors")
+    b, _ = files.load(tmp_path / "b" / "out.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(make_pipe, data, tmp_path, models):
+    outs = []
+    for gc in (False, True):
+        folder = tmp_path / str(gc)
+        folder.mkdir()
+        cfg = config(models, data, folder, steps=2, gradient_checkpointing=gc, save_dtype="fp32")
+        loop.train(cfg, pipe=make_pipe("sd1"))
+        outs.append(files.load(folder / "out.safetensors")[0])
+    assert all(torch.allclose(outs[0][k], outs[1][k], atol=1e-6) for k in outs[0])
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(make_pipe, data, tmp_path, models, monkeypatch):
+    real = loop.per_sample_loss
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        out = real(*args)
+        return out * float("nan") if calls["n"] > 2 else out
+
+    monkeypatch.setattr(loop, "per_sample_loss", poisoned)
+    cfg = config(models, data, tmp_path, steps=4, save_every=2)
+    with pytest.raises(LoraKitError, match="loss became nan at step 3.*step-2"):
+        loop.train(cfg, pipe=make_pipe("sd1"))
+    assert not Path(cfg.output).exists() and (tmp_path / "out-checkpoints" / "step-2").is_dir()
+
+
+def test_cli_bad_inputs(models, data, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    orphan = write_images(tmp_path / "orphan", n=1)
+    (orphan / "lonely.txt").write_text("a caption")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"not a png")
+    existing = tmp_path / "exists.safetensors"
+    existing.write_bytes(b"keep me")
+    base = ["--model", models["sd1"], "--resolution", "32", "--steps", "1", "-o", str(tmp_path / "o.safetensors")]
+    cases = [
+        (["--data", str(tmp_path / "missing")], "no such data folder"),
+        (["--data", str(empty)], "no images"),
+        (["--data", str(orphan)], "caption file without an image"),
+        (["--data", str(broken)], "none of the 1 images could be read"),
+        (["--data", str(data), "--mode", "dreambooth"], "needs class_prompt"),
+        (["--data", str(data), "--mode", "textual-inversion", "--token", "dog</w>"], "already exists"),
+        (["--data", str(data), "--mode", "bogus"], "mode='bogus'"),
+        (["--data", str(data), "--resume", str(tmp_path)], "not a lora-train checkpoint"),
+    ]
+    for extra, message in cases:
+        result = CliRunner().invoke(train_cli.main, base + extra)
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in result.output and result.output.strip().count("\n") == 0, (extra, result.output)
+        assert not (tmp_path / "o.safetensors").exists()
+    result = CliRunner().invoke(train_cli.main, ["--model", models["sd1"], "--data", str(data), "-o", str(existing)])
+    assert result.exit_code == 2 and "already exists" in result.output and existing.read_bytes() == b"keep me"
+
+
+def test_resume_refuses_a_different_config(make_pipe, data, tmp_path, models):
+    cfg = config(models, data, tmp_path, steps=2, save_every=1)
+    loop.train(cfg, pipe=make_pipe("sd1"))
+    other = config(models, data, tmp_path, steps=4, rank=8, resume="latest", force=True)
+    with pytest.raises(LoraKitError, match="different model, data or training config"):
+        loop.train(other, pipe=make_pipe("sd1"))
+
+
+def test_config_file_and_flags(models, data, tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'model = "{models["sd1"]}"\ndata = "{data}"\nsteps = 2\nresolution = 32\nrank = 2\n')
+    out = tmp_path / "f.safetensors"
+    result = CliRunner().invoke(train_cli.main, ["--config", str(toml), "--rank", "3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = (tmp_path / "f.config.toml").read_text()
+    assert "rank = 3" in saved and "steps = 2" in saved
+    assert files.read_header(out)[1]["ss_network_dim"] == "3"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(models, data, tmp_path):
+    """accelerate launch with 2 CPU processes (gloo): each takes half of every batch; the adapter equals one
+    process's on the same global batch. Tolerance: 3 AdamW steps at lr 1e-3 move a parameter by up to 3e-3; AdamW
+    normalises every gradient element, so float summation-order noise in near-zero gradients shows up as ~2e-5. We
+    allow 1e-4 (3% of a full update); a different batch split or unsynchronised gradients differ by ~1e-3."""
+    import subprocess
+    import sys
+
+    common = ["--model", models["sd1"], "--data", str(data), "--steps", "3", "--resolution", "32", "--rank", "4",
+              "--batch-size", "2", "--lr", "1e-3", "--save-dtype", "fp32"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "lora_kit.cli.train", *common, "-o", str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m",
+         "lora_kit.cli.train", *common, "-o", str(tmp_path / "two.safetensors")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, _ = files.load(tmp_path / "one.safetensors")
+    b, _ = files.load(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4, rtol=0) for k in a)
+    assert "2 processes" in two.stderr  # the run really was data-parallel
