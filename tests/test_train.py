@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from lora_kit.cli import train as train_cli
 from PIL import Image
 
 import lora_kit
 from lora_kit import LoraKitError
-from lora_kit.cli import train as train_cli
 from lora_kit.formats import files
 from lora_kit.train import loop, objective
 from lora_kit.train.config import TrainConfig
@@ -276,8 +276,8 @@ def test_two_processes_match_one(models, data, tmp_path):
 
     common = ["--model", models["sd1"], "--data", str(data), "--steps", "3", "--resolution", "32", "--rank", "4",
               "--batch-size", "2", "--lr", "1e-3", "--save-dtype", "fp32"]  # fmt: skip
-    one = subprocess.run([sys.executable, "-m", "lora_kit.cli.train", *common, "-o", str(tmp_path / "one.safetensors")],
-                         capture_output=True, text=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "lora_kit.cli.train", *common, "-o", str(tmp_path / "one.safetensors")]
+    one = subprocess.run(cmd, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     env = dict(os.environ, ACCELERATE_USE_CPU="1")
     two = subprocess.run(
