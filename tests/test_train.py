@@ -290,3 +290,28 @@ def test_two_processes_match_one(models, data, tmp_path):
     b, _ = files.load(tmp_path / "two.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4, rtol=0) for k in a)
     assert "2 processes" in two.stderr  # the run really was data-parallel
+
+
+def test_validation_grid_loss_log_and_manifest_masks(make_pipe, tmp_path, models):
+    """A lora-ppim style manifest with a mask trains; validation grids are PNGs; the loss log has every step."""
+    import json
+
+    data = write_images(tmp_path / "ds", n=2)
+    mask = Image.new("L", (40, 32), 0)
+    mask.paste(255, (10, 8, 30, 24))
+    mask.save(data / "img0_mask.png")
+    lines = [
+        {"image": "img0.png", "caption": "a photo of sks dog", "mask": "img0_mask.png", "source": "x", "width": 40,
+         "height": 32, "sha256": "0"},
+        {"image": "img1.png", "caption": "a photo of sks dog", "mask": None, "source": "y", "width": 40, "height": 32,
+         "sha256": "1"},
+    ]  # fmt: skip
+    (data / "manifest.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    cfg = config(models, data, tmp_path, steps=2, validation_prompt="a photo of sks dog", validate_every=1,
+                 logdir=str(tmp_path / "logs"))  # fmt: skip
+    loop.train(cfg, pipe=make_pipe("sd1"))
+    grids = sorted((tmp_path / "out-samples").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-1.png", "step-2.png"]
+    assert Image.open(grids[0]).size == (64, 64)  # 2x2 samples of 32 px
+    rows = (tmp_path / "logs" / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr" and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]

@@ -21,6 +21,7 @@ from ..embeddings import expand
 from ..errors import LoraKitError
 from . import objective
 from .backbone import Backbone
+from .callbacks import default_callbacks
 from .config import TrainConfig
 from .data import Example, Plan, load, rng, scan, torch_generator
 from .recipes import Recipe, build, checkpoint_tensors, restore_tensors, save_outputs
@@ -213,7 +214,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) 
                               num_training_steps=cfg.steps)  # fmt: skip
     start = load_checkpoint(cfg, recipe, pipe, optimizer, scheduler) if cfg.resume else 0
     trainable = recipe.trainable()
-    context = {"cfg": cfg, "pipe": pipe, "accelerator": accelerator, "skipped": skipped}
+    context = {"cfg": cfg, "pipe": pipe, "accelerator": accelerator, "skipped": skipped, "optimizer": optimizer}
+    callbacks = default_callbacks(cfg) + list(callbacks or [])
     if accelerator.is_main_process:
         note = f", {skipped} unreadable images skipped" if skipped else ""
         print(f"training {cfg.mode} on {len(examples)} images in {world} processes{note}", file=sys.stderr)
@@ -258,7 +260,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) 
         if accelerator.is_main_process:
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                 last_checkpoint = save_checkpoint(cfg, done, recipe, pipe, optimizer, scheduler)
-            for cb in callbacks or []:
+            for cb in callbacks:
                 cb(done, total, context)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
