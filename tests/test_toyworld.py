@@ -1,6 +1,7 @@
 """The toy-world generator is deterministic and draws what its captions say."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ _spec = importlib.util.spec_from_file_location(
     "toyworld", Path(__file__).resolve().parents[1] / "datasets" / "toyworld" / "generate.py"
 )
 toy = importlib.util.module_from_spec(_spec)
+sys.modules["toyworld"] = toy  # dataclasses look their module up while the class is created
 _spec.loader.exec_module(toy)
 
 
