@@ -46,3 +46,26 @@ def test_held_out_concepts():
     # no pretraining caption mentions the held-out words
     assert not any("sks" in toy.sample("train", i).caption or "striped" in toy.sample("train", i).caption
                    for i in range(200))  # fmt: skip
+
+
+def test_pretraining_runs_end_to_end_and_loads(tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    spec = importlib.util.spec_from_file_location(
+        "toy_pretrain", Path(__file__).resolve().parents[1] / "datasets" / "toyworld" / "pretrain.py"
+    )
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    logs = []
+    model = pretrain.pretrain(tmp_path / "toy", "tiny", "cpu", log=logs.append)
+    assert any(line.startswith("unet 3/3") for line in logs)
+    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    # the real CLIP vocabulary: the same ids as openai/clip-vit-large-patch14
+    assert pipe.tokenizer("a photo of a sks dog").input_ids == [49406, 320, 1125, 539, 320, 48136, 1929, 49407]
+    image = pipe("a red circle on a blue background", num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert image.size == (64, 64)
+    # resumable: a second run finds the finished stages and only re-assembles the pipeline
+    again = pretrain.pretrain(tmp_path / "toy", "tiny", "cpu", log=logs.append)
+    assert again == model
