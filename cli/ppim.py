@@ -1,0 +1,153 @@
+"""lora-ppim: a folder of photos -> a training set that `lora-train --data OUTPUT_DIR` reads as it is."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import CONTEXT, friendly_errors, progress
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("input_dir", type=click.Path())
+@click.argument("output_dir", type=click.Path())
+@click.option(
+    "--resolution",
+    default="512",
+    show_default=True,
+    help="Crop size: 512 or WxH (768x512). With --crop none, the pixel budget W*H.",
+)
+@click.option(
+    "--crop",
+    default="center",
+    show_default=True,
+    metavar="center|subject|random:N|none",
+    help="center; subject (centred on the --mask, needs it); random:N (N crops per image, random "
+    "position and zoom up to 1.5x); none (keep the aspect ratio for lora-train's buckets).",
+)
+@click.option(
+    "--upscale/--no-upscale",
+    default=False,
+    show_default=True,
+    help="Enlarge images smaller than the crop (plain --resample filter) instead of rejecting them.",
+)
+@click.option(
+    "--resample",
+    type=click.Choice(["lanczos", "bicubic", "bilinear", "box"]),
+    default="lanczos",
+    show_default=True,
+    help="Resampling filter for images (masks: bilinear).",
+)
+@click.option(
+    "--min-size",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Reject images whose shorter side is below this many pixels.",
+)
+@click.option(
+    "--background",
+    default="white",
+    show_default=True,
+    help="Colour that transparent pixels are composited over (a name or #rrggbb).",
+)
+@click.option(
+    "--caption",
+    type=click.Choice(["template", "clip-tags", "model"]),
+    default="template",
+    show_default=True,
+    help="template (no model); clip-tags (top-k phrases by CLIP); model (image-to-text).",
+)
+@click.option(
+    "--template",
+    default="a photo of {token}",
+    show_default=True,
+    help="--caption template: {token} = --token, {filename} = the words of the file name.",
+)
+@click.option(
+    "--token",
+    default=None,
+    help="Trigger word: fills {token}; otherwise put in front of each caption ('sks, ...') unless present.",
+)
+@click.option(
+    "--replace",
+    default=None,
+    metavar="WORDS",
+    help="Comma-separated words the token replaces in captions (e.g. 'man,person'); "
+    "a caption with none of them gets the token in front.",
+)
+@click.option("--clip-model", default=None, metavar="PATH", help="--caption clip-tags: a local CLIP model folder.")
+@click.option(
+    "--tags",
+    default=None,
+    metavar="FILE",
+    help="--caption clip-tags: phrases to rank, one per line. [a built-in vocabulary of ~170]",
+)
+@click.option("--top-k", type=int, default=5, show_default=True, help="--caption clip-tags: phrases kept.")
+@click.option(
+    "--caption-model",
+    default=None,
+    metavar="PATH",
+    help="--caption model: a local transformers image-to-text model folder (GIT, BLIP-2, Florence-2, "
+    "LLaVA-style chat models, ...).",
+)
+@click.option(
+    "--caption-prompt",
+    default=None,
+    help="--caption model: text the model continues (e.g. Florence-2 '<CAPTION>'), or the instruction "
+    "for chat models [Describe this image in one sentence.].",
+)
+@click.option("--max-new-tokens", type=int, default=40, show_default=True, help="--caption model: caption length.")
+@click.option("--mask", default=None, metavar="PROMPT", help="Write subject masks for this text prompt ('face').")
+@click.option("--mask-model", default=None, metavar="PATH", help="A local CLIPSeg model folder for --mask.")
+@click.option(
+    "--mask-threshold",
+    type=float,
+    default=0.3,
+    show_default=True,
+    help="Probability at which a mask pixel becomes 1 (else 0); 0 keeps CLIPSeg's soft probabilities.",
+)
+@click.option(
+    "--mask-blur",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Gaussian blur radius of the mask in output pixels (soft edges).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+    default="auto",
+    show_default=True,
+    help="Where the models run (auto: cuda, then mps, then cpu).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="Model dtype (auto: fp16 on a GPU, fp32 on cpu).",
+)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Images per model call.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random crops.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT_DIR if it is an earlier lora-ppim output.")
+@friendly_errors
+def main(input_dir, output_dir, **options):
+    """Turn INPUT_DIR (searched recursively; never modified) into a training set in OUTPUT_DIR: upright RGB PNGs
+    cropped to --resolution, a .txt caption beside each, optional [0, 1] masks, manifest.jsonl (what lora-train
+    reads) and report.json (every rejected file with its reason, every duplicate). OUTPUT_DIR appears only when
+    everything succeeded.
+
+    \b
+    lora-ppim photos/ data/ --token sks --template "a photo of {token} dog"
+    lora-ppim photos/ data/ --caption clip-tags --clip-model ./clip-vit-b32 --token sks
+    lora-ppim photos/ data/ --caption model --caption-model ./git --mask face --mask-model ./clipseg --crop subject
+    """
+    from lora_kit.preprocess import PreprocessConfig, run
+
+    config = PreprocessConfig(input_dir=input_dir, output_dir=output_dir, **options)
+    summary = run(config, progress=progress("lora-ppim"))
+    click.echo(summary.line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Find, hash, open and validate input images: EXIF orientation, any PIL mode -> 8-bit RGB, rejections with reasons.
+
+Nothing here writes: inputs are opened read-only and every conversion makes a new in-memory image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Files that commonly sit beside photos and are not meant as images; everything else is tried, so that a HEIC or
+# a misnamed file shows up in the report as "not an image" instead of vanishing.
+SIDECARS = {".txt", ".caption", ".json", ".jsonl", ".xmp", ".md", ".toml", ".yaml", ".yml", ".csv", ".npz", ".npy"}
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
+
+
+class Rejected(Exception):
+    """An input that cannot be used; `reason` is a short category for the summary, `detail` says what was seen."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Loaded:
+    image: object  # PIL.Image.Image, RGB, EXIF orientation applied
+    warnings: list[str] = field(default_factory=list)
+
+
+def find_files(root: Path) -> list[Path]:
+    """Every candidate file under `root`, recursively, sorted; hidden files/folders and caption sidecars skipped."""
+    found = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or p.suffix.lower() in SIDECARS or not p.is_file():
+            continue
+        found.append(p)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_image(path: Path, background: tuple[int, int, int], min_size: int) -> Loaded:
+    """Decode `path` fully and return it as RGB, upright; raise Rejected for anything that is not a usable photo."""
+    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+    # A library elsewhere may have switched this on globally; a half-grey truncated photo must not slip through.
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        try:
+            img = Image.open(path)
+        except UnidentifiedImageError:
+            raise Rejected("not an image", "PIL cannot identify the file format") from None
+        except Image.DecompressionBombError as e:
+            raise Rejected("too large", str(e)) from None
+        except OSError as e:
+            raise Rejected("unreadable", str(e)) from None
+        with img:
+            try:
+                frames = getattr(img, "n_frames", 1)
+            except (OSError, SyntaxError, ValueError, EOFError) as e:
+                raise Rejected("corrupt", str(e) or type(e).__name__) from None
+            if frames > 1:
+                raise Rejected("animated", f"{img.format} with {frames} frames")
+            try:
+                img.load()
+            except Image.DecompressionBombError as e:
+                raise Rejected("too large", str(e)) from None
+            except (OSError, SyntaxError, ValueError, EOFError) as e:
+                msg = str(e) or type(e).__name__
+                raise Rejected("truncated" if "truncated" in msg else "corrupt", msg) from None
+            loaded = Loaded(None)
+            try:
+                upright = ImageOps.exif_transpose(img)
+            except Exception as e:  # a malformed EXIF block must not lose the photo
+                loaded.warnings.append(f"EXIF orientation unreadable ({e}); used as stored")
+                upright = img
+            loaded.image = to_rgb(upright, background, loaded.warnings)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+    w, h = loaded.image.size
+    if min(w, h) < min_size:
+        raise Rejected("too small", f"{w}x{h}: shorter side below --min-size {min_size}")
+    return loaded
+
+
+def to_rgb(img, background: tuple[int, int, int], warnings: list[str]):
+    """8-bit RGB from any PIL mode: 16-bit scaled (not clipped), ICC profile applied, alpha over `background`."""
+    import numpy as np
+    from PIL import Image
+
+    icc = img.info.get("icc_profile")
+    has_alpha = img.mode in _ALPHA_MODES or "transparency" in img.info
+    if img.mode in _HIGH_BIT_MODES:
+        a = np.asarray(img).astype(np.float64)
+        # PIL's own convert("L") clips 16-bit values at 255 (an all-white photo); scale the 16-bit range instead.
+        if img.mode != "I" or a.max() > 255:
+            a = a / 257.0
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        a = a * 255.0 if a.max() <= 1.0 else a
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    elif img.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        try:
+            img = img.convert("RGBA" if has_alpha else "RGB")
+        except (ValueError, OSError) as e:
+            raise Rejected("unsupported mode", f"PIL mode {img.mode}: {e}") from None
+    if icc:
+        img = _apply_icc(img, icc, warnings)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _apply_icc(img, icc: bytes, warnings: list[str]):
+    """Convert from the embedded colour profile to sRGB (CMYK, Adobe RGB, Display P3 photos look right)."""
+    from PIL import ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(src).lower().replace(" ", ""):
+            return img  # already what we write
+        out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
+        return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode=out_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
+        warnings.append(f"embedded ICC profile not applied ({e}); colours converted without it")
+        return img

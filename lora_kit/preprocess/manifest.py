@@ -1,0 +1,152 @@
+"""The output folder: path checks, file names, manifest.jsonl (the schema lora-train reads, CONTRACTS.md) and
+report.json, all built in a hidden folder beside OUTPUT_DIR that is renamed into place only when complete.
+
+Layout: images/<input sub-folders>/<name>.png with <name>.txt (kohya captions) beside each, masks/ mirroring
+images/, manifest.jsonl (one object per written image) and report.json (kept, rejected with reasons, duplicates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import LoraKitError
+
+MANIFEST = "manifest.jsonl"
+REPORT = "report.json"
+
+
+@dataclass
+class Entry:
+    """One line of manifest.jsonl; field order is the contract's."""
+
+    image: str  # relative to the manifest
+    caption: str
+    mask: str | None  # relative to the manifest, or None
+    source: str  # the original file (absolute)
+    width: int
+    height: int
+    sha256: str  # of the written image file
+
+
+def check_paths(input_dir: str, output_dir: str, force: bool) -> tuple[Path, Path]:
+    """Resolved (input, output), or an error naming the problem; nothing is created or changed."""
+    src, out = Path(input_dir).expanduser(), Path(output_dir).expanduser()
+    if not src.exists():
+        raise LoraKitError(f"{input_dir}: no such input folder")
+    if not src.is_dir():
+        raise LoraKitError(f"{input_dir}: not a folder (give the folder of images)")
+    src, out = src.resolve(), out.resolve()
+    if out == src:
+        raise LoraKitError(f"{output_dir}: the output folder is the input folder (inputs are never modified)")
+    if src in out.parents:
+        raise LoraKitError(f"{output_dir}: the output folder is inside the input folder (inputs are never modified)")
+    if out in src.parents:
+        raise LoraKitError(f"{output_dir}: the output folder contains the input folder; replacing it would delete "
+                           "the inputs")  # fmt: skip
+    if out.exists():
+        if not out.is_dir():
+            raise LoraKitError(f"{output_dir}: exists and is not a folder")
+        if any(out.iterdir()):
+            if not force:
+                raise LoraKitError(f"{output_dir}: not empty (--force replaces an earlier lora-ppim output)")
+            if not (out / MANIFEST).is_file():
+                raise LoraKitError(f"{output_dir}: not empty and not a lora-ppim output (no {MANIFEST}); "
+                                   "refusing to replace it even with --force")  # fmt: skip
+    return src, out
+
+
+class Staging:
+    """A temporary folder beside `final`; `commit()` swaps it into place, leaving the block without commit (an
+    error, Ctrl-C) removes it and any parent folders it had to create."""
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.path: Path | None = None
+        self._made: list[Path] = []
+        self._taken: set[str] = set()
+
+    def __enter__(self) -> Staging:
+        missing = [p for p in [self.final.parent, *self.final.parent.parents] if not p.exists()]
+        try:
+            for p in reversed(missing):
+                p.mkdir()
+                self._made.append(p)
+            made = tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".ppim-tmp", dir=self.final.parent)
+            self.path = Path(made)
+            umask = os.umask(0)
+            os.umask(umask)
+            self.path.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+        except OSError as e:
+            self.__exit__(OSError, e, None)
+            raise LoraKitError(f"{self.final}: cannot create the output folder ({e})") from None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.path is not None and self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+        if exc_type is not None:
+            for p in reversed(self._made):
+                try:
+                    p.rmdir()
+                except OSError:
+                    pass
+
+    def commit(self) -> None:
+        old = None
+        if self.final.exists():  # checked empty, or a previous lora-ppim output with --force
+            old = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".ppim-old", dir=self.final.parent))
+            os.replace(self.final, old / "x")
+        try:
+            os.replace(self.path, self.final)
+        except OSError:
+            if old is not None:
+                os.replace(old / "x", self.final)
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        self.path = None
+
+    def name(self, source_rel: Path, index: int | None = None) -> str:
+        """A unique 'images/sub/stem[-i].png' for a source path relative to the input (case-insensitively unique,
+        so that a.jpg and a.png both survive on macOS and Windows file systems)."""
+        parent = source_rel.parent.as_posix()
+        stem = source_rel.stem + ("" if index is None else f"-{index}")
+        extension = source_rel.suffix.lstrip(".").lower()
+        for c in itertools.chain([stem, f"{stem}-{extension}"], (f"{stem}-{n}" for n in itertools.count(2))):
+            rel = c if parent == "." else f"{parent}/{c}"
+            if rel.lower() not in self._taken:
+                self._taken.add(rel.lower())
+                return f"images/{rel}.png"
+        raise AssertionError("unreachable")  # itertools.count never ends
+
+    def write_png(self, rel: str, image) -> str:
+        """Write `image` as PNG at `rel`; the sha256 of the bytes written."""
+        import io
+
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+        path = self.path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return hashlib.sha256(data).hexdigest()
+
+    def write_text(self, rel: str, text: str) -> None:
+        path = self.path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+    def write_manifest(self, entries: list[Entry]) -> None:
+        lines = [json.dumps(asdict(e), ensure_ascii=False) for e in entries]
+        self.write_text(MANIFEST, "".join(line + "\n" for line in lines))
+
+    def write_report(self, report: dict) -> None:
+        self.write_text(REPORT, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
