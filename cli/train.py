@@ -10,7 +10,7 @@ HELP = {
     "model": "Base model: a diffusers folder or hub id.",
     "data": "Folder of images with .txt captions, kohya N_name repeat folders, or a lora-ppim output.",
     "output": "The LoRA file to write (textual-inversion: the embedding file).",
-    "mode": "lora | dreambooth | textual-inversion | pivotal.",
+    "mode": "lora | dreambooth | textual-inversion | pivotal (SD3/FLUX: lora and dreambooth).",
     "steps": "Optimizer steps in all (--ti-steps included). [500]",
     "batch_size": "Images per step (split across processes). [1]",
     "grad_accum": "Micro-batches accumulated per optimizer step. [1]",
@@ -20,14 +20,14 @@ HELP = {
     "cache": "Cache VAE latents and frozen text embeddings. [on]",
     "rank": "LoRA rank. [16]",
     "alpha": "LoRA alpha (scale = alpha / rank). [rank]",
-    "targets": "UNet target preset: attn, kohya, locon. [kohya]",
+    "targets": "Target preset: attn, kohya, locon (UNet); dit (SD3/FLUX, used there in place of kohya/locon). [kohya]",
     "conv_rank": "Rank of kxk convs (locon). [rank]",
     "conv_alpha": "Alpha of kxk convs. [conv rank]",
-    "text_encoder_rank": "Train text-encoder adapters at this rank (0 = off). [0]",
+    "text_encoder_rank": "Train text-encoder adapters at this rank (0 = off; SD3: its CLIPs; not FLUX). [0]",
     "text_encoder_alpha": "Text-encoder alpha. [its rank]",
     "text_encoder_targets": "Text-encoder preset: clip-attn, clip-all. [clip-attn]",
     "dropout": "Dropout on the adapter input while training. [0]",
-    "lr": "Learning rate of the UNet adapters. [1e-4]",
+    "lr": "Learning rate of the UNet/transformer adapters. [1e-4]",
     "text_encoder_lr": "Learning rate of the text-encoder adapters. [lr]",
     "ti_lr": "Learning rate of new token embeddings. [5e-3]",
     "lr_scheduler": "constant | constant_with_warmup | linear | cosine. [constant]",
@@ -38,14 +38,14 @@ HELP = {
     "seed": "Seed of every random choice (data order, noise, ...). [0]",
     "mixed_precision": "no | fp16 | bf16 (adapters stay fp32). [no]",
     "gradient_checkpointing": "Recompute activations in the backward pass to save memory. [off]",
-    "min_snr_gamma": "Min-SNR loss weighting with this gamma (5 is usual). [off]",
+    "min_snr_gamma": "Min-SNR loss weighting with this gamma (5 is usual; not SD3/FLUX: flow matching). [off]",
     "noise_offset": "Noise offset (e.g. 0.05) for very dark/bright images. [0]",
     "mask_floor": "Loss weight outside subject masks (manifest masks). [0.1]",
     "instance_prompt": "Caption for images without one.",
     "caption_dropout": "Share of samples trained with an empty caption. [0]",
     "shuffle_captions": "Shuffle comma-separated tags after the first --keep-tokens. [off]",
     "keep_tokens": "Tags kept in place when shuffling. [0]",
-    "clip_skip": "2 = condition on the penultimate CLIP layer. [1]",
+    "clip_skip": "2 = condition on the penultimate CLIP layer (SD1/SD2). [1]",
     "class_prompt": "DreamBooth: the class prompt, e.g. 'a photo of a dog'.",
     "class_data": "DreamBooth: folder of class images (made by the base model when short). [<output>-class-images]",
     "num_class_images": "DreamBooth: number of class images. [100]",
@@ -93,6 +93,9 @@ def _options(fn):
 @friendly_errors
 def main(config_file, **flags):
     """Train a LoRA (lora, dreambooth), an embedding (textual-inversion), or both (pivotal) on a folder of images.
+
+    SD1/SD2/SDXL train on the noise-prediction objective (epsilon or v); SD3 and FLUX with flow matching (sigma
+    logit-normal, shifted as the model's scheduler shifts it; target noise - latents).
 
     Example: lora-train --model ./sd15 --data ./photos --mode dreambooth --class-prompt "a photo of a dog"
     --instance-prompt "a photo of sks dog" --steps 400 -o sks.safetensors

@@ -54,7 +54,7 @@ def open_pipeline(spec: str, dtype=None):
     diffusers_logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(spec, **({"torch_dtype": dtype} if dtype else {}))
+        pipe = DiffusionPipeline.from_pretrained(spec, **({"dtype": dtype} if dtype else {}))
     except (OSError, ValueError) as e:
         raise LoraKitError(f"{spec}: cannot open the model ({str(e).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)

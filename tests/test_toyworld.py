@@ -60,7 +60,7 @@ def test_pretraining_runs_end_to_end_and_loads(tmp_path):
     logs = []
     model = pretrain.pretrain(tmp_path / "toy", "tiny", "cpu", log=logs.append)
     assert any(line.startswith("unet 3/3") for line in logs)
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
     # the real CLIP vocabulary: the same ids as openai/clip-vit-large-patch14
     assert pipe.tokenizer("a photo of a sks dog").input_ids == [49406, 320, 1125, 539, 320, 48136, 1929, 49407]
     image = pipe("a red circle on a blue background", num_inference_steps=2,

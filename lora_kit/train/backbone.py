@@ -1,8 +1,15 @@
-"""What the training loop needs from a base pipeline, per architecture: latents, text conditioning, prediction.
+"""What the training loop needs from a base pipeline, per architecture: latents, text conditioning, prediction, and
+how a batch is noised (the objective).
 
 SD1/SD2 condition on one CLIP's hidden states (`clip_skip` 2 = the penultimate layer, as kohya); SDXL concatenates
-both CLIPs' penultimate hidden states and adds the pooled embedding and size/crop ids. The noise schedule comes
+both CLIPs' penultimate hidden states and adds the pooled embedding and size/crop ids. Their noise schedule comes
 from the pipeline's own scheduler config (epsilon or v-prediction).
+
+SD3 and FLUX train with flow matching (objective.py) and condition through the pipeline's own `encode_prompt`: SD3
+on its two CLIPs' penultimate states next to T5's, plus both pooled embeddings; FLUX on T5's states plus CLIP's
+pooled embedding. Their latents are `(latent - shift_factor) * scaling_factor`; FLUX's transformer sees them packed
+into 2x2 patches with FluxPipeline's image ids, and `predict` unpacks its output, so the loss, masks and noise all
+live in the VAE's (B, C, H, W) layout for every architecture.
 """
 
 from __future__ import annotations
@@ -12,18 +19,28 @@ import torch
 from ..errors import LoraKitError
 from ..models import architecture
 from ..state import components
+from . import objective
+
+FLOW = ("sd3", "flux")  # the architectures trained with flow matching
+# T5 tokens of the prompt, as the diffusers trainers use them (train_dreambooth_lora_sd3: 77, _flux: 512); capped
+# at the tokenizer's own limit
+T5_TOKENS = {"sd3": 77, "flux": 512}
+FLUX_GUIDANCE = 3.5  # distilled guidance of guidance-embedding FLUX models (FLUX.1-dev) while training, as in
+# diffusers' and kohya's FLUX trainers
 
 
 class Backbone:
     def __init__(self, pipe, clip_skip: int = 1):
-        from diffusers import DDPMScheduler
-
         self.pipe = pipe
         self.arch = architecture(components(pipe))
-        if self.arch not in ("sd1", "sd2", "sdxl"):
-            raise LoraKitError(f"training {self.arch} is not supported yet (SD1.x, SD2.x and SDXL train)")
-        self.main = pipe.unet
         self.clip_skip = clip_skip
+        if self.arch in FLOW:
+            self._init_flow()
+            return
+        from diffusers import DDPMScheduler
+
+        self.objective = "diffusion"
+        self.main = pipe.unet
         self.noise = DDPMScheduler.from_config(pipe.scheduler.config)
         self.alphas_cumprod = self.noise.alphas_cumprod.float()
         self.num_timesteps = self.noise.config.num_train_timesteps
@@ -32,18 +49,62 @@ class Backbone:
         if self.arch == "sdxl":
             self.encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
 
+    def _init_flow(self) -> None:
+        pipe = self.pipe
+        if self.clip_skip != 1:
+            raise LoraKitError(f"clip_skip={self.clip_skip} does not apply to {self.arch}: it conditions on the CLIP "
+                               "layers its pipeline uses (leave clip_skip at 1)")  # fmt: skip
+        self.objective = "flow"
+        self.main = pipe.transformer
+        config = pipe.scheduler.config
+        self.num_timesteps = config.get("num_train_timesteps", 1000)
+        # SD3's scheduler shifts sigma by a fixed factor (3.0); FLUX's shifts by resolution at inference only
+        # (use_dynamic_shifting), so it trains on unshifted sigmas, as diffusers' FLUX trainer does
+        self.shift = 1.0 if config.get("use_dynamic_shifting", False) else float(config.get("shift", 1.0))
+        t5 = getattr(pipe, "tokenizer_3" if self.arch == "sd3" else "tokenizer_2", None)
+        limit = getattr(t5, "model_max_length", None) or T5_TOKENS[self.arch]
+        self.max_sequence_length = min(T5_TOKENS[self.arch], limit)
+        self.prediction_type = "flow"
+
     @property
     def size_step(self) -> int:
-        """Image sides must be multiples of this: the VAE factor times the UNet's downsampling."""
+        """Image sides must be multiples of this: the VAE factor times the UNet's downsampling, or times the
+        transformer's patch size (x2 for FLUX's 2x2 packing)."""
+        if self.arch == "sd3":
+            return self.pipe.vae_scale_factor * self.main.config.patch_size
+        if self.arch == "flux":
+            return self.pipe.vae_scale_factor * 2 * self.main.config.patch_size
         return self.pipe.vae_scale_factor * 2 ** (len(self.main.config.block_out_channels) - 1)
 
     @torch.no_grad()
     def latent_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the scaled VAE latent distribution; training samples from it every step."""
+        """(mean, std) of the latent distribution as the model sees it, (latent - shift_factor) * scaling_factor;
+        training samples from it every step."""
         vae = self.pipe.vae
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        sf = vae.config.scaling_factor
-        return (dist.mean.float() * sf).cpu(), (dist.std.float() * sf).cpu()
+        sf, shift = vae.config.scaling_factor, vae.config.get("shift_factor")
+        mean = dist.mean.float() if shift is None else dist.mean.float() - shift
+        return (mean * sf).cpu(), (dist.std.float() * sf).cpu()
+
+    def sample_time(self, generator: torch.Generator) -> int | float:
+        """One sample's time, drawn from its own generator: a DDPM timestep index, or flow matching's sigma."""
+        if self.objective == "flow":
+            return float(objective.flow_sigmas(1, generator, self.shift)[0])
+        return int(torch.randint(0, self.num_timesteps, (1,), generator=generator))
+
+    def noising(self, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor):
+        """(noisy latents, timesteps for the model, target) of a batch whose `times` came from `sample_time`.
+        Flow matching gives the model sigma * num_train_timesteps, the timestep its pipeline's scheduler holds."""
+        if self.objective == "flow":
+            sigmas = times.float()
+            return (
+                objective.flow_noise(x0, noise, sigmas),
+                sigmas * self.num_timesteps,
+                objective.flow_target(x0, noise),
+            )
+        ac = self.alphas_cumprod
+        noisy = objective.add_noise(x0, noise, times, ac)
+        return noisy, times, objective.target(x0, noise, times, ac, self.prediction_type)
 
     def _tokens(self, tokenizer, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -51,6 +112,17 @@ class Backbone:
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Conditioning tensors for a batch of captions (with gradients when a text encoder trains)."""
+        if self.arch == "sd3":
+            device = self.pipe._execution_device
+            states, _, pooled, _ = self.pipe.encode_prompt(captions, captions, captions, device=device,
+                                                           do_classifier_free_guidance=False,
+                                                           max_sequence_length=self.max_sequence_length)  # fmt: skip
+            return {"encoder_hidden_states": states, "pooled_projections": pooled}
+        if self.arch == "flux":
+            device = self.pipe._execution_device
+            states, pooled, _ = self.pipe.encode_prompt(captions, captions, device=device,
+                                                        max_sequence_length=self.max_sequence_length)  # fmt: skip
+            return {"encoder_hidden_states": states, "pooled_projections": pooled}
         if self.arch != "sdxl":
             tokenizer, te = self.encoders[0]
             ids = self._tokens(tokenizer, captions).to(te.device)
@@ -68,6 +140,13 @@ class Backbone:
         return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, size: tuple[int, int]):
+        """The model's output for noisy latents (B, C, H, W), in that same layout."""
+        if self.arch == "flux":
+            return self._predict_flux(noisy, timesteps, cond)
+        if self.arch == "sd3":
+            return self.main(hidden_states=noisy, timestep=timesteps.to(noisy.device), return_dict=False,
+                             encoder_hidden_states=cond["encoder_hidden_states"],
+                             pooled_projections=cond["pooled_projections"])[0]  # fmt: skip
         kwargs = {}
         if self.arch == "sdxl":  # size conditioning: original = target = the bucket, no crop
             w, h = size
@@ -75,3 +154,20 @@ class Backbone:
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": ids}
         return self.main(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False,
                          **kwargs)[0]  # fmt: skip
+
+    def _predict_flux(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        states = cond["encoder_hidden_states"]
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        txt_ids = torch.zeros(states.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        guidance = None
+        if self.main.config.get("guidance_embeds"):
+            guidance = torch.full((b,), FLUX_GUIDANCE, device=noisy.device, dtype=torch.float32)
+        out = self.main(hidden_states=packed, timestep=timesteps.to(noisy.device) / 1000, guidance=guidance,
+                        pooled_projections=cond["pooled_projections"], encoder_hidden_states=states, txt_ids=txt_ids,
+                        img_ids=img_ids, return_dict=False)[0]  # fmt: skip
+        vsf = self.pipe.vae_scale_factor  # _unpack_latents takes the image size in pixels
+        return FluxPipeline._unpack_latents(out, h * vsf, w * vsf, vsf)

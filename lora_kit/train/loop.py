@@ -13,6 +13,7 @@ import math
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -98,7 +99,7 @@ class Batcher:
             if cfg.noise_offset:  # per-channel offset: lets the model learn very dark / bright images
                 n = n + cfg.noise_offset * torch.randn(x0.shape[1], 1, 1, generator=g)
             noise.append(n)
-            timesteps.append(int(torch.randint(0, b.num_timesteps, (1,), generator=g)))
+            timesteps.append(b.sample_time(g))  # a DDPM timestep index, or a flow-matching sigma
         return {
             "x0": x0, "noise": torch.stack(noise), "timesteps": torch.tensor(timesteps), "captions": captions,
             "weights": objective.mask_weights(masks, tuple(x0.shape), cfg.mask_floor),
@@ -107,16 +108,34 @@ class Batcher:
 
 
 def per_sample_loss(cfg: TrainConfig, backbone: Backbone, batcher: Batcher, batch: dict) -> torch.Tensor:
-    ac = backbone.alphas_cumprod
-    noisy = objective.add_noise(batch["x0"], batch["noise"], batch["timesteps"], ac)
-    target = objective.target(batch["x0"], batch["noise"], batch["timesteps"], ac, backbone.prediction_type)
+    noisy, model_timesteps, target = backbone.noising(batch["x0"], batch["noise"], batch["timesteps"])
     cond = batcher.encode(batch["captions"])
-    pred = backbone.predict(noisy, batch["timesteps"], cond, batch["size"])
+    pred = backbone.predict(noisy, model_timesteps, cond, batch["size"])
     losses = objective.per_sample_mse(pred, target, batch["weights"])
-    if cfg.min_snr_gamma:
+    if cfg.min_snr_gamma:  # diffusion only: for_architecture refuses it with flow matching
+        ac = backbone.alphas_cumprod
         snr = objective.snr(batch["timesteps"], ac)
         losses = losses * objective.min_snr_weight(snr, cfg.min_snr_gamma, backbone.prediction_type)
     return losses
+
+
+def for_architecture(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
+    """The config this architecture trains with: SD3/FLUX take the `dit` preset where a UNet preset (kohya, locon)
+    was asked for, and refuse what does not apply to them (one clear error before anything is written)."""
+    arch = backbone.arch
+    if backbone.objective != "flow":
+        return cfg
+    if cfg.mode in ("textual-inversion", "pivotal"):
+        raise LoraKitError(f"mode {cfg.mode!r} is not supported for {arch} yet; {arch} trains in lora and dreambooth")
+    if cfg.min_snr_gamma:
+        raise LoraKitError(f"min_snr_gamma does not apply to {arch}: it trains with flow matching, which has no "
+                           "SNR weighting; leave min_snr_gamma unset")  # fmt: skip
+    if cfg.text_encoder_rank and arch == "flux":
+        raise LoraKitError("text_encoder_rank > 0 is not supported for flux yet; only its transformer trains")
+    if cfg.targets in ("kohya", "locon"):
+        print(f"{arch}: {cfg.targets!r} is a UNet preset; training the transformer with 'dit'", file=sys.stderr)
+        cfg = replace(cfg, targets="dit")
+    return cfg
 
 
 def _checkpoints(cfg: TrainConfig) -> list[Path]:
@@ -193,10 +212,13 @@ def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) 
     if cfg.batch_size % world:
         raise LoraKitError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
     examples, skipped = scan(cfg.data, cfg.instance_prompt)
-    pipe = pipe or open_pipeline(cfg.model)
+    # the frozen base in the training precision (a model saved in fp16 trains in fp32 unless asked otherwise)
+    base_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    pipe = pipe or open_pipeline(cfg.model, dtype=base_dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     backbone = Backbone(pipe, cfg.clip_skip)
+    cfg = for_architecture(cfg, backbone)
     prior_examples = class_examples(cfg, pipe, accelerator) if cfg.mode == "dreambooth" else []
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process and every rerun
     recipe = build(cfg, pipe)

@@ -2,7 +2,8 @@
 
 Diffusion (SD1/SD2/SDXL): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps; the target is eps ("epsilon") or
 v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 ("v_prediction"). Flow matching (SD3/FLUX): x_t = (1 - s) x_0 + s eps
-with the target eps - x_0.
+with the target eps - x_0 (the velocity), sigma s drawn logit-normal and shifted as the model's scheduler shifts it;
+the model sees the timestep s * num_train_timesteps. Min-SNR weights belong to diffusion only.
 """
 
 from __future__ import annotations
@@ -41,9 +42,26 @@ def min_snr_weight(snr_values: torch.Tensor, gamma: float, prediction_type: str)
     return clipped / (snr_values + 1 if prediction_type == "v_prediction" else snr_values)
 
 
+def flow_sigmas(n: int, generator: torch.Generator, shift: float = 1.0) -> torch.Tensor:
+    """n flow-matching sigmas: logit-normal(0, 1), i.e. sigmoid of a standard normal (SD3 paper section 3.1,
+    "rf/lognorm(0.00, 1.00)"; diffusers' SD3 trainer default, kohya's FLUX "sigmoid" sampling), then the scheduler's
+    static shift s' = shift * s / (1 + (shift - 1) * s) (SD3: 3.0; 1.0 leaves s unchanged). Continuous, not
+    snapped to the scheduler's 1000 discrete sigmas. Drawn from `generator` only, so a sample's sigma is a function
+    of its seed keys (exact resume, disjoint processes)."""
+    s = torch.sigmoid(torch.randn(n, generator=generator))
+    if shift != 1.0:
+        s = shift * s / (1 + (shift - 1) * s)
+    return s
+
+
 def flow_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     s = _expand(sigmas, x0)
     return (1 - s) * x0 + s * noise
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching target: the velocity d x_t / d s = noise - x0."""
+    return noise - x0
 
 
 def mask_weights(masks: list[torch.Tensor | None], shape: tuple[int, ...], floor: float) -> torch.Tensor | None:

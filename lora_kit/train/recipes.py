@@ -77,7 +77,7 @@ def build(cfg: TrainConfig, pipe) -> Recipe:
         recipe.groups.append({"params": ti_params, "lr": cfg.ti_lr, "weight_decay": 0.0})
         recipe.text_trains = True
     if cfg.mode != "textual-inversion":
-        main = pipe.unet
+        main = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
         inject_lora(main, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, name=ADAPTER, conv_rank=cfg.conv_rank,
                     conv_alpha=cfg.conv_alpha, dropout=cfg.dropout)  # fmt: skip
         unet_params = list(lora_parameters(main, ADAPTER))

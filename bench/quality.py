@@ -1,0 +1,209 @@
+"""Quality benchmark on the toy world: does each trainer learn the held-out subject without breaking the base?
+
+For each mode (lora, dreambooth, textual-inversion, pivotal) at one budget of steps, and for a peer row (the same
+LoRA training done the diffusers+peft way: peft adapters on the same layers, same steps, learning rate, data and
+noise schedule), the shipped judge reads generated samples:
+
+- fidelity: share of "a {tok} circle on a {bg} background" samples it reads as the sks subject;
+- prior: share of "a {colour} circle on a {bg} background" samples that stay a plain circle of that colour;
+- compose: share of "a {tok} circle on a green background" samples with a green background.
+
+Shares come with a 95% Wilson interval. The table is printed and written to bench/RESULTS.md.
+
+    python bench/quality.py --model lora_kit/assets/toyworld/model     # the shipped toy-world base
+    python bench/quality.py --quick                                     # a tiny random base, seconds (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "datasets" / "toyworld"))
+import generate  # noqa: E402
+import judge as judge_module  # noqa: E402
+
+MODES = ("lora", "dreambooth", "textual-inversion", "pivotal", "peft")
+BACKGROUNDS = [c for c in generate.COLOURS if c not in ("red", "white")]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def instance_data(folder: Path, n: int, word: str) -> Path:
+    """n images of the held-out subject, captioned with `word` in place of the generator's 'sks'."""
+    generate.write(folder, "subject", n, seed=7)
+    for txt in folder.glob("*.txt"):
+        txt.write_text(txt.read_text().replace(generate.SUBJECT["token"], word))
+    (folder / "labels.jsonl").unlink()
+    return folder
+
+
+def peer_train(model: str, data: Path, out: Path, steps: int, rank: int, lr: float, resolution: int) -> None:
+    """The diffusers+peft way: peft LoRA on the UNet's transformer-block linears, plain DDPM epsilon MSE, AdamW."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from lora_kit.inject import find_targets
+    from lora_kit.train.data import Plan, load, scan
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    targets = find_targets(pipe.unet, "kohya")  # the same layers lora_kit's default trains
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian"))
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    examples, _ = scan(data)
+    plan = Plan(examples, 1, resolution, 8, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        ex = examples[plan.batch(step)[0]]
+        pixels, _ = load(ex, plan.sizes[plan.batch(step)[0]], False)
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels[None]).latent_dist.sample(g) * pipe.vae.config.scaling_factor
+            ids = pipe.tokenizer([ex.caption], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids  # fmt: skip
+            cond = pipe.text_encoder(ids).last_hidden_state
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
+        pred = pipe.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    type(pipe).save_lora_weights(out.parent, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                 weight_name=out.name)  # fmt: skip
+
+
+def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, seed: int = 0) -> dict[str, tuple]:
+    """(hits, n) for fidelity, prior and compose."""
+    hits = {"fidelity": 0, "prior": 0, "compose": 0}
+    for i in range(n):
+        bg = BACKGROUNDS[i % len(BACKGROUNDS)]
+        colour = [c for c in generate.COLOURS if c != bg][i % 7]
+        prompts = {
+            "fidelity": f"a {token} circle on a {bg} background",
+            "prior": f"a {colour} circle on a {bg} background",
+            "compose": f"a {token} circle on a green background",
+        }
+        for name, prompt in prompts.items():
+            g = torch.Generator().manual_seed(seed + i)
+            image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g).images[0]
+            reading = judge.read([image])[0]
+            if name == "fidelity":
+                hits[name] += reading["kind"] == "subject"
+            elif name == "prior":
+                hits[name] += (
+                    reading["kind"] == "plain" and reading["colour"] == colour and reading["shape"] == "circle"
+                )
+            else:
+                hits[name] += reading["background"] == "green"
+    return {k: (v, n) for k, v in hits.items()}
+
+
+def run(model: str, modes, steps: int, samples: int, sample_steps: int, guidance: float, resolution: int,
+        work: Path, log=print) -> dict:  # fmt: skip
+    from diffusers import StableDiffusionPipeline
+
+    import lora_kit
+    from lora_kit.train.config import TrainConfig
+    from lora_kit.train.loop import train
+
+    judge = judge_module.load(ROOT / "lora_kit" / "assets" / "toyworld" / "judge.safetensors")
+    rows = {}
+    for mode in modes:
+        token = "<sks>" if mode in ("textual-inversion", "pivotal") else "sks"
+        data = instance_data(work / f"data-{mode}", 5, token)
+        out = work / f"{mode}.safetensors"
+        if mode == "peft":
+            peer_train(model, data, out, steps, 8, 1e-3, resolution)
+        else:
+            cfg = TrainConfig(model=model, data=str(data), output=str(out), mode=mode, steps=steps, rank=8,
+                              lr=1e-3, resolution=resolution, batch_size=1, token=token if "<" in token else None,
+                              init_token="circle", ti_steps=steps // 3 if mode == "pivotal" else 0,
+                              class_prompt="a circle on a blue background", num_class_images=10,
+                              validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
+            train(cfg)
+        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        if mode == "peft":
+            pipe.load_lora_weights(str(out))
+        else:
+            lora_kit.load(pipe, out)
+        rows[mode] = sample_scores(pipe, judge, token, samples, sample_steps, guidance)
+        log(f"{mode}: " + ", ".join(f"{k} {h}/{n}" for k, (h, n) in rows[mode].items()))
+    return rows
+
+
+def write_results(args, rows: dict, path: Path) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    header = "## bench/quality.py" + (" (quick)" if args.quick else "")
+    lines = [header, "",
+             f"`python bench/quality.py{' --quick' if args.quick else ''} --steps {args.steps} --samples "
+             f"{args.samples}` - {datetime.date.today()}, commit {commit.stdout.strip()}, "
+             f"{platform.machine()}, torch {torch.__version__}, model {args.label}", "",
+             "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
+    for mode, scores in rows.items():
+        cells = []
+        for name in ("fidelity", "prior", "compose"):
+            k, n = scores[name]
+            lo, hi = wilson(k, n)
+            cells.append(f"{k}/{n} = {k / n:.0%} [{lo:.0%}, {hi:.0%}]")
+        lines.append(f"| {'diffusers+peft (peer)' if mode == 'peft' else mode} | " + " | ".join(cells) + " |")
+    lines.append("")
+    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    if header in old:
+        head, _, rest = old.partition(header)
+        old = head + (rest[rest.find("\n## ") + 1 :] if "\n## " in rest else "")
+    path.write_text(old.rstrip() + "\n\n" + "\n".join(lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="toy-world base model folder")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--samples", type=int, default=48, help="samples per metric")
+    parser.add_argument("--sample-steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--quick", action="store_true", help="tiny random base, 2 steps, 1 sample (tests)")
+    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.quick:
+            import pretrain
+
+            args.model = str(pretrain.pretrain(work / "base", "tiny", "cpu", log=lambda _: None))
+            args.label = "a tiny random base (the numbers mean nothing; this checks the benchmark runs)"
+            args.steps, args.samples, args.sample_steps = 2, 1, 2
+        if args.model is None:
+            parser.error("--model is required (or --quick)")
+        args.label = getattr(args, "label", args.model)
+        rows = run(args.model, args.modes.split(","), args.steps, args.samples, args.sample_steps, args.guidance,
+                   64, work)  # fmt: skip
+    write_results(args, rows, Path(args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
