@@ -10,7 +10,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "api": ["load", "unload", "save", "collapse", "set_weights"],
+    "api": ["load", "unload", "save", "collapse", "set_weights", "fuse", "unfuse"],
+    "schedule": ["schedule", "unschedule"],
     "layers": ["LoraInjectedLinear", "LoraInjectedConv2d", "LoraAdapter"],
     "inject": [
         "inject_lora", "remove_lora", "collapse_lora", "set_weight", "tune_lora_scale", "enable_lora",
@@ -27,7 +28,9 @@ __all__ = sorted(_WHERE) + ["__version__"]
 
 def __getattr__(name: str):
     if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        module = importlib.import_module(f".{_WHERE[name]}", __name__)
+        # `schedule` is a submodule and its function: importing it made the package attribute the (callable) module
+        return module if _WHERE[name] == name else getattr(module, name)
     raise AttributeError(f"module 'lora_kit' has no attribute {name!r}")
 
 

@@ -1,20 +1,23 @@
-"""The Python API on a diffusers pipeline (or a bare UNet/transformer/text encoder): load, save, collapse, weights."""
+"""The Python API on a diffusers pipeline (or a bare UNet/transformer/text encoder): load, save, collapse, weights,
+step schedules, fused mode."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from torch import nn
 
 from . import embeddings, formats
+from . import schedule as schedules
 from .errors import LoraKitError
 from .formats import embeddings as ti_files
 from .inject import adapter_names, collapse_lora, lora_modules, remove_lora
 from .state import components, load_lora_state_dict, lora_state_dict
 
 BLOCKS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+FUSED = "_lora_kit_fused"  # on a component module: lora_kit.fuse was called, so adapters loaded later fuse too
 
 
 RECORD = "_lora_kit_tokens"  # on a pipeline: {name: {component: [tokenizer entries that load added]}}
@@ -74,7 +77,16 @@ def load(
     added = {c: embeddings.add_tokens(*pairs[c], tokens) for c, tokens in embeds.items()}
     if added:
         _records(target, create=True)[name] = added
+    _follow_changes(target)
     return name
+
+
+def _follow_changes(target) -> None:
+    """Adapters came or went: fused components fuse the new wrappers, schedules re-collect their adapters."""
+    for module in components(target).values():
+        if getattr(module, FUSED, False):
+            _set_fused(module, True)
+    schedules.refresh(target)
 
 
 def unload(target, name: str) -> None:
@@ -87,6 +99,7 @@ def unload(target, name: str) -> None:
     pairs = ti_files.encoders(target)
     for component, entries in _records(target).pop(name, {}).items():
         embeddings.remove_tokens(*pairs[component], entries)
+    _follow_changes(target)
 
 
 def save(
@@ -108,20 +121,40 @@ def save(
 
 def collapse(target, name: str | None = None) -> None:
     """Bake adapter `name` (every enabled adapter when None) at its weight into the base weights."""
+    scheduled = [n for n in schedules.scheduled_names(target) if name is None or n == name]
+    if scheduled:
+        raise LoraKitError(f"adapters {scheduled} have a step schedule, which cannot be baked in: unschedule first")
     for module in components(target).values():
         collapse_lora(module, name)
 
 
-def set_weights(target, weights: Mapping[str, float | Mapping[str, float]]) -> None:
-    """{name: w}: w is a float, {component: w} (e.g. {"unet": 1, "text_encoder": 0.5}), or a UNet block dict
-    {"down": w, "mid": w, "up": w} (every adapted module in those blocks, convs included)."""
+def set_weights(target, weights: Mapping[str, float | Mapping[str, float] | Sequence[float] | str]) -> None:
+    """Set the user weight of each named adapter. {name: w} where w is
+
+    - a float: every module of every component;
+    - a dict of components and/or UNet blocks: {"unet": 1.0, "text_encoder": 0.5} (A1111's te:unet pair), or
+      {"down": w, "mid": w, "up": w} (every adapted module in those blocks, convs included), or both at once;
+      components and blocks left out keep their weights;
+    - a kohya "LBW" block vector (a list, or a comma-separated string), as in sd-webui-lora-block-weight, which
+      sets every module: BASE (the text encoders), IN00.., M00, OUT00.. in SGM block numbering. Full layouts have
+      26 entries for SD1/SD2 and 20 for SDXL (BASE, IN00-IN11, M00, OUT00-OUT11 / BASE, IN00-IN08, M00,
+      OUT00-OUT08); the short 17 (SD1/SD2: BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03-OUT11) and 12
+      (SDXL: BASE, IN04, IN05, IN07, IN08, M00, OUT00-OUT05) name the attention blocks only, the others get 1, as
+      do modules outside every block (time embedding, conv_out). lora_kit.schedule.block_id maps a module path.
+    """
     comps = components(target)
     for name, w in weights.items():
         if name not in _names(target):
             raise LoraKitError(f"no adapter named {name!r}; loaded: {_names(target)}")
+        if isinstance(w, str | Sequence):
+            for component, paths in schedules.block_vector(comps, w).items():
+                for path, wrapper in lora_modules(comps[component]):
+                    if name in wrapper.adapters:
+                        wrapper.adapters[name].weight = paths[path]
+            continue
         spec = w if isinstance(w, Mapping) else {c: w for c in comps}
         for key, value in spec.items():
-            if key in BLOCKS:
+            if key in BLOCKS and "unet" in comps:
                 pairs = [(p, m) for p, m in lora_modules(comps["unet"]) if p.startswith(BLOCKS[key])]
             elif key in comps:
                 pairs = list(lora_modules(comps[key]))
@@ -132,3 +165,25 @@ def set_weights(target, weights: Mapping[str, float | Mapping[str, float]]) -> N
             for _, wrapper in pairs:
                 if name in wrapper.adapters:
                     wrapper.adapters[name].weight = float(value)
+
+
+def _set_fused(module: nn.Module, fused: bool) -> None:
+    for _, wrapper in lora_modules(module):
+        wrapper.fused = fused
+        wrapper.invalidate()
+    setattr(module, FUSED, fused)
+
+
+def fuse(target) -> None:
+    """Fused mode: each adapted layer runs its base op once on base weight + the weighted deltas, composed in fp32
+    and cached, recomposed only when a weight, schedule factor or tensor changes. The base weights are never
+    written, so `unfuse` (or unloading) gives back the base exactly. Costs one extra weight copy per adapted layer;
+    training (gradients to the adapters) always runs unfused."""
+    for module in components(target).values():
+        _set_fused(module, True)
+
+
+def unfuse(target) -> None:
+    """Back to the unfused forward (cheap weight changes); the composed weights are freed."""
+    for module in components(target).values():
+        _set_fused(module, False)

@@ -2,12 +2,24 @@
 
 A wrapper keeps the original module as `.base` (untouched, so removing the wrapper restores the exact object) and
 holds one or more named adapters in `.adapters`. Each adapter has `down`, `up`, a 0-d `alpha` buffer (scale =
-alpha / rank), dropout on its input (active in training mode only), a user `weight` and an `enabled` flag.
+alpha / rank), dropout on its input (active in training mode only), a user `weight`, a step-schedule `factor`
+(lora_kit.schedule sets it; the forward applies weight x factor) and an `enabled` flag.
 Adapter parameters are fp32 whatever the base dtype; the forward works under autocast and in plain fp16/bf16/fp32.
+
+Inference paths (all compute base(x) + sum weight * factor * scale * up(down(x)), up to rounding):
+- one active adapter: exactly that formula, as during training;
+- two or more: their downs concatenated along the rank and their ups (each times weight * factor * scale) likewise,
+  so one down/up pair runs whatever the number of adapters;
+- fused (`wrapper.fused`, set by lora_kit.fuse): base.weight + the deltas, composed once, through the base's op.
+The concatenated pair and the fused weight are cached and rebuilt when a weight, factor, enabled flag or tensor
+changes (tensor changes are seen through torch's in-place version counters and storage pointers: code that writes
+through `.data` must call `invalidate()`). Caches are used only when no gradient has to reach the adapters and no
+dropout is active; training always takes the per-adapter loop.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -15,6 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional
+
+_SERIALS = itertools.count()  # adapter identities that, unlike id(), are never reused within a process
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """(storage pointer, in-place version counter): changes when `t` is written in place or given new storage."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:  # a tensor created under inference_mode keeps no version counter
+        return t.data_ptr(), None
 
 
 class LoraAdapter(nn.Module):
@@ -35,7 +57,10 @@ class LoraAdapter(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha), device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.weight = 1.0  # the user's strength at inference: 0 = off, 1 = as trained
+        self.factor = 1.0  # the step schedule's multiplier at the current denoising step (1 when unscheduled)
         self.enabled = True
+        self.serial = next(_SERIALS)
+        self._scale: tuple[tuple, float] | None = None
 
     @property
     def rank(self) -> int:
@@ -43,7 +68,27 @@ class LoraAdapter(nn.Module):
 
     @property
     def scale(self) -> float:
-        return functional.lora_scale(self.alpha.item(), self.rank)
+        # alpha.item() would synchronise a GPU on every forward: keep the float until alpha itself changes
+        key = (tensor_key(self.alpha), self.rank)
+        if self._scale is None or self._scale[0] != key:
+            self._scale = (key, functional.lora_scale(self.alpha.item(), self.rank))
+        return self._scale[1]
+
+    @property
+    def effective_weight(self) -> float:
+        """What the forward multiplies this adapter's delta by (besides scale): weight x factor."""
+        return self.weight * self.factor
+
+    def state_key(self) -> tuple:
+        """Changes whenever this adapter's contribution can: its weights and the identity/version of its tensors."""
+        return (
+            self.serial,
+            self.weight,
+            self.factor,
+            tensor_key(self.down),
+            tensor_key(self.up),
+            tensor_key(self.alpha),
+        )
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha.item():g}, weight={self.weight:g}, enabled={self.enabled}"
@@ -58,12 +103,17 @@ class LoraWrapper(nn.Module):
         super().__init__()
         self.base = base
         self.adapters = nn.ModuleDict()
+        self.fused = False  # lora_kit.fuse: run the base op on a cached base + deltas weight
+        self._caches: dict[str, tuple[tuple, object]] = {}  # kind -> (key, tensors): see _cached
 
-    # The subclass says how its adapter factors are shaped and applied.
+    # The subclass says how its adapter factors are shaped and applied, and how the base op runs on another weight.
     def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError
 
-    def _apply_adapter(self, x: torch.Tensor, adapter: LoraAdapter) -> torch.Tensor:
+    def _apply_factors(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _base_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @property
@@ -88,23 +138,74 @@ class LoraWrapper(nn.Module):
         return adapter
 
     def delta_weight(self, name: str | None = None, *, with_weight: bool = True) -> torch.Tensor:
-        """fp32 delta of one adapter (or, with name=None, the sum of the enabled ones), shaped like base.weight."""
+        """fp32 delta of one adapter (or, with name=None, the sum of the enabled ones), shaped like base.weight;
+        with_weight applies what the forward applies: weight x factor."""
         names = [name] if name is not None else [n for n, a in self.adapters.items() if a.enabled]
         total = torch.zeros(self.base.weight.shape, dtype=torch.float32, device=self.base.weight.device)
         for n in names:
             a = self.adapters[n]
-            factor = a.scale * (a.weight if with_weight else 1.0)
+            factor = a.scale * (a.effective_weight if with_weight else 1.0)
             total += functional.delta(a.up.detach(), a.down.detach(), factor)
         return total
 
+    def invalidate(self) -> None:
+        """Drop the cached pair / fused weight (needed only after writing adapter tensors through `.data`)."""
+        self._caches.clear()
+
+    def _cacheable(self, active: list[LoraAdapter]) -> bool:
+        """Cached tensors are constants: fine unless a gradient must reach the adapters or dropout draws masks."""
+        if self.training and any(not isinstance(a.dropout, nn.Identity) for a in active):
+            return False
+        return not (torch.is_grad_enabled() and any(a.down.requires_grad or a.up.requires_grad for a in active))
+
+    def _cached(self, kind: str, key: tuple, build):
+        """build(), kept under `kind` until `key` changes."""
+        hit = self._caches.get(kind)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = self._caches[kind] = (key, build())
+        return hit[1]
+
+    def _fused_weight(self, active: list[LoraAdapter]) -> torch.Tensor:
+        w = self.base.weight
+        key = (*(a.state_key() for a in active), tensor_key(w), w.dtype)
+        return self._cached("fused", key, lambda: (w.float() + self.delta_weight()).to(w.dtype))
+
+    def _concatenated(self, active: list[LoraAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(downs stacked along the rank, ups side by side with each adapter's weight x factor x scale on its
+        columns). The raw stack is kept apart from the weighting, so a step schedule that changes the factors at
+        every step costs one small multiply per layer, not a rebuild."""
+        key = tuple((a.serial, tensor_key(a.down), tensor_key(a.up)) for a in active)
+
+        def stack():
+            return torch.cat([a.down for a in active]), torch.cat([a.up for a in active], dim=1)
+
+        down, up = self._cached("stack", key, stack)
+        factors = tuple(a.effective_weight * a.scale for a in active)
+
+        def weigh():
+            columns = [f for a, f in zip(active, factors, strict=True) for _ in range(a.rank)]
+            scales = torch.tensor(columns, dtype=up.dtype, device=up.device)
+            return up * scales.reshape(-1, *[1] * (up.dim() - 2))  # (out, R) or (out, R, 1, 1): scale column r
+
+        weighted = self._cached("weighted", (key, factors), weigh)
+        return down, weighted
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = [a for a in self.adapters.values() if a.enabled and a.weight != 0 and a.factor != 0]
+        if not active:
+            return self.base(x)
+        cacheable = self._cacheable(active)
+        if self.fused and cacheable:
+            return self._base_with(x, self._fused_weight(active))
         y = self.base(x)
-        for adapter in self.adapters.values():
-            if not adapter.enabled or adapter.weight == 0:
-                continue
+        if len(active) > 1 and cacheable:
+            down, up = self._concatenated(active)
+            return y + self._apply_factors(x.to(down.dtype), down, up).to(y.dtype)
+        for a in active:
             # fp32 adapters on a fp16/bf16 input: lift the input; under autocast the ops run in the autocast dtype.
-            h = self._apply_adapter(adapter.dropout(x).to(adapter.down.dtype), adapter)
-            y = y + (h * (adapter.weight * adapter.scale)).to(y.dtype)
+            h = self._apply_factors(a.dropout(x).to(a.down.dtype), a.down, a.up)
+            y = y + (h * (a.effective_weight * a.scale)).to(y.dtype)
         return y
 
 
@@ -119,8 +220,11 @@ class LoraInjectedLinear(LoraWrapper):
     def _factor_shapes(self, rank):
         return (rank, self.base.in_features), (self.base.out_features, rank)
 
-    def _apply_adapter(self, x, adapter):
-        return F.linear(F.linear(x, adapter.down), adapter.up)
+    def _apply_factors(self, x, down, up):
+        return F.linear(F.linear(x, down), up)
+
+    def _base_with(self, x, weight):
+        return F.linear(x, weight, self.base.bias)
 
 
 class LoraInjectedConv2d(LoraWrapper):
@@ -137,9 +241,12 @@ class LoraInjectedConv2d(LoraWrapper):
         b = self.base
         return (rank, b.in_channels, *b.kernel_size), (b.out_channels, rank, 1, 1)
 
-    def _apply_adapter(self, x, adapter):
+    def _apply_factors(self, x, down, up):
         # _conv_forward applies the base's padding mode, stride, padding and dilation to our weight.
-        return F.conv2d(self.base._conv_forward(x, adapter.down, None), adapter.up)
+        return F.conv2d(self.base._conv_forward(x, down, None), up)
+
+    def _base_with(self, x, weight):
+        return self.base._conv_forward(x, weight, self.base.bias)
 
 
 WRAPPERS: dict[type[nn.Module], type[LoraWrapper]] = {nn.Linear: LoraInjectedLinear, nn.Conv2d: LoraInjectedConv2d}

@@ -1,0 +1,215 @@
+"""Benchmark: the cost of LoRA adapters per denoising step, in one run: the base UNet, one and two unfused adapters
+(two run as one concatenated down/up pair per layer), two adapters through the per-adapter loop (what the forward
+did before concatenation, kept here for comparison), fused, and two step-scheduled adapters.
+
+Each configuration runs the same denoising loop (classifier-free guidance: batch 2, DDIM) and the script reports the
+median time per step and its ratio to the base step; `scheduled / 2 unfused` is the overhead of step schedules. The
+first step of every loop is timed apart: it builds the caches (the concatenated pairs, the fused weights).
+Targets (issue 6): two unfused adapters <= 1.05x the base step on a GPU, scheduling overhead <= 1%.
+
+    python bench/inference.py            # SD1.5-sized UNet from config (random weights), kohya-preset adapters of
+                                         # rank 32 and 16; latents 64x64 on a GPU, 32x32 on a CPU (--latent)
+    python bench/inference.py --quick    # the tiny SD1 pipeline of the test suite (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import lora_kit  # noqa: E402
+from lora_kit.inject import enable_lora, inject_lora, lora_modules, remove_lora  # noqa: E402
+from lora_kit.layers import LoraWrapper  # noqa: E402
+from lora_kit.state import load_lora_state_dict, lora_state_dict  # noqa: E402
+
+CONFIGS = ["base", "1 adapter", "2 adapters", "2 adapters, loop", "2 fused", "2 scheduled"]
+SCHEDULES = {"a": "0:1,1:0.2", "b": "0:0.3,1:1"}  # change at every step: the worst case for the caches
+
+
+class Pipe:
+    """The two pipeline parts a denoising loop needs (lora_kit.schedule reads `scheduler`)."""
+
+    def __init__(self, unet, scheduler):
+        self.unet, self.scheduler = unet, scheduler
+
+
+def build(args, device, dtype) -> tuple[Pipe, int, int]:
+    """(pipe, latent size, cross-attention width); adapters a (rank r) and b (rank r/2) with random factors."""
+    import diffusers
+
+    torch.manual_seed(args.seed)
+    if args.quick:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import build_pipeline
+
+        with tempfile.TemporaryDirectory() as folder:
+            unet = build_pipeline("sd1", folder).unet
+        latent, rank = unet.config.sample_size, 4
+    else:
+        cfg = json.loads((ROOT / "lora_kit" / "assets" / "configs" / "sd1.json").read_text())["unet"]
+        cfg.pop("class")
+        unet = diffusers.UNet2DConditionModel(**cfg)
+        latent, rank = args.latent or (64 if device.type == "cuda" else 32), args.rank
+    unet = (unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)).eval().requires_grad_(False)
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(args.seed)
+    for name, r in (("a", rank), ("b", max(1, rank // 2))):
+        inject_lora(unet, "kohya", rank=r, name=name)
+        for _, wrapper in lora_modules(unet):
+            ad = wrapper.adapters[name]
+            with torch.no_grad():
+                ad.up.copy_(torch.randn(ad.up.shape, generator=g) * 0.01)
+    return Pipe(unet, scheduler), latent, unet.config.cross_attention_dim
+
+
+@contextlib.contextmanager
+def configured(pipe: Pipe, config: str):
+    """Put the pipeline in one configuration for the duration of the block, then back to two unfused adapters."""
+    unet = pipe.unet
+    if config == "base":  # no wrappers at all
+        states = {n: lora_state_dict(pipe, n) for n in ("a", "b")}
+        remove_lora(unet)
+        yield
+        for name, state in states.items():
+            load_lora_state_dict(pipe, state, name=name)
+    elif config == "1 adapter":
+        enable_lora(unet, "b", False)
+        yield
+        enable_lora(unet, "b", True)
+    elif config == "2 adapters, loop":
+        original = LoraWrapper._cacheable
+        LoraWrapper._cacheable = lambda self, active: False  # the per-adapter loop, as training runs it
+        yield
+        LoraWrapper._cacheable = original
+    elif config == "2 fused":
+        lora_kit.fuse(pipe)
+        yield
+        lora_kit.unfuse(pipe)
+    elif config == "2 scheduled":
+        lora_kit.schedule(pipe, SCHEDULES)
+        yield
+        lora_kit.unschedule(pipe)
+    else:
+        yield
+
+
+def denoise(pipe: Pipe, latent: int, width: int, steps: int, seed: int, device, dtype) -> list[float]:
+    """A classifier-free-guidance loop; returns the wall time of every step (UNet forward + scheduler step)."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, latent, latent, generator=g).to(device, dtype)
+    context = torch.randn(2, 77, width, generator=g).to(device, dtype)
+    pipe.scheduler.set_timesteps(steps)
+    times = []
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            start = time.perf_counter()
+            noise = pipe.unet(torch.cat([latents] * 2), t, encoder_hidden_states=context).sample
+            uncond, cond = noise.chunk(2)
+            latents = pipe.scheduler.step(uncond + 7.5 * (cond - uncond), t, latents).prev_sample
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the tiny SD1 pipeline of the tests (seconds)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per loop, after the first (3; quick 4)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds over all configurations (1; quick 3)")
+    parser.add_argument("--latent", type=int, default=None, help="latent size (64 on a GPU, 32 on a CPU)")
+    parser.add_argument("--rank", type=int, default=32, help="rank of adapter a; b has half")
+    parser.add_argument("--device", default=None, help="cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (quick: 1, else torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    cut = argv.index("--results") if "--results" in argv else len(argv)
+    args.shown = argv[:cut] + argv[cut + 2 :]  # the command that reproduces the result, wherever it was written
+    steps = args.steps or (4 if args.quick else 3)
+    rounds = args.rounds or (3 if args.quick else 1)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads or args.quick:
+        # tiny layers gain nothing from more threads, and on a busy machine their barriers cost whole time slices
+        torch.set_num_threads(args.threads or 1)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe, latent, width = build(args, device, dtype)
+    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    firsts: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    for r in range(rounds):  # interleaved, so that a slow spell of the machine hits every configuration alike
+        for config in CONFIGS:
+            with configured(pipe, config):
+                warm, *rest = denoise(pipe, latent, width, steps + 1, args.seed + r, device, dtype)
+            firsts[config].append(warm)
+            times[config] += rest
+            print(f"round {r + 1}/{rounds} {config:>17}: first step {warm:.3f} s, then "
+                  f"{', '.join(f'{t:.3f}' for t in rest)} s", flush=True)  # fmt: skip
+    median = {c: statistics.median(ts) for c, ts in times.items()}
+    first = {c: statistics.median(ts) for c, ts in firsts.items()}
+    ratios = {c: median[c] / median["base"] for c in CONFIGS}
+    overhead = median["2 scheduled"] / median["2 adapters"]
+    for c in CONFIGS:
+        print(
+            f"{c:>17}: {median[c] * 1000:9.1f} ms/step  {ratios[c]:.3f}x base  (first step {first[c] * 1000:.1f} ms)"
+        )
+    print(f"scheduling overhead (2 scheduled / 2 adapters): {overhead:.3f}x")
+    write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first)
+    return 0
+
+
+def write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first) -> None:
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT)
+        commit = commit.stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    model = "tiny SD1 UNet (tests/conftest.py)" if args.quick else "SD1.5-sized UNet (random weights)"
+    command = " ".join(["python bench/inference.py", *args.shown])
+    lines = [
+        "## bench/inference.py" + (" (quick)" if args.quick else ""),
+        "",
+        f"`{command}` — {datetime.date.today()}, commit {commit}, {where}, torch {torch.__version__}, "
+        f"seed {args.seed}",
+        "",
+        f"{model}, {str(dtype).removeprefix('torch.')}, latents {latent}x{latent}, CFG batch 2, DDIM; kohya-preset "
+        f"adapters a (rank {4 if args.quick else args.rank}) and b (half); median of {steps} steps x {rounds} "
+        f"round(s) per configuration after each loop's first step, interleaved.",
+        "",
+        "| configuration | ms / step | x base | first step (ms) |",
+        "|---|---|---|---|",
+        *[f"| {c} | {median[c] * 1000:.1f} | {ratios[c]:.3f} | {first[c] * 1000:.1f} |" for c in CONFIGS],
+        "",
+        f"Two unfused adapters: **{ratios['2 adapters']:.3f}x** the base step (target on a GPU: <= 1.05x); "
+        f"scheduling overhead (2 scheduled / 2 unfused): **{overhead:.3f}x** (target <= 1.01x).",
+        "",
+    ]
+    path = Path(args.results)
+    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    marker = lines[0]
+    if marker + "\n" in old:  # replace this benchmark's section, keep the others
+        head, _, rest = old.partition(marker + "\n")
+        tail = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
+        old = head + tail
+    path.write_text(old.rstrip() + "\n\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Several adapters at inference: per-adapter / per-component / per-block weights against diffusers' set_adapters,
+step schedules read back from inside the UNet with a forward hook, LBW vectors against a hand-written table, the
+concatenated and fused forwards against the per-adapter formula."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_outputs_close, forward_text, main_model, pipeline_outputs, randomize_adapters
+from torch import nn
+
+import lora_kit
+from lora_kit import functional
+from lora_kit.errors import LoraKitError
+from lora_kit.inject import inject_lora, lora_modules
+from lora_kit.layers import LoraInjectedConv2d, LoraInjectedLinear
+
+
+def _save_lora(make_pipe, path, preset, rank, alpha, seed, te):
+    pipe = make_pipe("sd1")
+    inject_lora(pipe.unet, preset, rank=rank, alpha=alpha, conv_rank=2, conv_alpha=1.0)
+    if te:
+        inject_lora(pipe.text_encoder, "clip-attn", rank=2, alpha=3.0)
+    randomize_adapters(pipe, seed=seed)
+    return lora_kit.save(pipe, path)
+
+
+@pytest.fixture
+def two_files(make_pipe, tmp_path):
+    """a: UNet LoCon + text encoder; b: UNet attention blocks only (the `kohya` preset), other ranks and alpha."""
+    a = _save_lora(make_pipe, tmp_path / "a.safetensors", "locon", 4, 2.0, seed=1, te=True)
+    b = _save_lora(make_pipe, tmp_path / "b.safetensors", "kohya", 3, 1.0, seed=2, te=False)
+    return a, b
+
+
+def test_per_adapter_component_and_block_weights_equal_diffusers(make_pipe, two_files):
+    a, b = two_files
+    theirs, ours = make_pipe("sd1"), make_pipe("sd1")
+    for path in (a, b):
+        theirs.load_lora_weights(str(path), adapter_name=path.stem)
+        lora_kit.load(ours, path)
+    cases = [
+        ({"a": 0.7, "b": -0.4}, [0.7, -0.4]),
+        ({"a": {"unet": 0.8, "text_encoder": 0.3}, "b": 0.5}, [{"unet": 0.8, "text_encoder": 0.3}, 0.5]),
+        # diffusers scales blocks in their attention layers: b (attention blocks only) is where both agree
+        ({"a": 1.2, "b": {"down": 0.2, "mid": 1.5, "up": 0.6}}, [1.2, {"unet": {"down": 0.2, "mid": 1.5, "up": 0.6}}]),
+    ]
+    for ours_weights, their_weights in cases:
+        theirs.set_adapters(["a", "b"], their_weights)
+        lora_kit.set_weights(ours, ours_weights)
+        assert_outputs_close(pipeline_outputs(ours), pipeline_outputs(theirs), atol=1e-5)
+
+
+def test_text_encoder_strength_acts_only_on_the_text_encoder(make_pipe, two_files):
+    a, _ = two_files
+    base = pipeline_outputs(make_pipe("sd1"))
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe, a)
+    full = pipeline_outputs(pipe)
+    assert not torch.allclose(full["text_encoder"], base["text_encoder"], atol=1e-4)
+    lora_kit.set_weights(pipe, {"a": {"text_encoder": 0.0}})
+    out = pipeline_outputs(pipe)
+    assert torch.equal(out["text_encoder"], base["text_encoder"]) and torch.equal(out["main"], full["main"])
+    lora_kit.set_weights(pipe, {"a": {"unet": 0.0, "text_encoder": 1.0}})
+    out = pipeline_outputs(pipe)
+    assert torch.equal(out["main"], base["main"]) and torch.equal(out["text_encoder"], full["text_encoder"])
+
+
+# --- step schedules, through real pipeline calls --------------------------------------------------------------
+
+CALL = {"sd1": {}, "sdxl": {}, "sd3": {"height": 32, "width": 32}, "flux": {"height": 32, "width": 32}}
+PRESET = {"sd1": "locon", "sdxl": "kohya", "sd3": "dit", "flux": "dit"}
+
+
+def _two_adapters(pipe, arch):
+    inject_lora(main_model(pipe), PRESET[arch], rank=3, alpha=1.5, conv_rank=2, name="a")
+    inject_lora(main_model(pipe), "attn" if arch in ("sd1", "sdxl") else "dit", rank=2, alpha=4.0, name="b")
+    randomize_adapters(pipe, seed=7)
+
+
+def _denoise(pipe, arch, steps=3):
+    g = torch.Generator().manual_seed(0)
+    return pipe("a photo of a dog", num_inference_steps=steps, generator=g, output_type="latent", **CALL[arch]).images
+
+
+class SeenWeights:
+    """A forward hook on one adapted layer that solves, from the layer's input and output only, for the weights
+    the two adapters were applied with: y - base(x) = w_a * u_a + w_b * u_b, u = scale * up(down(x))."""
+
+    def __init__(self, wrapper):
+        self.wrapper, self.seen = wrapper, []
+        self.handle = wrapper.register_forward_hook(self)
+
+    def __call__(self, module, args, y):
+        x = args[0]
+        with torch.no_grad():
+            r = (y - module.base(x)).double().flatten()
+            units = []
+            for name in ("a", "b"):
+                ad = module.adapters[name]
+                unit = F.linear(F.linear(x, ad.down), ad.up) * (ad.alpha.item() / ad.down.shape[0])
+                units.append(unit.double().flatten())
+            u = torch.stack(units, 1)
+            self.seen.append(torch.linalg.lstsq(u, r[:, None]).solution.flatten().tolist())
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl", "sd3", "flux"])
+def test_the_model_sees_the_schedule_at_every_step(make_pipe, arch):
+    pipe = make_pipe(arch)
+    _two_adapters(pipe, arch)
+    lora_kit.set_weights(pipe, {"a": 0.5, "b": 2.0})
+    calls = []
+
+    def fn(progress, step, timestep):
+        calls.append((progress, step, timestep))
+        return 1.0 - 0.75 * progress
+
+    steps = 4
+    lora_kit.schedule(pipe, {"a": "0:1.0,0.4:0.6,1:0.0", "b": fn})
+    path, wrapper = next((p, w) for p, w in lora_modules(main_model(pipe)) if {"a", "b"} <= set(w.adapters))
+    hook = SeenWeights(wrapper)
+    _denoise(pipe, arch, steps)
+    hook.handle.remove()
+    assert len(hook.seen) == steps, path  # one model call per step: guidance doubles the batch, not the calls
+    progress = np.arange(steps) / (steps - 1)
+    expected_a = 0.5 * np.interp(progress, [0, 0.4, 1], [1.0, 0.6, 0.0])
+    expected_b = 2.0 * (1.0 - 0.75 * progress)
+    np.testing.assert_allclose(np.array(hook.seen), np.stack([expected_a, expected_b], 1), atol=1e-4)
+    timesteps = pipe.scheduler.timesteps.tolist()
+    assert [c[1] for c in calls] == list(range(steps)) and [c[2] for c in calls] == pytest.approx(timesteps)
+    # unscheduled, the layer sees the static weights again
+    lora_kit.unschedule(pipe)
+    hook = SeenWeights(wrapper)
+    _denoise(pipe, arch, 2)
+    np.testing.assert_allclose(np.array(hook.seen), [[0.5, 2.0]] * 2, atol=1e-4)
+
+
+def test_zero_schedule_is_the_base_and_constant_schedule_the_static_weight(make_pipe):
+    base = _denoise(make_pipe("sd1"), "sd1")
+    pipe = make_pipe("sd1")
+    _two_adapters(pipe, "sd1")
+    lora_kit.schedule(pipe, {"a": "0:0,1:0", "b": lambda p, s, t: 0.0})
+    assert torch.equal(_denoise(pipe, "sd1"), base)
+    lora_kit.unschedule(pipe)
+    lora_kit.set_weights(pipe, {"a": 0.3, "b": 0.8})
+    static = _denoise(pipe, "sd1")
+    assert not torch.allclose(static, base, atol=1e-3)
+    lora_kit.set_weights(pipe, {"a": 0.5, "b": 1.0})
+    lora_kit.schedule(pipe, {"a": "0:0.6", "b": lambda p, s, t: 0.8})  # 0.5 x 0.6 and 1 x 0.8
+    torch.testing.assert_close(_denoise(pipe, "sd1"), static, atol=1e-5, rtol=0)
+
+
+def test_schedule_follows_loads_and_unloads_and_refuses_bad_input(make_pipe, two_files):
+    a, b = two_files
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe, a)
+    with pytest.raises(LoraKitError, match="no adapter named 'b'"):
+        lora_kit.schedule(pipe, {"b": "0:1"})
+    for spec, message in [
+        ("0:1,x", "not PROGRESS:VALUE"),
+        ("0.5:1,0.2:0", "increase"),
+        ("0:1,1.5:0", "in \\[0, 1\\]"),
+    ]:
+        with pytest.raises(LoraKitError, match=message):
+            lora_kit.schedule(pipe, {"a": spec})
+    with pytest.raises(LoraKitError, match="diffusers pipeline"):
+        lora_kit.schedule(pipe.unet, {"a": "0:1"})
+    lora_kit.schedule(pipe, {"a": "0:0"})
+    with pytest.raises(LoraKitError, match="unschedule first"):
+        lora_kit.collapse(pipe)
+    lora_kit.load(pipe, b)
+    lora_kit.schedule(pipe, {"b": "0:0"})
+    _denoise(pipe, "sd1", 2)
+    factors = {n: {w.adapters[n].factor for _, w in lora_modules(pipe.unet) if n in w.adapters} for n in "ab"}
+    assert factors == {"a": {0.0}, "b": {0.0}}  # every module of both adapters
+    lora_kit.unload(pipe, "a")
+    assert lora_kit.schedule.scheduled_names(pipe) == ["b"]
+    lora_kit.unload(pipe, "b")
+    assert not hasattr(pipe.unet, lora_kit.schedule.HOOK) and not pipe.unet._forward_pre_hooks
+    assert str(lora_kit.schedule.parse("0:1.0, 0.4:0.6 ,1:0")) == "0:1,0.4:0.6,1:0"
+
+
+# --- fused mode ----------------------------------------------------------------------------------------------
+
+
+def test_fused_equals_unfused_recomposes_on_change_and_restores_the_base_exactly(make_pipe, two_files, monkeypatch):
+    a, b = two_files
+    pipe = make_pipe("sd1")
+    base_out = pipeline_outputs(pipe)
+    base_weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    lora_kit.load(pipe, a, weight=0.7)
+    lora_kit.load(pipe, b, weight=-0.5)
+    unfused = pipeline_outputs(pipe)
+    lora_kit.fuse(pipe)
+    assert_outputs_close(pipeline_outputs(pipe), unfused, atol=1e-5)
+    composed = []
+    real_delta = functional.delta
+    monkeypatch.setattr(functional, "delta", lambda *args: composed.append(1) or real_delta(*args))
+    pipeline_outputs(pipe)
+    assert not composed  # unchanged weights: the cached composition is reused
+    lora_kit.set_weights(pipe, {"b": 0.9})
+    fused = pipeline_outputs(pipe)
+    assert composed  # ... and recomposed after a weight change
+    lora_kit.unfuse(pipe)
+    assert_outputs_close(fused, pipeline_outputs(pipe), atol=1e-5)
+    assert all(torch.equal(w.base.weight, base_weights[f"{p}.weight"]) for p, w in lora_modules(pipe.unet))
+    lora_kit.fuse(pipe)
+    lora_kit.unload(pipe, "a")
+    lora_kit.unload(pipe, "b")
+    assert_outputs_close(pipeline_outputs(pipe), base_out, exact=True)
+    assert pipe.unet.state_dict().keys() == base_weights.keys()
+    assert all(torch.equal(v, base_weights[k]) for k, v in pipe.unet.state_dict().items())
+
+
+# --- the forward paths of one layer --------------------------------------------------------------------------
+
+
+def _layer(kind, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(12, 10) if kind == "linear" else nn.Conv2d(6, 8, 3, padding=1)
+    wrapper = (LoraInjectedLinear if kind == "linear" else LoraInjectedConv2d)(base)
+    for i, (name, rank, alpha, weight) in enumerate([("a", 3, 1.5, 0.7), ("b", 2, 4.0, -1.3), ("c", 4, 2.0, 0.4)]):
+        ad = wrapper.add_adapter(name, rank=rank, alpha=alpha)
+        g = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            ad.down.copy_(torch.randn(ad.down.shape, generator=g))
+            ad.up.copy_(torch.randn(ad.up.shape, generator=g))
+        ad.weight = weight
+    x = torch.randn(2, 5, 12) if kind == "linear" else torch.randn(2, 6, 7, 7)
+    return wrapper, x
+
+
+def _formula(wrapper, x):
+    """base(x) + sum weight * factor * alpha/rank * up(down(x)), one adapter at a time, written out."""
+    y = wrapper.base(x)
+    for ad in wrapper.adapters.values():
+        if ad.enabled:
+            if isinstance(wrapper, LoraInjectedLinear):
+                h = x @ ad.down.T @ ad.up.T
+            else:
+                b = wrapper.base
+                h = F.conv2d(F.conv2d(x, ad.down, padding=b.padding), ad.up)
+            y = y + h * (ad.weight * ad.factor * ad.alpha.item() / ad.down.shape[0])
+    return y
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_concatenated_forward_equals_the_per_adapter_loop_and_follows_changes(kind):
+    wrapper, x = _layer(kind)
+    with torch.no_grad():
+        expected = _formula(wrapper, x)
+    loop = wrapper(x)  # gradients wanted: the per-adapter loop
+    assert loop.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(loop, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(wrapper(x), loop, atol=1e-5, rtol=1e-5)  # concatenated ranks
+        # every kind of change reaches the cached pair
+        wrapper.adapters["b"].weight = 0.25
+        wrapper.adapters["c"].factor = 0.5
+        wrapper.adapters["a"].up.mul_(-2.0)
+        wrapper.adapters["b"].alpha.fill_(1.0)
+        torch.testing.assert_close(wrapper(x), _formula(wrapper, x), atol=1e-5, rtol=1e-5)
+        wrapper.adapters["c"].enabled = False
+        torch.testing.assert_close(wrapper(x), _formula(wrapper, x), atol=1e-5, rtol=1e-5)
+        wrapper.fused = True
+        torch.testing.assert_close(wrapper(x), _formula(wrapper, x), atol=1e-5, rtol=1e-5)
+        wrapper.adapters["a"].weight = 0.0
+        torch.testing.assert_close(wrapper(x), _formula(wrapper, x), atol=1e-5, rtol=1e-5)
+    # training in fused mode still reaches the adapters
+    wrapper(x).square().sum().backward()
+    assert wrapper.adapters["b"].up.grad is not None
+
+
+def test_single_adapter_path_is_unchanged_bit_for_bit():
+    wrapper, x = _layer("linear")
+    del wrapper.adapters["b"], wrapper.adapters["c"]
+    a = wrapper.adapters["a"]
+    with torch.no_grad():
+        expected = wrapper.base(x) + (F.linear(F.linear(x, a.down), a.up) * (a.weight * a.scale)).to(x.dtype)
+        assert torch.equal(wrapper(x), expected)
+
+
+# --- kohya LBW block vectors ---------------------------------------------------------------------------------
+
+# SD1.5's UNet, block by block, in SGM numbering (input_blocks / middle_block / output_blocks) as A1111 and kohya's
+# svd_merge_lora number them: written out by hand from the original checkpoint layout.
+SD15_BLOCKS = {
+    "conv_in": "IN00",
+    "down_blocks.0.resnets.0": "IN01", "down_blocks.0.attentions.0": "IN01",
+    "down_blocks.0.resnets.1": "IN02", "down_blocks.0.attentions.1": "IN02", "down_blocks.0.downsamplers": "IN03",
+    "down_blocks.1.resnets.0": "IN04", "down_blocks.1.attentions.0": "IN04",
+    "down_blocks.1.resnets.1": "IN05", "down_blocks.1.attentions.1": "IN05", "down_blocks.1.downsamplers": "IN06",
+    "down_blocks.2.resnets.0": "IN07", "down_blocks.2.attentions.0": "IN07",
+    "down_blocks.2.resnets.1": "IN08", "down_blocks.2.attentions.1": "IN08", "down_blocks.2.downsamplers": "IN09",
+    "down_blocks.3.resnets.0": "IN10", "down_blocks.3.resnets.1": "IN11",
+    "mid_block": "M00",
+    "up_blocks.0.resnets.0": "OUT00", "up_blocks.0.resnets.1": "OUT01", "up_blocks.0.resnets.2": "OUT02",
+    "up_blocks.0.upsamplers": "OUT02",
+    "up_blocks.1.resnets.0": "OUT03", "up_blocks.1.attentions.0": "OUT03",
+    "up_blocks.1.resnets.1": "OUT04", "up_blocks.1.attentions.1": "OUT04",
+    "up_blocks.1.resnets.2": "OUT05", "up_blocks.1.attentions.2": "OUT05", "up_blocks.1.upsamplers": "OUT05",
+    "up_blocks.2.resnets.0": "OUT06", "up_blocks.2.attentions.0": "OUT06",
+    "up_blocks.2.resnets.1": "OUT07", "up_blocks.2.attentions.1": "OUT07",
+    "up_blocks.2.resnets.2": "OUT08", "up_blocks.2.attentions.2": "OUT08", "up_blocks.2.upsamplers": "OUT08",
+    "up_blocks.3.resnets.0": "OUT09", "up_blocks.3.attentions.0": "OUT09",
+    "up_blocks.3.resnets.1": "OUT10", "up_blocks.3.attentions.1": "OUT10",
+    "up_blocks.3.resnets.2": "OUT11", "up_blocks.3.attentions.2": "OUT11",
+}  # fmt: skip
+# SDXL: three blocks of two layers; attention in down_blocks 1-2 and up_blocks 0-1
+SDXL_ATTENTION_BLOCKS = {
+    "down_blocks.1.attentions.0": "IN04", "down_blocks.1.attentions.1": "IN05",
+    "down_blocks.2.attentions.0": "IN07", "down_blocks.2.attentions.1": "IN08", "mid_block.attentions.0": "M00",
+    "up_blocks.0.attentions.0": "OUT00", "up_blocks.0.attentions.1": "OUT01", "up_blocks.0.attentions.2": "OUT02",
+    "up_blocks.1.attentions.0": "OUT03", "up_blocks.1.attentions.1": "OUT04", "up_blocks.1.attentions.2": "OUT05",
+}  # fmt: skip
+SD15_IDS = ["BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12))]
+SD15_SHORT = "BASE IN01 IN02 IN04 IN05 IN07 IN08 M00 OUT03 OUT04 OUT05 OUT06 OUT07 OUT08 OUT09 OUT10 OUT11".split()
+SDXL_SHORT = "BASE IN04 IN05 IN07 IN08 M00 OUT00 OUT01 OUT02 OUT03 OUT04 OUT05".split()
+
+
+def _unet(layout):
+    import diffusers
+
+    common = dict(sample_size=8, layers_per_block=2, norm_num_groups=8, attention_head_dim=8)
+    if layout == "sd1":
+        return diffusers.UNet2DConditionModel(
+            **common, block_out_channels=(8, 8, 16, 16), cross_attention_dim=16,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )  # fmt: skip
+    return diffusers.UNet2DConditionModel(
+        **common, block_out_channels=(8, 16, 16), cross_attention_dim=16, transformer_layers_per_block=(1, 1, 2),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+
+
+def _weights_by_path(unet, name="x"):
+    return {p: w.adapters[name].weight for p, w in lora_modules(unet)}
+
+
+def _expected(path, table, values):
+    block = next((b for prefix, b in table.items() if (path + ".").startswith(prefix + ".")), None)
+    return values.get(block, 1.0)
+
+
+def test_lbw_vectors_set_the_documented_blocks():
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=20, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=8))  # fmt: skip
+    unet = _unet("sd1")
+    every = [p for p, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]  # conv_in, conv_out too
+    inject_lora(unet, rank=2, name="x", paths=every)
+    inject_lora(te, "clip-attn", rank=2, name="x")
+    pipe = SimpleNamespace(unet=unet, text_encoder=te)
+    adapted = _weights_by_path(unet)
+    assert {p.split(".")[0] for p in adapted} >= {"conv_in", "down_blocks", "mid_block", "up_blocks", "conv_out"}
+    # the full 26-entry layout: entry i is 0.01 * (i + 1), every value distinct
+    values = {b: 0.01 * (i + 1) for i, b in enumerate(SD15_IDS)}
+    lora_kit.set_weights(pipe, {"x": [values[b] for b in SD15_IDS]})
+    assert _weights_by_path(unet) == {p: _expected(p, SD15_BLOCKS, values) for p in adapted}
+    assert {w.adapters["x"].weight for _, w in lora_modules(te)} == {values["BASE"]}
+    assert _weights_by_path(unet)["time_embedding.linear_1"] == 1.0 and _weights_by_path(unet)["conv_out"] == 1.0
+    # the short 17-entry layout (attention blocks), as the comma string A1111 users write
+    short = {b: 0.5 + 0.01 * i for i, b in enumerate(SD15_SHORT)}
+    lora_kit.set_weights(pipe, {"x": ",".join(str(short[b]) for b in SD15_SHORT)})
+    assert _weights_by_path(unet) == {p: _expected(p, SD15_BLOCKS, short) for p in adapted}
+    with pytest.raises(LoraKitError, match="26 entries .* or the short 17, got 5"):
+        lora_kit.set_weights(pipe, {"x": [1.0] * 5})
+
+    xl = _unet("sdxl")
+    inject_lora(xl, "kohya", rank=2, name="x")
+    values = {b: 0.1 * (i + 1) for i, b in enumerate(SDXL_SHORT)}
+    lora_kit.set_weights(SimpleNamespace(unet=xl), {"x": [values[b] for b in SDXL_SHORT]})
+    weights = _weights_by_path(xl)
+    assert weights and weights == {p: _expected(p, SDXL_ATTENTION_BLOCKS, values) for p in weights}
+    assert len(lora_kit.schedule.block_ids(xl)) == 20
+
+
+def test_lbw_vector_on_a_transformer_is_refused(make_pipe):
+    pipe = make_pipe("sd3")
+    inject_lora(pipe.transformer, "dit", rank=2, name="x")
+    with pytest.raises(LoraKitError, match="defined for UNets"):
+        lora_kit.set_weights(pipe, {"x": [1.0] * 12})
+
+
+def test_text_encoder_adapters_are_never_scheduled(make_pipe):
+    pipe = make_pipe("sd1")
+    inject_lora(pipe.unet, "attn", rank=2, name="x")
+    inject_lora(pipe.text_encoder, "clip-attn", rank=2, name="x")
+    randomize_adapters(pipe)
+    te_static = forward_text(pipe.text_encoder)
+    lora_kit.schedule(pipe, {"x": "0:0"})
+    _denoise(pipe, "sd1", 2)
+    assert torch.equal(forward_text(pipe.text_encoder), te_static)
+    assert {w.adapters["x"].factor for _, w in lora_modules(pipe.text_encoder)} == {1.0}
