@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _results  # noqa: E402
 from lora_kit import functional  # noqa: E402
 
 # (out, in, kernel, how many such layers SD1.5's UNet has): attention, cross-attention k/v, GEGLU ff, 3x3 resnet convs
@@ -90,10 +90,7 @@ def main(argv=None) -> int:
 
 
 def write_results(args, rank, rows, speed, err_ratio, t_classic, t_ours) -> None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = _results.commit()
     lines = [
         "## bench/extract.py" + (" (quick)" if args.quick else ""),
         "",
@@ -109,14 +106,7 @@ def write_results(args, rank, rows, speed, err_ratio, t_classic, t_ours) -> None
         f"**{speed:.1f}x faster**, error ratio **{err_ratio:.4f}** (target: >= 5x at <= 1.01x).",
         "",
     ]
-    path = Path(args.results)
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    marker = lines[0]
-    if marker in old:  # replace this benchmark's section, keep the others
-        head, _, rest = old.partition(marker)
-        tail = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
-        old = head + tail
-    path.write_text(old.rstrip() + "\n\n" + "\n".join(lines))
+    _results.write_section(args.results, lines)
 
 
 if __name__ == "__main__":

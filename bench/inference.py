@@ -1,5 +1,6 @@
 """Benchmark: the cost of LoRA adapters per denoising step, in one run: the base UNet, one and two unfused adapters
-(two run as one concatenated down/up pair per layer), two adapters through the per-adapter loop (what the forward
+(two run as one concatenated down/up pair per layer), the same two adapters as peft layers switched on with
+diffusers' set_adapters (the peer), two adapters through the per-adapter loop (what the forward
 did before concatenation, kept here for comparison), fused, and two step-scheduled adapters.
 
 Each configuration runs the same denoising loop (classifier-free guidance: batch 2, DDIM) and the script reports the
@@ -20,7 +21,6 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,11 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import lora_kit  # noqa: E402
+from bench import _results  # noqa: E402
 from lora_kit.inject import enable_lora, inject_lora, lora_modules, remove_lora  # noqa: E402
 from lora_kit.layers import LoraWrapper  # noqa: E402
 from lora_kit.state import load_lora_state_dict, lora_state_dict  # noqa: E402
 
-CONFIGS = ["base", "1 adapter", "2 adapters", "2 adapters, loop", "2 fused", "2 scheduled"]
+CONFIGS = ["base", "1 adapter", "2 adapters", "2 adapters, loop", "2 fused", "2 scheduled", "2 diffusers+peft"]
 SCHEDULES = {"a": "0:1,1:0.2", "b": "0:0.3,1:1"}  # change at every step: the worst case for the caches
 
 
@@ -44,6 +45,7 @@ class Pipe:
 
     def __init__(self, unet, scheduler):
         self.unet, self.scheduler = unet, scheduler
+        self.ranks: dict[str, int] = {}
 
 
 def build(args, device, dtype) -> tuple[Pipe, int, int]:
@@ -66,13 +68,15 @@ def build(args, device, dtype) -> tuple[Pipe, int, int]:
     unet = (unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)).eval().requires_grad_(False)
     scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     g = torch.Generator().manual_seed(args.seed)
-    for name, r in (("a", rank), ("b", max(1, rank // 2))):
+    pipe = Pipe(unet, scheduler)
+    pipe.ranks = {"a": rank, "b": max(1, rank // 2)}
+    for name, r in pipe.ranks.items():
         inject_lora(unet, "kohya", rank=r, name=name)
         for _, wrapper in lora_modules(unet):
             ad = wrapper.adapters[name]
             with torch.no_grad():
                 ad.up.copy_(torch.randn(ad.up.shape, generator=g) * 0.01)
-    return Pipe(unet, scheduler), latent, unet.config.cross_attention_dim
+    return pipe, latent, unet.config.cross_attention_dim
 
 
 @contextlib.contextmanager
@@ -98,6 +102,19 @@ def configured(pipe: Pipe, config: str):
         lora_kit.fuse(pipe)
         yield
         lora_kit.unfuse(pipe)
+    elif config == "2 diffusers+peft":  # the peer: the same layers and ranks as peft adapters, set_adapters
+        from peft import LoraConfig
+
+        states = {n: lora_state_dict(pipe, n) for n in ("a", "b")}
+        paths = [path for path, _ in lora_modules(unet)]
+        remove_lora(unet)
+        for name, r in pipe.ranks.items():
+            unet.add_adapter(LoraConfig(r=r, lora_alpha=r, target_modules=paths), adapter_name=name)
+        unet.set_adapters(list(pipe.ranks), [1.0, 0.7])
+        yield
+        unet.unload_lora()
+        for name, state in states.items():
+            load_lora_state_dict(pipe, state, name=name)
     elif config == "2 scheduled":
         lora_kit.schedule(pipe, SCHEDULES)
         yield
@@ -167,16 +184,13 @@ def main(argv=None) -> int:
             f"{c:>17}: {median[c] * 1000:9.1f} ms/step  {ratios[c]:.3f}x base  (first step {first[c] * 1000:.1f} ms)"
         )
     print(f"scheduling overhead (2 scheduled / 2 adapters): {overhead:.3f}x")
+    print(f"lora_kit / diffusers+peft, two adapters: {median['2 adapters'] / median['2 diffusers+peft']:.3f}x")
     write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first)
     return 0
 
 
 def write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first) -> None:
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT)
-        commit = commit.stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = _results.commit()
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
@@ -198,17 +212,11 @@ def write_results(args, steps, rounds, latent, device, dtype, median, ratios, ov
         *[f"| {c} | {median[c] * 1000:.1f} | {ratios[c]:.3f} | {first[c] * 1000:.1f} |" for c in CONFIGS],
         "",
         f"Two unfused adapters: **{ratios['2 adapters']:.3f}x** the base step (target on a GPU: <= 1.05x); "
-        f"scheduling overhead (2 scheduled / 2 unfused): **{overhead:.3f}x** (target <= 1.01x).",
+        f"scheduling overhead (2 scheduled / 2 unfused): **{overhead:.3f}x** (target <= 1.01x); two unfused "
+        f"adapters / the same two in diffusers+peft: **{median['2 adapters'] / median['2 diffusers+peft']:.3f}x**.",
         "",
     ]
-    path = Path(args.results)
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    marker = lines[0]
-    if marker + "\n" in old:  # replace this benchmark's section, keep the others
-        head, _, rest = old.partition(marker + "\n")
-        tail = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
-        old = head + tail
-    path.write_text(old.rstrip() + "\n\n" + "\n".join(lines))
+    _results.write_section(args.results, lines)
 
 
 if __name__ == "__main__":

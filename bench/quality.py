@@ -20,7 +20,6 @@ import argparse
 import datetime
 import math
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "datasets" / "toyworld"))
 import generate  # noqa: E402
 import judge as judge_module  # noqa: E402
+
+from bench import _results  # noqa: E402
 
 MODES = ("lora", "dreambooth", "textual-inversion", "pivotal", "peft")
 BACKGROUNDS = [c for c in generate.COLOURS if c not in ("red", "white")]
@@ -155,11 +156,10 @@ def run(model: str, modes, steps: int, samples: int, sample_steps: int, guidance
 
 
 def write_results(args, rows: dict, path: Path) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     header = "## bench/quality.py" + (" (quick)" if args.quick else "")
     lines = [header, "",
              f"`python bench/quality.py{' --quick' if args.quick else ''} --steps {args.steps} --samples "
-             f"{args.samples}` - {datetime.date.today()}, commit {commit.stdout.strip()}, "
+             f"{args.samples}` - {datetime.date.today()}, commit {_results.commit()}, "
              f"{platform.machine()}, torch {torch.__version__}, model {args.label}", "",
              "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
     for mode, scores in rows.items():
@@ -170,11 +170,7 @@ def write_results(args, rows: dict, path: Path) -> None:
             cells.append(f"{k}/{n} = {k / n:.0%} [{lo:.0%}, {hi:.0%}]")
         lines.append(f"| {'diffusers+peft (peer)' if mode == 'peft' else mode} | " + " | ".join(cells) + " |")
     lines.append("")
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if header in old:
-        head, _, rest = old.partition(header)
-        old = head + (rest[rest.find("\n## ") + 1 :] if "\n## " in rest else "")
-    path.write_text(old.rstrip() + "\n\n" + "\n".join(lines))
+    _results.write_section(path, lines)
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,9 @@ from ._common import CONTEXT, friendly_errors
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--model", required=True, help="Base model: a diffusers folder or a hub id.")
+@click.option(
+    "--model", required=True, help="Base model: a diffusers folder, a hub id, or toy (the shipped toy world)."
+)
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:WEIGHT][@SCHEDULE]",
               help="A LoRA (repeatable), optionally at a weight (default 1) and with a step schedule: "
                    "style.safetensors:0.8@0:1,0.5:0.2 fades the style from 0.8 to 0.16 by mid-denoising and keeps "
@@ -21,11 +23,16 @@ from ._common import CONTEXT, friendly_errors
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first image; image i uses seed+i.")
 @click.option("--size", default=None, help="512 or WIDTHxHEIGHT such as 768x512 (default: the model's size).")
 @click.option("-n", "count", type=click.IntRange(min=1), default=1, show_default=True, help="Number of images.")
+@click.option(
+    "--compare",
+    is_flag=True,
+    help="Also render every seed without the LoRAs and write compare.png: before (top) and after (bottom).",
+)
 @click.option("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the PNGs and grid.png.")
 @click.option("--force", is_flag=True, help="Write into OUTPUT even if it is not empty.")
 @friendly_errors
-def main(model, loras, prompt, negative_prompt, steps, guidance, seed, size, count, device, output, force):
+def main(model, loras, prompt, negative_prompt, steps, guidance, seed, size, count, compare, device, output, force):
     """Generate images with LoRAs: `lora-generate --model M --lora subject.safetensors:0.9 --lora
     style.safetensors:0.7@0:1,0.6:0 --prompt "..." -n 4 -o out/` writes out/000-seed0.png ... and out/grid.png,
     each PNG carrying the prompt, seed, settings, adapters, weights and schedules in its text metadata."""
@@ -42,14 +49,16 @@ def main(model, loras, prompt, negative_prompt, steps, guidance, seed, size, cou
     from lora_kit.models import open_pipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = open_pipeline(model, torch.float16 if device.startswith("cuda") else None)
-    loaded = gen.apply_loras(pipe, specs)
+    pipe = open_pipeline(model, torch.float16 if device.startswith("cuda") else torch.float32)
     pipe.to(device)
-    total = count * (steps or gen.pipeline_default(pipe, "num_inference_steps"))
+    total = count * (steps or gen.pipeline_default(pipe, "num_inference_steps")) * (2 if compare else 1)
     with tqdm(total=total, desc="denoising", unit="step", leave=False) as bar:
+        before = gen.generate(pipe, settings, [], on_step=lambda: bar.update(1)) if compare else None
+        loaded = gen.apply_loras(pipe, specs)
+        pipe.to(device)
         results = gen.generate(pipe, settings, loaded, on_step=lambda: bar.update(1))
-    paths = gen.write(results, folder, seed)
-    click.echo(f"wrote {len(paths) - 1} image(s) and {paths[-1]}")
+    paths = gen.write(results, folder, seed, before=before)
+    click.echo(f"wrote {count} image(s) and " + " and ".join(str(p) for p in paths[count:]))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ _EXPORTS = {
     "state": ["lora_state_dict", "load_lora_state_dict"],
     "errors": ["LoraKitError"],
     "tools": ["merge", "resize", "extract", "convert", "inspect"],
+    "models": ["open_pipeline", "toy_model"],
 }  # fmt: skip
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE) + ["__version__"]

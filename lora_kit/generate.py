@@ -156,8 +156,9 @@ def check_output(folder: str | os.PathLike, force: bool) -> Path:
     return out
 
 
-def write(results, folder: Path, seed: int) -> list[Path]:
-    """Each image as NNN-seedS.png, then grid.png (row-major, about square); every file written atomically."""
+def write(results, folder: Path, seed: int, before=None) -> list[Path]:
+    """Each image as NNN-seedS.png, then grid.png (row-major, about square) and, given the same seeds rendered
+    without the LoRAs (`before`), compare.png: before on the top row, after below. Every file is written atomically."""
     from .train.callbacks import grid
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -166,6 +167,9 @@ def write(results, folder: Path, seed: int) -> list[Path]:
         paths.append(_save(image, folder / f"{i:03d}-seed{seed + i}.png", info))
     columns = math.ceil(math.sqrt(len(results)))
     paths.append(_save(grid([image for image, _ in results], columns=columns), folder / "grid.png", results[0][1]))
+    if before is not None:
+        images = [image for image, _ in before] + [image for image, _ in results]
+        paths.append(_save(grid(images, columns=len(results)), folder / "compare.png", results[0][1]))
     return paths
 
 

@@ -33,12 +33,27 @@ def architecture(comps: dict[str, nn.Module]) -> str:
     return "sd1"
 
 
+TOY = "toy"  # --model toy: the toy-world base model shipped in lora_kit/assets/toyworld/model
+
+
+def toy_model() -> str:
+    """The folder of the shipped toy-world base model (an SD 1.x pipeline trained by datasets/toyworld/pretrain.py)."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "assets" / "toyworld" / "model")
+
+
 def open_pipeline(spec: str, dtype=None):
-    """A diffusers pipeline from a local folder or a hub id (the same code path); one clear error otherwise."""
+    """A diffusers pipeline from a local folder or a hub id (the same code path), or `toy` for the shipped toy-world
+    model; one clear error otherwise."""
     from pathlib import Path
 
     from .errors import LoraKitError
 
+    if spec == TOY:
+        spec = toy_model()
+        if not Path(spec, "model_index.json").is_file():
+            raise LoraKitError(f"toy: the toy-world model is missing from this install ({spec})")
     path = Path(spec)
     if path.is_file():
         raise LoraKitError(f"{spec}: single-file checkpoints are not opened yet; pass a diffusers pipeline folder")

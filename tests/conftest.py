@@ -210,6 +210,26 @@ def randomize_adapters(target, seed: int = 0, std: float = 0.2) -> None:
                 down.copy_(torch.randn(down.shape, generator=g) * std)
 
 
+@pytest.fixture
+def two_loras(make_pipe, tmp_path):
+    """Two SD1 LoRA files on other modules and ranks: a = UNet LoCon (rank 4, alpha 2) + text-encoder attention;
+    b = the UNet's `kohya` preset only (rank 3, alpha 1). Random non-zero factors."""
+    import lora_kit
+    from lora_kit.inject import inject_lora
+
+    def save(path, preset, rank, alpha, seed, te):
+        pipe = make_pipe("sd1")
+        inject_lora(pipe.unet, preset, rank=rank, alpha=alpha, conv_rank=2, conv_alpha=1.0)
+        if te:
+            inject_lora(pipe.text_encoder, "clip-attn", rank=2, alpha=3.0)
+        randomize_adapters(pipe, seed=seed)
+        return lora_kit.save(pipe, path)
+
+    a = save(tmp_path / "a.safetensors", "locon", 4, 2.0, seed=1, te=True)
+    b = save(tmp_path / "b.safetensors", "kohya", 3, 1.0, seed=2, te=False)
+    return a, b
+
+
 def main_model(pipe):
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 

@@ -6,11 +6,17 @@ from pathlib import Path
 import pytest
 
 
-def test_extract_bench_quick(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "bench" / "extract.py"
-    spec = importlib.util.spec_from_file_location("bench_extract", path)
+def load(name: str):
+    """bench/<name>.py as a module (the benchmarks are scripts, not package modules)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_extract_bench_quick(tmp_path):
+    bench = load("extract")
     results = tmp_path / "RESULTS.md"
     assert bench.main(["--quick", "--results", str(results)]) == 0
     text = results.read_text()
@@ -23,13 +29,27 @@ def test_extract_bench_quick(tmp_path):
 @pytest.mark.slow
 def test_quality_bench_quick(tmp_path):
     """Every mode and the diffusers+peft peer row train, sample and get judged on a tiny base."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
-    spec = importlib.util.spec_from_file_location("bench_quality", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load("quality")
     results = tmp_path / "RESULTS.md"
     assert bench.main(["--quick", "--results", str(results)]) == 0
     text = results.read_text()
     for row in ("| lora |", "| dreambooth |", "| textual-inversion |", "| pivotal |", "| diffusers+peft (peer) |"):
         assert row in text
     assert bench.wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)  # the Wilson upper bound for 0/10
+
+
+def test_inference_bench_quick(tmp_path):
+    bench = load("inference")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## bench/inference.py\n\nthe full run's section stays\n")
+    assert bench.main(["--quick", "--steps", "2", "--rounds", "1", "--results", str(results)]) == 0
+    text = results.read_text()
+    section = text[text.index("## bench/inference.py (quick)") :]
+    for config in bench.CONFIGS:
+        assert f"| {config} |" in section
+    assert "`python bench/inference.py --quick --steps 2 --rounds 1`" in section and "scheduling overhead" in section
+    assert "diffusers+peft" in section
+    assert "the full run's section stays" in text
+    # a second run replaces its own section instead of appending a copy
+    assert bench.main(["--quick", "--steps", "2", "--rounds", "1", "--results", str(results)]) == 0
+    assert results.read_text().count("## bench/inference.py (quick)") == 1

@@ -70,6 +70,38 @@ def test_writes_pngs_with_metadata_and_a_grid_equal_to_the_python_api(model_and_
     assert np.array_equal(np.asarray(image), np.asarray(first.convert("RGB")))
 
 
+def test_compare_puts_the_base_above_the_lora_for_the_same_seeds(model_and_loras, tmp_path):
+    model, (subject, _) = model_and_loras
+    out, base_out = tmp_path / "out", tmp_path / "base"
+    common = [
+        "--model",
+        model,
+        "--prompt",
+        "a photo of a dog",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--size",
+        "32",
+        "-n",
+        "2",
+    ]
+    result = CliRunner().invoke(generate.main, [str(a) for a in [*common, "--lora", subject, "--compare", "-o", out]])
+    assert result.exit_code == 0, result.output
+    assert (out / "compare.png").exists() and "compare.png" in result.output
+    base = CliRunner().invoke(generate.main, [str(a) for a in [*common, "-o", base_out]])
+    assert base.exit_code == 0, base.output
+    compare = np.asarray(Image.open(out / "compare.png").convert("RGB"))
+    assert compare.shape == (64, 64, 3)  # 2 seeds: before on the top row, after below
+    for i in range(2):
+        before = np.asarray(Image.open(base_out / f"00{i}-seed{3 + i}.png").convert("RGB"))
+        after = np.asarray(Image.open(out / f"00{i}-seed{3 + i}.png").convert("RGB"))
+        assert np.array_equal(compare[:32, 32 * i : 32 * (i + 1)], before)
+        assert np.array_equal(compare[32:, 32 * i : 32 * (i + 1)], after)
+        assert not np.array_equal(before, after)
+
+
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(model_and_loras, tmp_path):
     model, (subject, _) = model_and_loras
     xl = tmp_path / "xl.safetensors"

@@ -24,22 +24,6 @@ def sd1_folder(tmp_path_factory):
     return folder / "model"
 
 
-def _make_lora(make_pipe, path, preset, rank, alpha, seed, te=True):
-    pipe = make_pipe("sd1")
-    inject_lora(pipe.unet, preset, rank=rank, alpha=alpha, conv_rank=2, conv_alpha=1.0)
-    if te:
-        inject_lora(pipe.text_encoder, "clip-attn", rank=2, alpha=3.0)
-    randomize_adapters(pipe, seed=seed)
-    return lora_kit.save(pipe, path)
-
-
-@pytest.fixture
-def two_loras(make_pipe, tmp_path):
-    a = _make_lora(make_pipe, tmp_path / "a.safetensors", "locon", 4, 2.0, seed=1)
-    b = _make_lora(make_pipe, tmp_path / "b.safetensors", "kohya", 3, 1.0, seed=2, te=False)  # other modules/ranks
-    return a, b
-
-
 def _run(cmd, args):
     result = CliRunner().invoke(cmd.main, [str(a) for a in args])
     return result

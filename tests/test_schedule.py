@@ -16,25 +16,8 @@ from lora_kit.inject import inject_lora, lora_modules
 from lora_kit.layers import LoraInjectedConv2d, LoraInjectedLinear
 
 
-def _save_lora(make_pipe, path, preset, rank, alpha, seed, te):
-    pipe = make_pipe("sd1")
-    inject_lora(pipe.unet, preset, rank=rank, alpha=alpha, conv_rank=2, conv_alpha=1.0)
-    if te:
-        inject_lora(pipe.text_encoder, "clip-attn", rank=2, alpha=3.0)
-    randomize_adapters(pipe, seed=seed)
-    return lora_kit.save(pipe, path)
-
-
-@pytest.fixture
-def two_files(make_pipe, tmp_path):
-    """a: UNet LoCon + text encoder; b: UNet attention blocks only (the `kohya` preset), other ranks and alpha."""
-    a = _save_lora(make_pipe, tmp_path / "a.safetensors", "locon", 4, 2.0, seed=1, te=True)
-    b = _save_lora(make_pipe, tmp_path / "b.safetensors", "kohya", 3, 1.0, seed=2, te=False)
-    return a, b
-
-
-def test_per_adapter_component_and_block_weights_equal_diffusers(make_pipe, two_files):
-    a, b = two_files
+def test_per_adapter_component_and_block_weights_equal_diffusers(make_pipe, two_loras):
+    a, b = two_loras
     theirs, ours = make_pipe("sd1"), make_pipe("sd1")
     for path in (a, b):
         theirs.load_lora_weights(str(path), adapter_name=path.stem)
@@ -51,8 +34,8 @@ def test_per_adapter_component_and_block_weights_equal_diffusers(make_pipe, two_
         assert_outputs_close(pipeline_outputs(ours), pipeline_outputs(theirs), atol=1e-5)
 
 
-def test_text_encoder_strength_acts_only_on_the_text_encoder(make_pipe, two_files):
-    a, _ = two_files
+def test_text_encoder_strength_acts_only_on_the_text_encoder(make_pipe, two_loras):
+    a, _ = two_loras
     base = pipeline_outputs(make_pipe("sd1"))
     pipe = make_pipe("sd1")
     lora_kit.load(pipe, a)
@@ -150,8 +133,8 @@ def test_zero_schedule_is_the_base_and_constant_schedule_the_static_weight(make_
     torch.testing.assert_close(_denoise(pipe, "sd1"), static, atol=1e-5, rtol=0)
 
 
-def test_schedule_follows_loads_and_unloads_and_refuses_bad_input(make_pipe, two_files):
-    a, b = two_files
+def test_schedule_follows_loads_and_unloads_and_refuses_bad_input(make_pipe, two_loras):
+    a, b = two_loras
     pipe = make_pipe("sd1")
     lora_kit.load(pipe, a)
     with pytest.raises(LoraKitError, match="no adapter named 'b'"):
@@ -183,8 +166,8 @@ def test_schedule_follows_loads_and_unloads_and_refuses_bad_input(make_pipe, two
 # --- fused mode ----------------------------------------------------------------------------------------------
 
 
-def test_fused_equals_unfused_recomposes_on_change_and_restores_the_base_exactly(make_pipe, two_files, monkeypatch):
-    a, b = two_files
+def test_fused_equals_unfused_recomposes_on_change_and_restores_the_base_exactly(make_pipe, two_loras, monkeypatch):
+    a, b = two_loras
     pipe = make_pipe("sd1")
     base_out = pipeline_outputs(pipe)
     base_weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}

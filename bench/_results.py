@@ -1,0 +1,30 @@
+"""What every benchmark writes into bench/RESULTS.md: its own section (headed by its first line), replaced on each
+run, the other sections kept."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    """The checkout's commit, marked -dirty when the working tree has changes ('unknown' outside git)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def write_section(path: str | Path, lines: list[str]) -> None:
+    """Put `lines` (lines[0] is the '## ...' heading) into the results file in place of the section with that exact
+    heading, or at the end."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    marker = lines[0] + "\n"
+    if marker in old:
+        head, _, rest = old.partition(marker)
+        old = head + (rest[rest.find("\n## ") + 1 :] if "\n## " in rest else "")
+    path.write_text(old.rstrip() + "\n\n" + "\n".join(lines).rstrip() + "\n")
