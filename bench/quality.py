@@ -10,7 +10,7 @@ noise schedule), the shipped judge reads generated samples:
 
 Shares come with a 95% Wilson interval. The table is printed and written to bench/RESULTS.md.
 
-    python bench/quality.py --model lora_kit/assets/toyworld/model     # the shipped toy-world base
+    python bench/quality.py                                             # the shipped toy-world base
     python bench/quality.py --quick                                     # a tiny random base, seconds (tests)
 """
 
@@ -20,6 +20,7 @@ import argparse
 import datetime
 import math
 import platform
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -95,29 +96,53 @@ def peer_train(model: str, data: Path, out: Path, steps: int, rank: int, lr: flo
                                  weight_name=out.name)  # fmt: skip
 
 
+def render(pipe, prompts: list[str], steps: int, guidance: float, seed: int, chunk: int = 16) -> list:
+    """One image per prompt, prompt i with seed + i, batched."""
+    images = []
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start : start + chunk]
+        gens = [torch.Generator().manual_seed(seed + start + k) for k in range(len(part))]
+        images += pipe(part, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+    return images
+
+
 def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, seed: int = 0) -> dict[str, tuple]:
     """(hits, n) for fidelity, prior and compose."""
-    hits = {"fidelity": 0, "prior": 0, "compose": 0}
-    for i in range(n):
-        bg = BACKGROUNDS[i % len(BACKGROUNDS)]
-        colour = [c for c in generate.COLOURS if c != bg][i % 7]
-        prompts = {
-            "fidelity": f"a {token} circle on a {bg} background",
-            "prior": f"a {colour} circle on a {bg} background",
-            "compose": f"a {token} circle on a green background",
-        }
-        for name, prompt in prompts.items():
-            g = torch.Generator().manual_seed(seed + i)
-            image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g).images[0]
-            reading = judge.read([image])[0]
-            if name == "fidelity":
-                hits[name] += reading["kind"] == "subject"
-            elif name == "prior":
-                hits[name] += (
-                    reading["kind"] == "plain" and reading["colour"] == colour and reading["shape"] == "circle"
-                )
-            else:
-                hits[name] += reading["background"] == "green"
+    backgrounds = [BACKGROUNDS[i % len(BACKGROUNDS)] for i in range(n)]
+    colours = [[c for c in generate.COLOURS if c != bg][i % 7] for i, bg in enumerate(backgrounds)]
+    prompts = {
+        "fidelity": [f"a {token} circle on a {bg} background" for bg in backgrounds],
+        "prior": [f"a {colour} circle on a {bg} background" for colour, bg in zip(colours, backgrounds, strict=True)],
+        "compose": [f"a {token} circle on a green background"] * n,
+    }
+    readings = {name: judge.read(render(pipe, p, steps, guidance, seed)) for name, p in prompts.items()}
+    hits = {
+        "fidelity": sum(r["kind"] == "subject" for r in readings["fidelity"]),
+        "prior": sum(
+            r["kind"] == "plain" and r["colour"] == colour and r["shape"] == "circle"
+            for r, colour in zip(readings["prior"], colours, strict=True)
+        ),
+        "compose": sum(r["background"] == "green" for r in readings["compose"]),
+    }
+    return {k: (v, n) for k, v in hits.items()}
+
+
+def base_scores(pipe, judge, n: int, steps: int, guidance: float, seed: int = 0) -> dict[str, tuple]:
+    """(hits, n) of the base model on random prompts of its own world: shape, shape colour, background, all three."""
+    r = random.Random(seed)
+    specs = []
+    for _ in range(n):
+        colour = r.choice(list(generate.COLOURS))
+        specs.append((r.choice(generate.SHAPES), colour, r.choice([c for c in generate.COLOURS if c != colour])))
+    prompts = [f"a {colour} {shape} on a {bg} background" for shape, colour, bg in specs]
+    hits = {"shape": 0, "colour": 0, "background": 0, "all": 0}
+    readings = judge.read(render(pipe, prompts, steps, guidance, seed))
+    for (shape, colour, bg), reading in zip(specs, readings, strict=True):
+        ok = {"shape": reading["shape"] == shape, "colour": reading["colour"] == colour,
+              "background": reading["background"] == bg}  # fmt: skip
+        for key, value in ok.items():
+            hits[key] += value
+        hits["all"] += all(ok.values())
     return {k: (v, n) for k, v in hits.items()}
 
 
@@ -155,30 +180,50 @@ def run(model: str, modes, steps: int, samples: int, sample_steps: int, guidance
     return rows
 
 
-def write_results(args, rows: dict, path: Path) -> None:
+def share(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} = {k / n:.0%} [{lo:.0%}, {hi:.0%}]"
+
+
+def write_results(args, base: dict | None, rows: dict, path: Path) -> None:
     header = "## bench/quality.py" + (" (quick)" if args.quick else "")
-    lines = [header, "",
-             f"`python bench/quality.py{' --quick' if args.quick else ''} --steps {args.steps} --samples "
-             f"{args.samples}` - {datetime.date.today()}, commit {_results.commit()}, "
-             f"{platform.machine()}, torch {torch.__version__}, model {args.label}", "",
-             "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
-    for mode, scores in rows.items():
-        cells = []
-        for name in ("fidelity", "prior", "compose"):
-            k, n = scores[name]
-            lo, hi = wilson(k, n)
-            cells.append(f"{k}/{n} = {k / n:.0%} [{lo:.0%}, {hi:.0%}]")
-        lines.append(f"| {'diffusers+peft (peer)' if mode == 'peft' else mode} | " + " | ".join(cells) + " |")
-    lines.append("")
+    lines = [
+        header,
+        "",
+        f"`python bench/quality.py{' --quick' if args.quick else ''} --steps {args.steps} --samples {args.samples} "
+        f"--base-samples {args.base_samples}` - {datetime.date.today()}, commit {_results.commit()}, "
+        f"{platform.machine()}, torch {torch.__version__}, model {args.label}; {args.sample_steps} DDIM steps, "
+        f"guidance {args.guidance}; shares with 95% Wilson intervals",
+        "",
+    ]
+    if base:
+        cells = " | ".join(share(*base[k]) for k in ("shape", "colour", "background", "all"))
+        lines += [
+            'The base model on random prompts of its world ("a {colour} {shape} on a {colour} background"), read by '
+            "the judge:",
+            "",
+            "| shape | shape colour | background | all three |",
+            "|---|---|---|---|",
+            f"| {cells} |",
+            "",
+        ]
+    if rows:
+        lines += [f"Each mode at {args.steps} steps (rank 8, lr 1e-3, 5 instance images):", "",
+                  "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
+        for mode, scores in rows.items():
+            cells = " | ".join(share(*scores[name]) for name in ("fidelity", "prior", "compose"))
+            lines.append(f"| {'diffusers+peft (peer)' if mode == 'peft' else mode} | {cells} |")
+        lines.append("")
     _results.write_section(path, lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="toy-world base model folder")
+    parser.add_argument("--model", default="toy", help="toy-world base model folder (default: the shipped one)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--samples", type=int, default=48, help="samples per metric")
+    parser.add_argument("--base-samples", type=int, default=128, help="samples of the base model alone (0: skip)")
     parser.add_argument("--sample-steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="tiny random base, 2 steps, 1 sample (tests)")
@@ -191,13 +236,25 @@ def main(argv=None) -> int:
 
             args.model = str(pretrain.pretrain(work / "base", "tiny", "cpu", log=lambda _: None))
             args.label = "a tiny random base (the numbers mean nothing; this checks the benchmark runs)"
-            args.steps, args.samples, args.sample_steps = 2, 1, 2
-        if args.model is None:
-            parser.error("--model is required (or --quick)")
+            args.steps, args.samples, args.sample_steps, args.base_samples = 2, 1, 2, 2
+        if args.model == "toy":
+            from lora_kit.models import toy_model
+
+            args.model, args.label = toy_model(), "toy (the shipped lora_kit/assets/toyworld/model)"
         args.label = getattr(args, "label", args.model)
-        rows = run(args.model, args.modes.split(","), args.steps, args.samples, args.sample_steps, args.guidance,
+        base = None
+        if args.base_samples:
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
+            pipe.set_progress_bar_config(disable=True)
+            judge = judge_module.load(ROOT / "lora_kit" / "assets" / "toyworld" / "judge.safetensors")
+            base = base_scores(pipe, judge, args.base_samples, args.sample_steps, args.guidance)
+            print("base: " + ", ".join(f"{k} {h}/{n}" for k, (h, n) in base.items()), flush=True)
+        modes = [m for m in args.modes.split(",") if m]
+        rows = run(args.model, modes, args.steps, args.samples, args.sample_steps, args.guidance,
                    64, work)  # fmt: skip
-    write_results(args, rows, Path(args.results))
+    write_results(args, base, rows, Path(args.results))
     return 0
 
 

@@ -96,3 +96,19 @@ def test_shipped_judge_accuracy():
     shipped = Path(__file__).resolve().parents[1] / "lora_kit" / "assets" / "toyworld" / "judge.safetensors"
     accuracy = judge.accuracy(judge.load(shipped), n=256)
     assert min(accuracy.values()) >= 0.95, accuracy
+
+
+def test_shipped_model_loads_generates_64px_and_stays_small():
+    import torch
+
+    import lora_kit
+
+    folder = Path(lora_kit.toy_model())
+    weights = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+    assert 1e6 < weights < 30e6  # committed fp16 weights, well under the 30 MB the issue allows
+    pipe = lora_kit.open_pipeline("toy", dtype=torch.float32)
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and len(pipe.tokenizer) == 49408  # real CLIP vocab
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle on a blue background", num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert image.size == (64, 64)

@@ -1,7 +1,7 @@
 """Training: a flat config, one shared loop, and short recipes for lora, dreambooth, textual inversion, pivotal.
 
-    from lora_kit.train import TrainConfig, train
-    train(TrainConfig(model="toy", data="photos/", output="sks.safetensors", mode="dreambooth", ...))
+from lora_kit.train import TrainConfig, train
+train(TrainConfig(model="toy", data="photos/", output="sks.safetensors", mode="dreambooth", ...))
 """
 
 
