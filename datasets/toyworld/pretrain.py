@@ -38,7 +38,7 @@ RECIPES = {  # measured in shared/reference/toyworld-notes.md: the full one reac
     # to converge in fewer samples
     "cpu": dict(vae_steps=600, vae_batch=32, vae_lr=2e-3, unet_steps=6000, unet_batch=32, unet_lr=8e-4,
                 vae_channels=(16, 32, 64), unet_channels=(32, 64, 64), heads=2, text_width=64,
-                latent_cache=24576, min_snr=5.0, cosine=True, decoder_steps=1200, decoder_lr=1e-3),
+                latent_cache=24576, min_snr=5.0, cosine=True, decoder_steps=600, decoder_lr=1e-3),
     "tiny": dict(vae_steps=3, vae_batch=4, vae_lr=1e-3, unet_steps=3, unet_batch=4, unet_lr=3e-4,
                  vae_channels=(8, 16, 16), unet_channels=(32, 32, 32), heads=8, text_width=32, latent_cache=16,
                  min_snr=5.0, cosine=True, decoder_steps=2, decoder_lr=1e-3),
