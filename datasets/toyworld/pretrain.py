@@ -36,7 +36,7 @@ RECIPES = {  # measured in shared/reference/toyworld-notes.md: the full one reac
     # resolution, a UNet a third as wide with 2 attention heads (the CPU attention kernel is slow with many tiny
     # heads), latents encoded once instead of every step, min-SNR-5 loss weights and a cosine learning-rate decay
     # to converge in fewer samples
-    "cpu": dict(vae_steps=600, vae_batch=32, vae_lr=2e-3, unet_steps=6000, unet_batch=32, unet_lr=8e-4,
+    "cpu": dict(vae_steps=600, vae_batch=32, vae_lr=2e-3, unet_steps=8000, unet_batch=32, unet_lr=8e-4,
                 vae_channels=(16, 32, 64), unet_channels=(32, 64, 64), heads=2, text_width=64,
                 latent_cache=24576, min_snr=5.0, cosine=True, decoder_steps=600, decoder_lr=1e-3),
     "tiny": dict(vae_steps=3, vae_batch=4, vae_lr=1e-3, unet_steps=3, unet_batch=4, unet_lr=3e-4,
@@ -157,7 +157,8 @@ def train_decoder(vae, recipe, work: Path, device, log) -> None:
         x, _ = batch(step, recipe["vae_batch"], seed=4)
         x = x.to(device)
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample()
+            dist = vae.encode(x).latent_dist
+            z = dist.mode() if recipe.get("latent_cache") else dist.sample()  # what the UNet learned to make
         recon = vae.decode(z).sample
         loss = (recon - x).square().mean()
         opt.zero_grad(set_to_none=True)
@@ -206,6 +207,10 @@ def train_unet(vae, text, unet, tokenizer, recipe, work: Path, device, log) -> N
         opt.load_state_dict(state["opt"])
         start = state["step"]
     cache = encode_cache(vae, recipe, work, device, log) if recipe.get("latent_cache") else None
+    if cache is not None:
+        # SD's 0.18215 suits SD's VAE only: scale this VAE's latents to unit variance (saved in the VAE's config, which
+        # pipelines read), or the diffusion would see a weak signal at every noise level
+        vae.register_to_config(scaling_factor=round(1.0 / float(cache[0].std()), 5))
     noise_sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     ac = noise_sched.alphas_cumprod.to(device)
     vae.to(device).eval()
@@ -223,10 +228,9 @@ def train_unet(vae, text, unet, tokenizer, recipe, work: Path, device, log) -> N
             x, captions = batch(step, recipe["unet_batch"], seed=2)
             with torch.no_grad():
                 latents = vae.encode(x.to(device)).latent_dist.sample() * sf
-        else:
+        else:  # the posterior means: the decoder is fine-tuned on them too (train_decoder)
             idx = torch.randint(0, len(cache[2]), (recipe["unet_batch"],), generator=g)
-            eps = torch.randn(cache[0][idx].shape, generator=g)
-            latents = ((cache[0][idx] + cache[1][idx] * eps) * sf).to(device)
+            latents = (cache[0][idx] * sf).to(device)
             captions = [cache[2][i] for i in idx.tolist()]
         captions = ["" if torch.rand(1, generator=g).item() < 0.1 else c for c in captions]
         noise = torch.randn(latents.shape, generator=g).to(device)
