@@ -190,7 +190,9 @@ def write_results(args, base: dict | None, rows: dict, path: Path) -> None:
     lines = [
         header,
         "",
-        f"`python bench/quality.py{' --quick' if args.quick else ''} --steps {args.steps} --samples {args.samples} "
+        f"`python bench/quality.py{' --quick' if args.quick else ''}"
+        f"{'' if args.modes == ','.join(MODES) else f' --modes {args.modes!r}'} --steps {args.steps} "
+        f"--samples {args.samples} "
         f"--base-samples {args.base_samples}` - {datetime.date.today()}, commit {_results.commit()}, "
         f"{platform.machine()}, torch {torch.__version__}, model {args.label}; {args.sample_steps} DDIM steps, "
         f"guidance {args.guidance}; shares with 95% Wilson intervals",
