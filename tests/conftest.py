@@ -18,17 +18,15 @@ ARCHS = ["sd1", "sd2", "sdxl", "sd3", "flux"]
 
 @lru_cache
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+    """CLIP's byte -> printable-character table, from the toy world's pretraining script (one copy)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "datasets" / "toyworld" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("toy_pretrain_for_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.bytes_to_unicode()
 
 
 def write_byte_level_clip_tokenizer(folder: str, words=WORDS) -> None:
