@@ -228,6 +228,29 @@ def two_loras(make_pipe, tmp_path):
     return a, b
 
 
+def fixed_noise_loss(cfg, pipe, points) -> float:
+    """The training loss summed over the training images at fixed noise levels, independent of the training RNG:
+    points are (noise key, timestep or sigma) pairs."""
+    import torch
+
+    from lora_kit.train import loop
+    from lora_kit.train.backbone import Backbone
+    from lora_kit.train.data import Plan, scan
+
+    backbone = Backbone(pipe)
+    examples, _ = scan(cfg.data)
+    plan = Plan(examples, 1, cfg.resolution, backbone.size_step, 0)
+    batcher = loop.Batcher(cfg, backbone, examples, plan, cache_text=False)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(len(examples)):
+            for key, level in points:
+                b = batcher.batch([i], [0], (12345, key))
+                b["timesteps"] = torch.tensor([level])
+                total += loop.per_sample_loss(cfg, backbone, batcher, b).item()
+    return total
+
+
 def main_model(pipe):
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 

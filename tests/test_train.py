@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import fixed_noise_loss
 from lora_kit.cli import train as train_cli
 from PIL import Image
 
@@ -96,21 +97,7 @@ def test_each_mode_writes_files_diffusers_loads(models, data, tmp_path, arch, mo
 
 def _eval_loss(cfg, pipe) -> float:
     """The loss on the training images at fixed timesteps and noise (independent of the training RNG)."""
-    from lora_kit.train.backbone import Backbone
-    from lora_kit.train.data import Plan, scan
-
-    backbone = Backbone(pipe)
-    examples, _ = scan(cfg.data)
-    plan = Plan(examples, 1, cfg.resolution, backbone.size_step, 0)
-    batcher = loop.Batcher(cfg, backbone, examples, plan, cache_text=False)
-    total = 0.0
-    with torch.no_grad():
-        for i in range(len(examples)):
-            for t in (100, 300, 500, 700):
-                b = batcher.batch([i], [0], (12345, t))
-                b["timesteps"] = torch.tensor([t])
-                total += loop.per_sample_loss(cfg, backbone, batcher, b).item()
-    return total
+    return fixed_noise_loss(cfg, pipe, [(t, t) for t in (100, 300, 500, 700)])
 
 
 def test_loss_decreases_when_overfitting(make_pipe, data, tmp_path, models):

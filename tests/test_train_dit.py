@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_outputs_close, build_pipeline, pipeline_outputs
+from conftest import assert_outputs_close, build_pipeline, fixed_noise_loss, pipeline_outputs
 from lora_kit.cli import train as train_cli
 from test_train import write_images
 
@@ -200,20 +200,7 @@ def test_flux_guidance_embedding(make_pipe):
 
 def _eval_loss(cfg, pipe) -> float:
     """The loss on the training images at fixed sigmas and noise (independent of the training RNG)."""
-    from lora_kit.train.data import Plan, scan
-
-    backbone = Backbone(pipe)
-    examples, _ = scan(cfg.data)
-    plan = Plan(examples, 1, cfg.resolution, backbone.size_step, 0)
-    batcher = loop.Batcher(cfg, backbone, examples, plan, cache_text=False)
-    total = 0.0
-    with torch.no_grad():
-        for i in range(len(examples)):
-            for k, s in enumerate((0.2, 0.4, 0.6, 0.8)):
-                b = batcher.batch([i], [0], (12345, k))
-                b["timesteps"] = torch.tensor([s])
-                total += loop.per_sample_loss(cfg, backbone, batcher, b).item()
-    return total
+    return fixed_noise_loss(cfg, pipe, list(enumerate((0.2, 0.4, 0.6, 0.8))))
 
 
 @pytest.mark.parametrize("arch", ["sd3", "flux"])
