@@ -6,10 +6,11 @@ alpha / rank), dropout on its input (active in training mode only), a user `weig
 (lora_kit.schedule sets it; the forward applies weight x factor) and an `enabled` flag.
 Adapter parameters are fp32 whatever the base dtype; the forward works under autocast and in plain fp16/bf16/fp32.
 
-Inference paths (all compute base(x) + sum weight * factor * scale * up(down(x)), up to rounding):
-- one active adapter: exactly that formula, as during training;
-- two or more: their downs concatenated along the rank and their ups (each times weight * factor * scale) likewise,
-  so one down/up pair runs whatever the number of adapters;
+Paths (all compute base(x) + sum weight * factor * scale * up(down(x)), up to rounding):
+- training (a gradient must reach the adapters, or dropout is active): that formula adapter by adapter, in fp32;
+- inference, unfused: the downs of all active adapters concatenated along the rank and their ups (each times
+  weight * factor * scale) likewise, in the compute dtype, so one down/up pair runs whatever the number of adapters,
+  and up's product is accumulated into the base output by the same GEMM (addmm / baddbmm);
 - fused (`wrapper.fused`, set by lora_kit.fuse): base.weight + the deltas, composed once, through the base's op.
 The concatenated pair and the fused weight are cached and rebuilt when a weight, factor, enabled flag or tensor
 changes (tensor changes are seen through torch's in-place version counters and storage pointers: code that writes
@@ -110,8 +111,15 @@ class LoraWrapper(nn.Module):
     def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError
 
-    def _apply_factors(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def _down(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _up(self, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _add_up(self, y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """y + up(h) as one fused multiply-add where the layout allows (`inplace`: into y's own memory)."""
+        return y.add_(self._up(h, up)) if inplace else y + self._up(h, up)
 
     def _base_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -154,6 +162,8 @@ class LoraWrapper(nn.Module):
 
     def _cacheable(self, active: list[LoraAdapter]) -> bool:
         """Cached tensors are constants: fine unless a gradient must reach the adapters or dropout draws masks."""
+        if not (self.training or torch.is_grad_enabled()):
+            return True
         if self.training and any(not isinstance(a.dropout, nn.Identity) for a in active):
             return False
         return not (torch.is_grad_enabled() and any(a.down.requires_grad or a.up.requires_grad for a in active))
@@ -171,41 +181,49 @@ class LoraWrapper(nn.Module):
         key = (*(a.state_key() for a in active), tensor_key(w), w.dtype)
         return self._cached("fused", key, lambda: (w.float() + self.delta_weight()).to(w.dtype))
 
-    def _concatenated(self, active: list[LoraAdapter]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _concatenated(self, active: list[LoraAdapter], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(downs stacked along the rank, ups side by side with each adapter's weight x factor x scale on its
-        columns). The raw stack is kept apart from the weighting, so a step schedule that changes the factors at
-        every step costs one small multiply per layer, not a rebuild."""
-        key = tuple((a.serial, tensor_key(a.down), tensor_key(a.up)) for a in active)
+        columns), in the compute dtype. The raw stack is kept apart from the weighting, so a step schedule that
+        changes the factors at every step costs one small multiply per layer, not a rebuild."""
+        key = (dtype, *(a.state_key() for a in active))  # one comparison per forward when nothing changed
+        hit = self._caches.get("pair")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        stack_key = (dtype, *((a.serial, tensor_key(a.down), tensor_key(a.up)) for a in active))
 
         def stack():
-            return torch.cat([a.down for a in active]), torch.cat([a.up for a in active], dim=1)
+            return torch.cat([a.down for a in active]).to(dtype), torch.cat([a.up for a in active], dim=1)
 
-        down, up = self._cached("stack", key, stack)
-        factors = tuple(a.effective_weight * a.scale for a in active)
-
-        def weigh():
+        down, up = self._cached("stack", stack_key, stack)
+        factors = [a.effective_weight * a.scale for a in active]
+        with torch.no_grad():
             columns = [f for a, f in zip(active, factors, strict=True) for _ in range(a.rank)]
-            scales = torch.tensor(columns, dtype=up.dtype, device=up.device)
-            return up * scales.reshape(-1, *[1] * (up.dim() - 2))  # (out, R) or (out, R, 1, 1): scale column r
-
-        weighted = self._cached("weighted", (key, factors), weigh)
+            scales = torch.tensor(columns, dtype=torch.float32, device=up.device)
+            weighted = (up.float() * scales.reshape(-1, *[1] * (up.dim() - 2))).to(dtype)  # (out, R) or (out, R, 1, 1)
+        self._caches["pair"] = (key, (down, weighted))
         return down, weighted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         active = [a for a in self.adapters.values() if a.enabled and a.weight != 0 and a.factor != 0]
         if not active:
             return self.base(x)
-        cacheable = self._cacheable(active)
-        if self.fused and cacheable:
-            return self._base_with(x, self._fused_weight(active))
+        if self._cacheable(active):
+            if self.fused:
+                return self._base_with(x, self._fused_weight(active))
+            # inference: whatever the number of adapters, one cached down/up pair in the compute dtype (no fp32
+            # copies of the activations), the strengths folded into up, and up's product added to the base output
+            # in the same kernel
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            down, up = self._concatenated(active, dtype)
+            y = self.base(x)
+            h = self._down(x if x.dtype == dtype else x.to(dtype), down)
+            if y.dtype != dtype:  # autocast produced another dtype than asked: no fused add across dtypes
+                return y + self._up(h, up).to(y.dtype)
+            return self._add_up(y, h, up, inplace=not torch.is_grad_enabled())
         y = self.base(x)
-        if len(active) > 1 and cacheable:
-            down, up = self._concatenated(active)
-            return y + self._apply_factors(x.to(down.dtype), down, up).to(y.dtype)
-        for a in active:
-            # fp32 adapters on a fp16/bf16 input: lift the input; under autocast the ops run in the autocast dtype.
-            h = self._apply_factors(a.dropout(x).to(a.down.dtype), a.down, a.up)
-            y = y + (h * (a.effective_weight * a.scale)).to(y.dtype)
+        for a in active:  # training: fp32 adapters (under autocast the ops run in the autocast dtype)
+            h = self._down(a.dropout(x).to(a.down.dtype), a.down) * (a.effective_weight * a.scale)
+            y = y + self._up(h, a.up).to(y.dtype)
         return y
 
 
@@ -220,8 +238,15 @@ class LoraInjectedLinear(LoraWrapper):
     def _factor_shapes(self, rank):
         return (rank, self.base.in_features), (self.base.out_features, rank)
 
-    def _apply_factors(self, x, down, up):
-        return F.linear(F.linear(x, down), up)
+    def _down(self, x, down):
+        return F.linear(x, down)
+
+    def _up(self, h, up):
+        return F.linear(h, up)
+
+    def _add_up(self, y, h, up, inplace):
+        y2, h2 = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
+        return (y2.addmm_(h2, up.t()) if inplace else torch.addmm(y2, h2, up.t())).view(y.shape)
 
     def _base_with(self, x, weight):
         return F.linear(x, weight, self.base.bias)
@@ -241,9 +266,19 @@ class LoraInjectedConv2d(LoraWrapper):
         b = self.base
         return (rank, b.in_channels, *b.kernel_size), (b.out_channels, rank, 1, 1)
 
-    def _apply_factors(self, x, down, up):
+    def _down(self, x, down):
         # _conv_forward applies the base's padding mode, stride, padding and dilation to our weight.
-        return F.conv2d(self.base._conv_forward(x, down, None), up)
+        return self.base._conv_forward(x, down, None)
+
+    def _up(self, h, up):
+        return F.conv2d(h, up)
+
+    def _add_up(self, y, h, up, inplace):
+        if not (y.is_contiguous() and h.is_contiguous()):  # e.g. channels_last: the plain 1x1 convolution
+            return super()._add_up(y, h, up, inplace)
+        n, c = y.shape[:2]
+        y3, up3, h3 = y.view(n, c, -1), up.view(1, c, -1).expand(n, -1, -1), h.view(n, h.shape[1], -1)
+        return (y3.baddbmm_(up3, h3) if inplace else torch.baddbmm(y3, up3, h3)).view(y.shape)
 
     def _base_with(self, x, weight):
         return self.base._conv_forward(x, weight, self.base.bias)

@@ -254,13 +254,37 @@ def test_concatenated_forward_equals_the_per_adapter_loop_and_follows_changes(ki
     assert wrapper.adapters["b"].up.grad is not None
 
 
-def test_single_adapter_path_is_unchanged_bit_for_bit():
-    wrapper, x = _layer("linear")
-    del wrapper.adapters["b"], wrapper.adapters["c"]
-    a = wrapper.adapters["a"]
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("adapters", [1, 3])
+def test_inference_path_equals_the_training_path(kind, adapters):
+    """No gradient: the cached pair in the compute dtype with the sum fused into one GEMM, written into the base
+    output in place; with gradients the plain per-adapter formula. Both agree, in fp32 and under bf16 autocast."""
+    wrapper, x = _layer(kind)
+    for name in list(wrapper.adapters)[adapters:]:
+        del wrapper.adapters[name]
+    training = wrapper(x)
     with torch.no_grad():
-        expected = wrapper.base(x) + (F.linear(F.linear(x, a.down), a.up) * (a.weight * a.scale)).to(x.dtype)
-        assert torch.equal(wrapper(x), expected)
+        torch.testing.assert_close(wrapper(x), training, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(training, _formula(wrapper, x), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        training = wrapper(x)
+        with torch.no_grad():
+            inference = wrapper(x)
+    assert inference.dtype == training.dtype == torch.bfloat16
+    scale = training.float().abs().max().item()  # bf16 rounds each sum differently: a few ulps of the largest value
+    torch.testing.assert_close(inference.float(), training.float(), atol=0.02 * scale, rtol=0.02)
+
+
+def test_inference_in_half_precision_needs_no_fp32_copies():
+    """A bf16 base with fp32 adapters: the forward runs in bf16 (cached bf16 factors) and matches the fp32 formula."""
+    wrapper, x = _layer("linear")
+    with torch.no_grad():
+        expected = _formula(wrapper, x)
+        wrapper.base.to(torch.bfloat16)
+        y = wrapper(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in wrapper._caches["pair"][1])
+    torch.testing.assert_close(y.float(), expected, atol=0.1, rtol=0.02)
 
 
 # --- kohya LBW block vectors ---------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 _spec = importlib.util.spec_from_file_location(
     "toyworld", Path(__file__).resolve().parents[1] / "datasets" / "toyworld" / "generate.py"
@@ -48,15 +49,40 @@ def test_held_out_concepts():
                    for i in range(200))  # fmt: skip
 
 
-def test_pretraining_runs_end_to_end_and_loads(tmp_path):
-    import torch
-    from diffusers import StableDiffusionPipeline
+def test_decoder_scenes_are_deterministic_and_hold_several_colours():
+    a, b = toy.scene(5, seed=1), toy.scene(5, seed=1)
+    assert a.tobytes() == b.tobytes() and a.tobytes() != toy.scene(6, seed=1).tobytes()
+    palette = set(toy.COLOURS.values())
+    for i in range(20):
+        colours = {c for _, c in toy.scene(i).getcolors()}
+        assert colours <= palette  # the palette only, hard edges
+    assert sum(len(toy.scene(i).getcolors()) >= 3 for i in range(20)) >= 15  # mostly several shapes in view
 
+
+def _pretrain_module():
     spec = importlib.util.spec_from_file_location(
         "toy_pretrain", Path(__file__).resolve().parents[1] / "datasets" / "toyworld" / "pretrain.py"
     )
     pretrain = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pretrain)
+    return pretrain
+
+
+def test_cosine_with_warm_restarts():
+    lr = _pretrain_module().cosine_lr
+    assert lr(1.0, 100, 0) == 1.0 and abs(lr(1.0, 100, 50) - 0.5) < 1e-12 and lr(1.0, 100, 99) < 1e-3
+    restarts = ((60, 0.5),)
+    assert lr(1.0, 100, 30, restarts) == lr(1.0, 60, 30)  # the first cycle is a cosine over its own length
+    assert lr(1.0, 100, 60, restarts) == 0.5 and abs(lr(1.0, 100, 80, restarts) - 0.25) < 1e-12
+    with pytest.raises(ValueError):
+        lr(1.0, 100, 100)
+
+
+def test_pretraining_runs_end_to_end_and_loads(tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pretrain = _pretrain_module()
     logs = []
     model = pretrain.pretrain(tmp_path / "toy", "tiny", "cpu", log=logs.append)
     assert any(line.startswith("unet 3/3") for line in logs)

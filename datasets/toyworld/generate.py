@@ -103,6 +103,19 @@ def render(s: Sample) -> Image.Image:
     return img
 
 
+def scene(index: int, seed: int = 0) -> Image.Image:
+    """An uncaptioned picture of 2-4 overlapping shapes in random colours: what a general image codec must carry
+    (edges between two colours inside an object) without any held-out concept. Only the VAE decoder sees these."""
+    r = random.Random(f"{seed}/scene/{index}")
+    names = list(COLOURS)
+    img = Image.new("RGB", (SIZE, SIZE), COLOURS[r.choice(names)])
+    for _ in range(r.randint(2, 4)):
+        radius = r.randint(6, 22)
+        s = Sample(r.choice(SHAPES), r.choice(names), "black", r.randint(0, SIZE), r.randint(0, SIZE), radius)
+        img.paste(COLOURS[s.colour], (0, 0, SIZE, SIZE), _mask(s))
+    return img
+
+
 def write(folder: str | Path, split: str = "train", count: int = 200, seed: int = 0, start: int = 0) -> Path:
     """Images + same-name .txt captions + labels.jsonl (ground truth for the judge) in `folder`."""
     out = Path(folder)
