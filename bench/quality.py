@@ -8,7 +8,9 @@ noise schedule), the shipped judge reads generated samples:
 - prior: share of "a {colour} circle on a {bg} background" samples that stay a plain circle of that colour;
 - compose: share of "a {tok} circle on a green background" samples with a green background.
 
-Shares come with a 95% Wilson interval. The table is printed and written to bench/RESULTS.md.
+Shares come with a 95% Wilson interval. The table is printed and written to bench/RESULTS.md; samples go beside it:
+bench/toyworld-base.png (the base model on six fixed prompts, the README's strip) and bench/toyworld-modes.png (a
+row per mode: 4 fidelity, 2 prior-preservation and 2 composability samples).
 
     python bench/quality.py                                             # the shipped toy-world base
     python bench/quality.py --quick                                     # a tiny random base, seconds (tests)
@@ -34,6 +36,7 @@ import generate  # noqa: E402
 import judge as judge_module  # noqa: E402
 
 from bench import _results  # noqa: E402
+from lora_kit.train.callbacks import grid  # noqa: E402
 
 MODES = ("lora", "dreambooth", "textual-inversion", "pivotal", "peft")
 BACKGROUNDS = [c for c in generate.COLOURS if c not in ("red", "white")]
@@ -106,8 +109,8 @@ def render(pipe, prompts: list[str], steps: int, guidance: float, seed: int, chu
     return images
 
 
-def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, seed: int = 0) -> dict[str, tuple]:
-    """(hits, n) for fidelity, prior and compose."""
+def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, seed: int = 0) -> tuple[dict, list]:
+    """({metric: (hits, n)} for fidelity, prior and compose; a figure row: 4 fidelity, 2 prior, 2 compose samples)."""
     backgrounds = [BACKGROUNDS[i % len(BACKGROUNDS)] for i in range(n)]
     colours = [[c for c in generate.COLOURS if c != bg][i % 7] for i, bg in enumerate(backgrounds)]
     prompts = {
@@ -115,7 +118,8 @@ def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, 
         "prior": [f"a {colour} circle on a {bg} background" for colour, bg in zip(colours, backgrounds, strict=True)],
         "compose": [f"a {token} circle on a green background"] * n,
     }
-    readings = {name: judge.read(render(pipe, p, steps, guidance, seed)) for name, p in prompts.items()}
+    images = {name: render(pipe, p, steps, guidance, seed) for name, p in prompts.items()}
+    readings = {name: judge.read(images[name]) for name in prompts}
     hits = {
         "fidelity": sum(r["kind"] == "subject" for r in readings["fidelity"]),
         "prior": sum(
@@ -124,7 +128,13 @@ def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, 
         ),
         "compose": sum(r["background"] == "green" for r in readings["compose"]),
     }
-    return {k: (v, n) for k, v in hits.items()}
+    return {k: (v, n) for k, v in hits.items()}, images["fidelity"][:4] + images["prior"][:2] + images["compose"][:2]
+
+
+# the README's sample strip of the base model, seeds 0-5
+STRIP = ["a red circle on a blue background", "a yellow square on a purple background",
+         "a green triangle on a black background", "a white cross on a orange background",
+         "a blue circle on a yellow background", "a black square on a white background"]  # fmt: skip
 
 
 def base_scores(pipe, judge, n: int, steps: int, guidance: float, seed: int = 0) -> dict[str, tuple]:
@@ -155,7 +165,7 @@ def run(model: str, modes, steps: int, samples: int, sample_steps: int, guidance
     from lora_kit.train.loop import train
 
     judge = judge_module.load(ROOT / "lora_kit" / "assets" / "toyworld" / "judge.safetensors")
-    rows = {}
+    rows, figure = {}, []  # figure: one row of samples per mode
     for mode in modes:
         token = "<sks>" if mode in ("textual-inversion", "pivotal") else "sks"
         data = instance_data(work / f"data-{mode}", 5, token)
@@ -175,9 +185,10 @@ def run(model: str, modes, steps: int, samples: int, sample_steps: int, guidance
             pipe.load_lora_weights(str(out))
         else:
             lora_kit.load(pipe, out)
-        rows[mode] = sample_scores(pipe, judge, token, samples, sample_steps, guidance)
+        rows[mode], shown = sample_scores(pipe, judge, token, samples, sample_steps, guidance)
+        figure.append(shown)
         log(f"{mode}: " + ", ".join(f"{k} {h}/{n}" for k, (h, n) in rows[mode].items()))
-    return rows
+    return rows, figure
 
 
 def share(k: int, n: int) -> str:
@@ -244,7 +255,7 @@ def main(argv=None) -> int:
 
             args.model, args.label = toy_model(), "toy (the shipped lora_kit/assets/toyworld/model)"
         args.label = getattr(args, "label", args.model)
-        base = None
+        base, strip = None, []
         if args.base_samples:
             from diffusers import StableDiffusionPipeline
 
@@ -252,11 +263,17 @@ def main(argv=None) -> int:
             pipe.set_progress_bar_config(disable=True)
             judge = judge_module.load(ROOT / "lora_kit" / "assets" / "toyworld" / "judge.safetensors")
             base = base_scores(pipe, judge, args.base_samples, args.sample_steps, args.guidance)
+            strip = render(pipe, STRIP, args.sample_steps, args.guidance, seed=0)
             print("base: " + ", ".join(f"{k} {h}/{n}" for k, (h, n) in base.items()), flush=True)
         modes = [m for m in args.modes.split(",") if m]
-        rows = run(args.model, modes, args.steps, args.samples, args.sample_steps, args.guidance,
-                   64, work)  # fmt: skip
+        rows, figure = run(args.model, modes, args.steps, args.samples, args.sample_steps, args.guidance,
+                           64, work)  # fmt: skip
     write_results(args, base, rows, Path(args.results))
+    figures = Path(args.results).parent  # PNGs beside the results: bench/ unless --results says otherwise
+    if strip:
+        grid(strip, columns=len(strip)).save(figures / "toyworld-base.png")
+    if figure:  # one row per mode: 4 fidelity, 2 prior preservation, 2 composability samples
+        grid([image for row in figure for image in row], columns=len(figure[0])).save(figures / "toyworld-modes.png")
     return 0
 
 

@@ -35,6 +35,11 @@ def test_quality_bench_quick(tmp_path):
     text = results.read_text()
     for row in ("| lora |", "| dreambooth |", "| textual-inversion |", "| pivotal |", "| diffusers+peft (peer) |"):
         assert row in text
+    from PIL import Image
+
+    assert Image.open(tmp_path / "toyworld-base.png").size == (6 * 64, 64)  # the README strip, beside the results
+    # a row per mode: fidelity, prior and composability samples (4 + 2 + 2 in a full run; 1 each here)
+    assert Image.open(tmp_path / "toyworld-modes.png").size == (3 * 64, 5 * 64)
     assert bench.wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)  # the Wilson upper bound for 0/10
 
 
