@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny SD1 pipeline of the tests (seconds)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per loop, after the first (3; quick 4)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds over all configurations (1; quick 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds over all configurations (2; quick 3)")
     parser.add_argument("--latent", type=int, default=None, help="latent size (64 on a GPU, 32 on a CPU)")
     parser.add_argument("--rank", type=int, default=32, help="rank of adapter a; b has half")
     parser.add_argument("--device", default=None, help="cuda when available, else cpu")
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     cut = argv.index("--results") if "--results" in argv else len(argv)
     args.shown = argv[:cut] + argv[cut + 2 :]  # the command that reproduces the result, wherever it was written
     steps = args.steps or (4 if args.quick else 3)
-    rounds = args.rounds or (3 if args.quick else 1)
+    rounds = args.rounds or (3 if args.quick else 2)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads or args.quick:
         # tiny layers gain nothing from more threads, and on a busy machine their barriers cost whole time slices

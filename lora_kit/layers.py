@@ -274,7 +274,7 @@ class LoraInjectedConv2d(LoraWrapper):
         return F.conv2d(h, up)
 
     def _add_up(self, y, h, up, inplace):
-        if not (y.is_contiguous() and h.is_contiguous()):  # e.g. channels_last: the plain 1x1 convolution
+        if y.dim() != 4 or not (y.is_contiguous() and h.is_contiguous()):  # unbatched, channels_last: plain 1x1 conv
             return super()._add_up(y, h, up, inplace)
         n, c = y.shape[:2]
         y3, up3, h3 = y.view(n, c, -1), up.view(1, c, -1).expand(n, -1, -1), h.view(n, h.shape[1], -1)

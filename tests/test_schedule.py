@@ -275,6 +275,14 @@ def test_inference_path_equals_the_training_path(kind, adapters):
     torch.testing.assert_close(inference.float(), training.float(), atol=0.02 * scale, rtol=0.02)
 
 
+def test_inference_path_on_unbatched_and_channels_last_convolutions():
+    wrapper, x = _layer("conv")
+    with torch.no_grad():
+        expected = _formula(wrapper, x)
+        torch.testing.assert_close(wrapper(x.contiguous(memory_format=torch.channels_last)), expected)
+        torch.testing.assert_close(wrapper(x[0]), expected[0])
+
+
 def test_inference_in_half_precision_needs_no_fp32_copies():
     """A bf16 base with fp32 adapters: the forward runs in bf16 (cached bf16 factors) and matches the fp32 formula."""
     wrapper, x = _layer("linear")
