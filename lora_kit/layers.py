@@ -213,7 +213,9 @@ class LoraWrapper(nn.Module):
             # inference: whatever the number of adapters, one cached down/up pair in the compute dtype (no fp32
             # copies of the activations), the strengths folded into up, and up's product added to the base output
             # in the same kernel
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            kind = x.device.type
+            autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+            dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
             down, up = self._concatenated(active, dtype)
             y = self.base(x)
             h = self._down(x if x.dtype == dtype else x.to(dtype), down)
