@@ -1,11 +1,13 @@
 """Benchmark: the cost of LoRA adapters per denoising step, in one run: the base UNet, one and two unfused adapters
 (two run as one concatenated down/up pair per layer), the same two adapters as peft layers switched on with
-diffusers' set_adapters (the peer), two adapters through the per-adapter loop (what the forward
-did before concatenation, kept here for comparison), fused, and two step-scheduled adapters.
+diffusers' set_adapters (the peer), two adapters through the per-adapter loop (the training path, kept for
+comparison), fused, and two step-scheduled adapters.
 
 Each configuration runs the same denoising loop (classifier-free guidance: batch 2, DDIM) and the script reports the
 median time per step and its ratio to the base step; `scheduled / 2 unfused` is the overhead of step schedules. The
-first step of every loop is timed apart: it builds the caches (the concatenated pairs, the fused weights).
+first step of every loop is timed apart: it builds the caches (the concatenated pairs, the fused weights). Beside
+each time stands what the configuration must compute over the base (FLOPs: the adapters' GEMMs counted per layer),
+the floor on compute-bound hardware.
 Targets (issue 6): two unfused adapters <= 1.05x the base step on a GPU, scheduling overhead <= 1%.
 
     python bench/inference.py            # SD1.5-sized UNet from config (random weights), kohya-preset adapters of
@@ -142,6 +144,43 @@ def denoise(pipe: Pipe, latent: int, width: int, steps: int, seed: int, device, 
     return times
 
 
+def flop_ratios(pipe: Pipe, latent: int, width: int, device, dtype) -> dict[str, float]:
+    """What each configuration must compute, over the base: one guided UNet forward counted by torch's FlopCounterMode
+    without adapters, plus 2 x tokens x rank x (fan-in + out) per wrapped layer and adapter (a convolution's down
+    counts its kernel). The floor an implementation can reach on hardware that is compute-bound."""
+    import math
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_kit.layers import LoraInjectedLinear
+
+    x = torch.zeros(2, 4, latent, latent, device=device, dtype=dtype)
+    context = torch.zeros(2, 77, width, device=device, dtype=dtype)
+    extra = dict.fromkeys(pipe.ranks, 0)
+
+    def count(module, args, out):
+        base = module.base
+        if isinstance(module, LoraInjectedLinear):
+            positions, fan_in, fan_out = math.prod(args[0].shape[:-1]), base.in_features, base.out_features
+        else:
+            positions = out.shape[0] * out.shape[2] * out.shape[3]
+            fan_in, fan_out = base.in_channels * math.prod(base.kernel_size), base.out_channels
+        for name, adapter in module.adapters.items():
+            extra[name] += 2 * positions * adapter.rank * (fan_in + fan_out)
+
+    hooks = [m.register_forward_hook(count) for m in pipe.unet.modules() if isinstance(m, LoraWrapper)]
+    with torch.no_grad():
+        pipe.unet(x, 500, encoder_hidden_states=context)
+        for hook in hooks:
+            hook.remove()
+        with configured(pipe, "base"), FlopCounterMode(display=False) as counter:
+            pipe.unet(x, 500, encoder_hidden_states=context)
+    base = counter.get_total_flops()
+    both = 1 + sum(extra.values()) / base
+    return {c: 1.0 if c in ("base", "2 fused") else 1 + extra["a"] / base if c == "1 adapter" else both
+            for c in CONFIGS}  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny SD1 pipeline of the tests (seconds)")
@@ -165,6 +204,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads or 1)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe, latent, width = build(args, device, dtype)
+    flops = flop_ratios(pipe, latent, width, device, dtype)
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
     firsts: dict[str, list[float]] = {c: [] for c in CONFIGS}
     for r in range(rounds):  # interleaved, so that a slow spell of the machine hits every configuration alike
@@ -181,15 +221,16 @@ def main(argv=None) -> int:
     overhead = median["2 scheduled"] / median["2 adapters"]
     for c in CONFIGS:
         print(
-            f"{c:>17}: {median[c] * 1000:9.1f} ms/step  {ratios[c]:.3f}x base  (first step {first[c] * 1000:.1f} ms)"
+            f"{c:>17}: {median[c] * 1000:9.1f} ms/step  {ratios[c]:.3f}x base  (FLOPs {flops[c]:.3f}x; first step "
+            f"{first[c] * 1000:.1f} ms)"
         )
     print(f"scheduling overhead (2 scheduled / 2 adapters): {overhead:.3f}x")
     print(f"lora_kit / diffusers+peft, two adapters: {median['2 adapters'] / median['2 diffusers+peft']:.3f}x")
-    write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first)
+    write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first, flops)
     return 0
 
 
-def write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first) -> None:
+def write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first, flops) -> None:
     commit = _results.commit()
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
@@ -207,9 +248,12 @@ def write_results(args, steps, rounds, latent, device, dtype, median, ratios, ov
         f"adapters a (rank {4 if args.quick else args.rank}) and b (half); median of {steps} steps x {rounds} "
         f"round(s) per configuration after each loop's first step, interleaved.",
         "",
-        "| configuration | ms / step | x base | first step (ms) |",
-        "|---|---|---|---|",
-        *[f"| {c} | {median[c] * 1000:.1f} | {ratios[c]:.3f} | {first[c] * 1000:.1f} |" for c in CONFIGS],
+        "| configuration | ms / step | x base | FLOPs x base | first step (ms) |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {c} | {median[c] * 1000:.1f} | {ratios[c]:.3f} | {flops[c]:.3f} | {first[c] * 1000:.1f} |"
+            for c in CONFIGS
+        ],  # fmt: skip
         "",
         f"Two unfused adapters: **{ratios['2 adapters']:.3f}x** the base step (target on a GPU: <= 1.05x); "
         f"scheduling overhead (2 scheduled / 2 unfused): **{overhead:.3f}x** (target <= 1.01x); two unfused "
