@@ -35,10 +35,11 @@ RECIPES = {  # measured in shared/reference/toyworld-notes.md: the full one reac
     # without a GPU (measured on 2 CPU cores: ~1 s per VAE step, ~0.6 s per UNet step): a VAE half as wide at full
     # resolution, a UNet a third as wide with 2 attention heads (the CPU attention kernel is slow with many tiny
     # heads), latents encoded once instead of every step, min-SNR-5 loss weights and a cosine learning-rate decay
-    # to converge in fewer samples; a second, gentler cosine cycle (a warm restart at step 8000: the first 8000 steps
-    # alone bound the background colour only 20/64 times) brings the colours in
+    # to converge in fewer samples; then a second, gentler cosine cycle (a warm restart at step 8000) with offset
+    # noise: after the first 8000 steps the background colour, the latent's mean, followed the starting noise more
+    # than the prompt (20/64 right; mostly purple or orange)
     "cpu": dict(vae_steps=600, vae_batch=32, vae_lr=2e-3, unet_steps=14000, unet_batch=32, unet_lr=8e-4,
-                restarts=((8000, 4e-4),),
+                restarts=((8000, 4e-4),), offset_noise=(8000, 0.1),
                 vae_channels=(16, 32, 64), unet_channels=(32, 64, 64), heads=2, text_width=64,
                 latent_cache=24576, min_snr=5.0, cosine=True, decoder_steps=600, decoder_lr=1e-3),
     "tiny": dict(vae_steps=3, vae_batch=4, vae_lr=1e-3, unet_steps=3, unet_batch=4, unet_lr=3e-4,
@@ -256,7 +257,13 @@ def train_unet(vae, text, unet, tokenizer, recipe, work: Path, device, log) -> N
             latents = (cache[0][idx] * sf).to(device)
             captions = [cache[2][i] for i in idx.tolist()]
         captions = ["" if torch.rand(1, generator=g).item() < 0.1 else c for c in captions]
-        noise = torch.randn(latents.shape, generator=g).to(device)
+        noise = torch.randn(latents.shape, generator=g)
+        if step >= recipe.get("offset_noise", (0, 0.0))[0]:
+            # offset noise (Guttenberg 2023): at t = T a 16x16 latent keeps sqrt(abar_T) = 7% of its mean, about the
+            # spread of the mean of its noise, so a model learns to take the image's mean (here: the background
+            # colour) from the noise; a random per-channel offset makes that cue useless, the prompt must say it
+            noise += recipe.get("offset_noise", (0, 0.0))[1] * torch.randn(*latents.shape[:2], 1, 1, generator=g)
+        noise = noise.to(device)
         t = torch.randint(0, 1000, (latents.shape[0],), generator=g).to(device)
         abar = ac[t].view(-1, 1, 1, 1)
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
