@@ -157,7 +157,7 @@ def base_scores(pipe, judge, n: int, steps: int, guidance: float, seed: int = 0)
 
 
 def run(model: str, modes, steps: int, samples: int, sample_steps: int, guidance: float, resolution: int,
-        work: Path, log=print) -> dict:  # fmt: skip
+        work: Path, log=print, lr: float = 1e-3) -> dict:  # fmt: skip
     from diffusers import StableDiffusionPipeline
 
     import lora_kit
@@ -171,10 +171,10 @@ def run(model: str, modes, steps: int, samples: int, sample_steps: int, guidance
         data = instance_data(work / f"data-{mode}", 5, token)
         out = work / f"{mode}.safetensors"
         if mode == "peft":
-            peer_train(model, data, out, steps, 8, 1e-3, resolution)
+            peer_train(model, data, out, steps, 8, lr, resolution)
         else:
             cfg = TrainConfig(model=model, data=str(data), output=str(out), mode=mode, steps=steps, rank=8,
-                              lr=1e-3, resolution=resolution, batch_size=1, token=token if "<" in token else None,
+                              lr=lr, resolution=resolution, batch_size=1, token=token if "<" in token else None,
                               init_token="circle", ti_steps=steps // 3 if mode == "pivotal" else 0,
                               class_prompt="a circle on a blue background", num_class_images=10,
                               validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
@@ -203,7 +203,7 @@ def write_results(args, base: dict | None, rows: dict, path: Path) -> None:
         "",
         f"`python bench/quality.py{' --quick' if args.quick else ''}"
         f"{'' if args.modes == ','.join(MODES) else f' --modes {args.modes!r}'} --steps {args.steps} "
-        f"--samples {args.samples} "
+        f"--samples {args.samples} {'' if args.lr == 1e-3 else f'--lr {args.lr:g} '}"
         f"--base-samples {args.base_samples}` - {datetime.date.today()}, commit {_results.commit()}, "
         f"{platform.machine()}, torch {torch.__version__}, model {args.label}; {args.sample_steps} DDIM steps, "
         f"guidance {args.guidance}; shares with 95% Wilson intervals",
@@ -221,7 +221,7 @@ def write_results(args, base: dict | None, rows: dict, path: Path) -> None:
             "",
         ]
     if rows:
-        lines += [f"Each mode at {args.steps} steps (rank 8, lr 1e-3, 5 instance images):", "",
+        lines += [f"Each mode at {args.steps} steps (rank 8, lr {args.lr:g}, 5 instance images):", "",
                   "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
         for mode, scores in rows.items():
             cells = " | ".join(share(*scores[name]) for name in ("fidelity", "prior", "compose"))
@@ -239,6 +239,7 @@ def main(argv=None) -> int:
     parser.add_argument("--base-samples", type=int, default=128, help="samples of the base model alone (0: skip)")
     parser.add_argument("--sample-steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every mode and of the peer")
     parser.add_argument("--quick", action="store_true", help="tiny random base, 2 steps, 1 sample (tests)")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args(argv)
@@ -267,7 +268,7 @@ def main(argv=None) -> int:
             print("base: " + ", ".join(f"{k} {h}/{n}" for k, (h, n) in base.items()), flush=True)
         modes = [m for m in args.modes.split(",") if m]
         rows, figure = run(args.model, modes, args.steps, args.samples, args.sample_steps, args.guidance,
-                           64, work)  # fmt: skip
+                           64, work, lr=args.lr)  # fmt: skip
     write_results(args, base, rows, Path(args.results))
     figures = Path(args.results).parent  # PNGs beside the results: bench/ unless --results says otherwise
     if strip:

@@ -7,7 +7,7 @@ the real CLIP BPE vocabulary (49,408 tokens, shipped as lora_kit/assets/toyworld
 result is saved in fp16 as a diffusers folder that `StableDiffusionPipeline.from_pretrained(OUT/model)` loads.
 
     python datasets/toyworld/pretrain.py OUT              # full recipe (~10 min on one GPU, hours on 2 CPU cores)
-    python datasets/toyworld/pretrain.py OUT --recipe cpu # without a GPU: ~75 min on 2 CPU cores
+    python datasets/toyworld/pretrain.py OUT --recipe cpu # without a GPU: ~2 h 10 min on 2 CPU cores
     python datasets/toyworld/pretrain.py OUT --recipe tiny  # seconds: what the tests run
 """
 
