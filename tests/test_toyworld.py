@@ -92,6 +92,9 @@ def test_pretraining_runs_end_to_end_and_loads(tmp_path):
     image = pipe("a red circle on a blue background", num_inference_steps=2,
                  generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
     assert image.size == (64, 64)
+    # trainers encode with latent_dist.sample(): the shipped posterior is its mean (the latents the UNet learned)
+    posterior = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist
+    assert posterior.std.max() < 1e-5
     # resumable: a second run finds the finished stages and only re-assembles the pipeline
     again = pretrain.pretrain(tmp_path / "toy", "tiny", "cpu", log=logs.append)
     assert again == model
