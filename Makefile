@@ -17,13 +17,13 @@ setup: $(BIN)/python
 # images on the shipped toy model, with prior preservation; then a before/after grid. A few minutes on 2 CPU cores.
 QUICK ?= quickstart
 MODEL ?= toy
-STEPS ?= 300
+STEPS ?= 1000
 SAMPLE_STEPS ?= 25
 quickstart: $(BIN)/python
 	@if [ -e $(QUICK) ]; then echo "$(QUICK): already exists; remove it or pass QUICK=another-folder"; exit 2; fi
 	$(BIN)/python datasets/toyworld/generate.py $(QUICK)/data --split subject --count 5
 	$(BIN)/lora-train --model $(MODEL) --data $(QUICK)/data --mode dreambooth --class-prompt "a circle on a blue background" \
-	  --num-class-images 10 --resolution 64 --rank 8 --lr 1e-3 --steps $(STEPS) --validation-steps $(SAMPLE_STEPS) \
+	  --num-class-images 10 --resolution 64 --rank 8 --lr 2e-3 --steps $(STEPS) --validation-steps $(SAMPLE_STEPS) \
 	  -o $(QUICK)/sks.safetensors
 	$(BIN)/lora-generate --model $(MODEL) --lora $(QUICK)/sks.safetensors --prompt "a sks circle on a green background" \
 	  --steps $(SAMPLE_STEPS) --guidance 4 -n 4 --compare -o $(QUICK)/samples

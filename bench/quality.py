@@ -1,8 +1,9 @@
 """Quality benchmark on the toy world: does each trainer learn the held-out subject without breaking the base?
 
-For each mode (lora, dreambooth, textual-inversion, pivotal) at one budget of steps, and for a peer row (the same
-LoRA training done the diffusers+peft way: peft adapters on the same layers, same steps, learning rate, data and
-noise schedule), the shipped judge reads generated samples:
+For each mode (lora, dreambooth, textual-inversion, pivotal) at one budget (steps, learning rates, rank, targets),
+and for peer rows trained the way diffusers' examples do it on the same data, steps and learning rate (peft LoRA for
+lora, peft LoRA with the prior loss on the same class images for dreambooth, diffusers-style textual inversion), the
+shipped judge reads generated samples:
 
 - fidelity: share of "a {tok} circle on a {bg} background" samples it reads as the sks subject;
 - prior: share of "a {colour} circle on a {bg} background" samples that stay a plain circle of that colour;
@@ -23,8 +24,10 @@ import datetime
 import math
 import platform
 import random
+import shlex
 import sys
 import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -38,7 +41,7 @@ import judge as judge_module  # noqa: E402
 from bench import _results  # noqa: E402
 from lora_kit.train.callbacks import grid  # noqa: E402
 
-MODES = ("lora", "dreambooth", "textual-inversion", "pivotal", "peft")
+MODES = ("lora", "dreambooth", "textual-inversion", "pivotal", "peft", "peft-dreambooth", "diffusers-ti")
 BACKGROUNDS = [c for c in generate.COLOURS if c not in ("red", "white")]
 
 
@@ -60,43 +63,80 @@ def instance_data(folder: Path, n: int, word: str) -> Path:
     return folder
 
 
-def peer_train(model: str, data: Path, out: Path, steps: int, rank: int, lr: float, resolution: int) -> None:
-    """The diffusers+peft way: peft LoRA on the UNet's transformer-block linears, plain DDPM epsilon MSE, AdamW."""
+PEERS = {"peft": "lora", "peft-dreambooth": "dreambooth", "diffusers-ti": "textual-inversion"}  # peer -> its mode
+
+
+def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: int, lr: float, resolution: int,
+               token: str, class_cfg=None) -> None:  # fmt: skip
+    """The diffusers way, written as its training examples do it: plain DDPM epsilon MSE, AdamW, batch 1.
+
+    peft: peft LoRA on the layers lora_kit's default trains (train_text_to_image_lora); peft-dreambooth: the same plus
+    a class image per step and the prior loss (train_dreambooth_lora), on the same class images as lora_kit's run;
+    diffusers-ti: a new token whose embedding row alone trains, every other row put back after each step
+    (textual_inversion.py), saved as learned_embeds for `load_textual_inversion`."""
+    from accelerate import Accelerator
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     from lora_kit.inject import find_targets
     from lora_kit.train.data import Plan, load, scan
+    from lora_kit.train.prior import class_examples
 
     pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    targets = find_targets(pipe.unet, "kohya")  # the same layers lora_kit's default trains
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian"))
-    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    pipe.vae.requires_grad_(False)
+    if kind == "diffusers-ti":
+        pipe.tokenizer.add_tokens([token])
+        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+        emb = pipe.text_encoder.get_input_embeddings().weight
+        new = pipe.tokenizer.convert_tokens_to_ids(token)
+        with torch.no_grad():
+            emb[new] = emb[pipe.tokenizer("circle", add_special_tokens=False).input_ids].mean(0)
+        original = emb.detach().clone()
+        emb.requires_grad_(True)
+        params = [emb]
+    else:
+        targets = find_targets(pipe.unet, "kohya")  # the same layers lora_kit's default trains
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian")
+        pipe.unet.add_adapter(config)
+        params = [p for p in pipe.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    examples, _ = scan(data)
-    plan = Plan(examples, 1, resolution, 8, seed=0)
+    sets = [scan(data)[0]]
+    if kind == "peft-dreambooth":
+        sets.append(class_examples(class_cfg, pipe, Accelerator(cpu=True)))
+    plans = [Plan(examples, 1, resolution, 8, seed=i) for i, examples in enumerate(sets)]
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
-        ex = examples[plan.batch(step)[0]]
-        pixels, _ = load(ex, plan.sizes[plan.batch(step)[0]], False)
-        with torch.no_grad():
-            latents = pipe.vae.encode(pixels[None]).latent_dist.sample(g) * pipe.vae.config.scaling_factor
-            ids = pipe.tokenizer([ex.caption], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids  # fmt: skip
-            cond = pipe.text_encoder(ids).last_hidden_state
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
-        pred = pipe.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss = 0.0
+        for examples, plan in zip(sets, plans, strict=True):  # the instance image, then a class image (prior loss)
+            index = plan.batch(step)[0]
+            pixels, _ = load(examples[index], plan.sizes[index], False)
+            with torch.no_grad():
+                latents = pipe.vae.encode(pixels[None]).latent_dist.sample(g) * pipe.vae.config.scaling_factor
+            tokens = pipe.tokenizer([examples[index].caption], padding="max_length", truncation=True,
+                                    max_length=pipe.tokenizer.model_max_length, return_tensors="pt")  # fmt: skip
+            with torch.set_grad_enabled(kind == "diffusers-ti"):
+                cond = pipe.text_encoder(tokens.input_ids).last_hidden_state
+            noise = torch.randn(latents.shape, generator=g)
+            t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
+            pred = pipe.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
+            loss = loss + torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    type(pipe).save_lora_weights(out.parent, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-                                 weight_name=out.name)  # fmt: skip
+        if kind == "diffusers-ti":
+            with torch.no_grad():
+                keep = torch.arange(len(original)) != new
+                emb[keep] = original[keep]
+    if kind == "diffusers-ti":
+        save_file({token: emb.detach()[new].clone()[None]}, str(out))
+    else:
+        type(pipe).save_lora_weights(out.parent, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                     weight_name=out.name)  # fmt: skip
 
 
 def render(pipe, prompts: list[str], steps: int, guidance: float, seed: int, chunk: int = 16) -> list:
@@ -156,32 +196,55 @@ def base_scores(pipe, judge, n: int, steps: int, guidance: float, seed: int = 0)
     return {k: (v, n) for k, v in hits.items()}
 
 
-def run(model: str, modes, steps: int, samples: int, sample_steps: int, guidance: float, resolution: int,
-        work: Path, log=print, lr: float = 1e-3) -> dict:  # fmt: skip
+@dataclass
+class Budget:
+    """What every mode trains with (and its peer, where the peer has the setting)."""
+
+    steps: int = 1000
+    lr: float = 2e-3
+    rank: int = 8
+    targets: str = "kohya"
+    batch_size: int = 1
+    ti_lr: float = 5e-3
+    class_prompt: str = "a circle on a blue background"
+    num_class_images: int = 10
+
+    def config(self, model: str, data: Path, out: Path, mode: str, token: str, class_data: Path, sample_steps: int):
+        from lora_kit.train.config import TrainConfig
+
+        return TrainConfig(model=model, data=str(data), output=str(out), mode=mode, steps=self.steps, rank=self.rank,
+                           lr=self.lr, targets=self.targets, resolution=64, batch_size=self.batch_size,
+                           ti_lr=self.ti_lr, token=token if "<" in token else None, init_token="circle",
+                           ti_steps=self.steps // 10 if mode == "pivotal" else 0, class_prompt=self.class_prompt,
+                           num_class_images=self.num_class_images, class_data=str(class_data),
+                           validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
+
+
+def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guidance: float, work: Path,
+        log=print) -> tuple[dict, list]:  # fmt: skip
     from diffusers import StableDiffusionPipeline
 
     import lora_kit
-    from lora_kit.train.config import TrainConfig
     from lora_kit.train.loop import train
 
     judge = judge_module.load(ROOT / "lora_kit" / "assets" / "toyworld" / "judge.safetensors")
     rows, figure = {}, []  # figure: one row of samples per mode
     for mode in modes:
-        token = "<sks>" if mode in ("textual-inversion", "pivotal") else "sks"
+        kind = PEERS.get(mode, mode)  # a peer is scored like the mode it stands beside
+        token = "<sks>" if kind in ("textual-inversion", "pivotal") else "sks"
         data = instance_data(work / f"data-{mode}", 5, token)
         out = work / f"{mode}.safetensors"
-        if mode == "peft":
-            peer_train(model, data, out, steps, 8, lr, resolution)
+        cfg = budget.config(model, data, out, kind, token, work / "class-images", sample_steps)
+        if mode in PEERS:
+            lr = budget.ti_lr if kind == "textual-inversion" else budget.lr
+            peer_train(mode, model, data, out, budget.steps, budget.rank, lr, 64, token, class_cfg=cfg)
         else:
-            cfg = TrainConfig(model=model, data=str(data), output=str(out), mode=mode, steps=steps, rank=8,
-                              lr=lr, resolution=resolution, batch_size=1, token=token if "<" in token else None,
-                              init_token="circle", ti_steps=steps // 3 if mode == "pivotal" else 0,
-                              class_prompt="a circle on a blue background", num_class_images=10,
-                              validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
             train(cfg)
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
-        if mode == "peft":
+        if mode == "diffusers-ti":
+            pipe.load_textual_inversion(str(out), token=token)
+        elif mode in PEERS:
             pipe.load_lora_weights(str(out))
         else:
             lora_kit.load(pipe, out)
@@ -196,17 +259,21 @@ def share(k: int, n: int) -> str:
     return f"{k}/{n} = {k / n:.0%} [{lo:.0%}, {hi:.0%}]"
 
 
-def write_results(args, base: dict | None, rows: dict, path: Path) -> None:
-    header = "## bench/quality.py" + (" (quick)" if args.quick else "")
+LABELS = {
+    "peft": "diffusers+peft LoRA (peer of lora)",
+    "peft-dreambooth": "diffusers+peft DreamBooth (peer of dreambooth)",
+    "diffusers-ti": "diffusers textual inversion (peer of textual-inversion)",
+}
+
+
+def write_results(args, command: str, base: dict | None, rows: dict, path: Path) -> None:
+    b = args.budget
     lines = [
-        header,
+        "## bench/quality.py" + (" (quick)" if args.quick else ""),
         "",
-        f"`python bench/quality.py{' --quick' if args.quick else ''}"
-        f"{'' if args.modes == ','.join(MODES) else f' --modes {args.modes!r}'} --steps {args.steps} "
-        f"--samples {args.samples} {'' if args.lr == 1e-3 else f'--lr {args.lr:g} '}"
-        f"--base-samples {args.base_samples}` - {datetime.date.today()}, commit {_results.commit()}, "
-        f"{platform.machine()}, torch {torch.__version__}, model {args.label}; {args.sample_steps} DDIM steps, "
-        f"guidance {args.guidance}; shares with 95% Wilson intervals",
+        f"`{command}` - {datetime.date.today()}, commit {_results.commit()}, {platform.machine()}, "
+        f"torch {torch.__version__}, model {args.label}; {args.sample_steps} DDIM steps, guidance {args.guidance}; "
+        "shares with 95% Wilson intervals",
         "",
     ]
     if base:
@@ -221,28 +288,32 @@ def write_results(args, base: dict | None, rows: dict, path: Path) -> None:
             "",
         ]
     if rows:
-        lines += [f"Each mode at {args.steps} steps (rank 8, lr {args.lr:g}, 5 instance images):", "",
+        lines += [f"Each mode at {b.steps} steps (batch {b.batch_size}, rank {b.rank}, targets {b.targets}, "
+                  f"lr {b.lr:g}, embedding lr {b.ti_lr:g}, pivotal: embeddings alone for the first {b.steps // 10}; "
+                  f"5 instance images; DreamBooth: {b.num_class_images} class images of {b.class_prompt!r}):", "",
                   "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
         for mode, scores in rows.items():
             cells = " | ".join(share(*scores[name]) for name in ("fidelity", "prior", "compose"))
-            lines.append(f"| {'diffusers+peft (peer)' if mode == 'peft' else mode} | {cells} |")
+            lines.append(f"| {LABELS.get(mode, mode)} | {cells} |")
         lines.append("")
     _results.write_section(path, lines)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toy", help="toy-world base model folder (default: the shipped one)")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--steps", type=int, default=400)
+    for f in fields(Budget):  # the training budget of every mode and peer
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     parser.add_argument("--samples", type=int, default=48, help="samples per metric")
     parser.add_argument("--base-samples", type=int, default=128, help="samples of the base model alone (0: skip)")
     parser.add_argument("--sample-steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every mode and of the peer")
     parser.add_argument("--quick", action="store_true", help="tiny random base, 2 steps, 1 sample (tests)")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "bench/quality.py", *argv])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.quick:
@@ -250,7 +321,8 @@ def main(argv=None) -> int:
 
             args.model = str(pretrain.pretrain(work / "base", "tiny", "cpu", log=lambda _: None))
             args.label = "a tiny random base (the numbers mean nothing; this checks the benchmark runs)"
-            args.steps, args.samples, args.sample_steps, args.base_samples = 2, 1, 2, 2
+            args.steps, args.samples, args.sample_steps, args.base_samples, args.num_class_images = 2, 1, 2, 2, 1
+        args.budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
         if args.model == "toy":
             from lora_kit.models import toy_model
 
@@ -267,9 +339,8 @@ def main(argv=None) -> int:
             strip = render(pipe, STRIP, args.sample_steps, args.guidance, seed=0)
             print("base: " + ", ".join(f"{k} {h}/{n}" for k, (h, n) in base.items()), flush=True)
         modes = [m for m in args.modes.split(",") if m]
-        rows, figure = run(args.model, modes, args.steps, args.samples, args.sample_steps, args.guidance,
-                           64, work, lr=args.lr)  # fmt: skip
-    write_results(args, base, rows, Path(args.results))
+        rows, figure = run(args.model, modes, args.budget, args.samples, args.sample_steps, args.guidance, work)
+    write_results(args, command, base, rows, Path(args.results))
     figures = Path(args.results).parent  # PNGs beside the results: bench/ unless --results says otherwise
     if strip:
         grid(strip, columns=len(strip)).save(figures / "toyworld-base.png")
