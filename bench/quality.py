@@ -63,15 +63,16 @@ def instance_data(folder: Path, n: int, word: str) -> Path:
     return folder
 
 
+INIT_WORD = "circle"  # the subject's class: new tokens start from its embedding
 PEERS = {"peft": "lora", "peft-dreambooth": "dreambooth", "diffusers-ti": "textual-inversion"}  # peer -> its mode
 
 
 def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: int, lr: float, resolution: int,
-               token: str, class_cfg=None) -> None:  # fmt: skip
+               token: str, targets: str = "kohya", class_cfg=None) -> None:  # fmt: skip
     """The diffusers way, written as its training examples do it: plain DDPM epsilon MSE, AdamW, batch 1.
 
-    peft: peft LoRA on the layers lora_kit's default trains (train_text_to_image_lora); peft-dreambooth: the same plus
-    a class image per step and the prior loss (train_dreambooth_lora), on the same class images as lora_kit's run;
+    peft: peft LoRA on the layers of lora_kit's `targets` preset (train_text_to_image_lora); peft-dreambooth: the
+    same plus a class image per step and the prior loss (train_dreambooth_lora), on lora_kit's class images;
     diffusers-ti: a new token whose embedding row alone trains, every other row put back after each step
     (textual_inversion.py), saved as learned_embeds for `load_textual_inversion`."""
     from accelerate import Accelerator
@@ -94,13 +95,13 @@ def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: i
         emb = pipe.text_encoder.get_input_embeddings().weight
         new = pipe.tokenizer.convert_tokens_to_ids(token)
         with torch.no_grad():
-            emb[new] = emb[pipe.tokenizer("circle", add_special_tokens=False).input_ids].mean(0)
+            emb[new] = emb[pipe.tokenizer(INIT_WORD, add_special_tokens=False).input_ids].mean(0)
         original = emb.detach().clone()
         emb.requires_grad_(True)
         params = [emb]
     else:
-        targets = find_targets(pipe.unet, "kohya")  # the same layers lora_kit's default trains
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian")
+        layers = find_targets(pipe.unet, targets)  # the same layers lora_kit trains
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=layers, init_lora_weights="gaussian")
         pipe.unet.add_adapter(config)
         params = [p for p in pipe.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -214,7 +215,7 @@ class Budget:
 
         return TrainConfig(model=model, data=str(data), output=str(out), mode=mode, steps=self.steps, rank=self.rank,
                            lr=self.lr, targets=self.targets, resolution=64, batch_size=self.batch_size,
-                           ti_lr=self.ti_lr, token=token if "<" in token else None, init_token="circle",
+                           ti_lr=self.ti_lr, token=token if "<" in token else None, init_token=INIT_WORD,
                            ti_steps=self.steps // 10 if mode == "pivotal" else 0, class_prompt=self.class_prompt,
                            num_class_images=self.num_class_images, class_data=str(class_data),
                            validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
@@ -237,7 +238,7 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
         cfg = budget.config(model, data, out, kind, token, work / "class-images", sample_steps)
         if mode in PEERS:
             lr = budget.ti_lr if kind == "textual-inversion" else budget.lr
-            peer_train(mode, model, data, out, budget.steps, budget.rank, lr, 64, token, class_cfg=cfg)
+            peer_train(mode, model, data, out, budget.steps, budget.rank, lr, 64, token, budget.targets, class_cfg=cfg)
         else:
             train(cfg)
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
@@ -290,7 +291,8 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
     if rows:
         lines += [f"Each mode at {b.steps} steps (batch {b.batch_size}, rank {b.rank}, targets {b.targets}, "
                   f"lr {b.lr:g}, embedding lr {b.ti_lr:g}, pivotal: embeddings alone for the first {b.steps // 10}; "
-                  f"5 instance images; DreamBooth: {b.num_class_images} class images of {b.class_prompt!r}):", "",
+                  f"5 instance images; DreamBooth: {b.num_class_images} class images of {b.class_prompt!r}; "
+                  "the peers train at batch 1):", "",
                   "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
         for mode, scores in rows.items():
             cells = " | ".join(share(*scores[name]) for name in ("fidelity", "prior", "compose"))
