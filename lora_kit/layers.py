@@ -29,7 +29,8 @@ from torch import nn
 
 from . import functional
 
-_SERIALS = itertools.count()  # adapter identities that, unlike id(), are never reused within a process
+_SERIALS = itertools.count()  # adapter identities and epochs that, unlike id(), are never reused within a process
+_WATCHED = frozenset({"weight", "factor", "enabled", "down", "up", "alpha"})  # what LoraAdapter.state_key follows
 
 
 def tensor_key(t: torch.Tensor) -> tuple:
@@ -38,6 +39,23 @@ def tensor_key(t: torch.Tensor) -> tuple:
         return t.data_ptr(), t._version
     except RuntimeError:  # a tensor created under inference_mode keeps no version counter
         return t.data_ptr(), None
+
+
+_SCALES: dict[tuple, torch.Tensor] = {}
+
+
+def column_scales(factors: tuple[tuple[float, int], ...], device: torch.device) -> torch.Tensor:
+    """The fp32 vector of each rank column's factor, for ((factor, rank), ...) of the active adapters in order.
+    Shared by every layer with the same adapters: a step schedule moves the factors at each step, and one copy to
+    the device per step (which waits for the device) is cheap where one per layer would stall every layer."""
+    key = (factors, device)
+    scales = _SCALES.get(key)
+    if scales is None:
+        if len(_SCALES) >= 64:
+            _SCALES.clear()
+        columns = [f for f, rank in factors for _ in range(rank)]
+        scales = _SCALES[key] = torch.tensor(columns, dtype=torch.float32, device=device)
+    return scales
 
 
 class LoraAdapter(nn.Module):
@@ -63,14 +81,21 @@ class LoraAdapter(nn.Module):
         self.serial = next(_SERIALS)
         self._scale: tuple[tuple, float] | None = None
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _WATCHED:  # a new strength, flag or tensor: a new epoch (a new tensor: a new tensor epoch too)
+            self.__dict__["_epoch"] = next(_SERIALS)
+            if name in ("down", "up", "alpha"):
+                self.__dict__["_tensor_epoch"] = next(_SERIALS)
+
     @property
     def rank(self) -> int:
-        return self.down.shape[0]
+        return self._parameters["down"].shape[0]
 
     @property
     def scale(self) -> float:
         # alpha.item() would synchronise a GPU on every forward: keep the float until alpha itself changes
-        key = (tensor_key(self.alpha), self.rank)
+        key = self.tensors_key()
         if self._scale is None or self._scale[0] != key:
             self._scale = (key, functional.lora_scale(self.alpha.item(), self.rank))
         return self._scale[1]
@@ -80,16 +105,20 @@ class LoraAdapter(nn.Module):
         """What the forward multiplies this adapter's delta by (besides scale): weight x factor."""
         return self.weight * self.factor
 
+    def tensors_key(self) -> tuple:
+        """Changes whenever down, up or alpha does: set anew (the tensor epoch), moved (storage pointer) or written
+        in place (version counter). Runs on every forward of every wrapped layer, so it reads the tensors from
+        nn.Module's own tables rather than through its attribute lookup."""
+        d, u, a = self._parameters["down"], self._parameters["up"], self._buffers["alpha"]
+        try:
+            return self._tensor_epoch, d.data_ptr(), d._version, u.data_ptr(), u._version, a.data_ptr(), a._version
+        except RuntimeError:  # a tensor created under inference_mode keeps no version counter
+            return self._tensor_epoch, tensor_key(d), tensor_key(u), tensor_key(a)
+
     def state_key(self) -> tuple:
-        """Changes whenever this adapter's contribution can: its weights and the identity/version of its tensors."""
-        return (
-            self.serial,
-            self.weight,
-            self.factor,
-            tensor_key(self.down),
-            tensor_key(self.up),
-            tensor_key(self.alpha),
-        )
+        """Changes whenever this adapter's contribution can: an attribute set (weight, factor, enabled: the epoch)
+        or any change of its tensors."""
+        return self._epoch, self.tensors_key()
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha.item():g}, weight={self.weight:g}, enabled={self.enabled}"
@@ -185,22 +214,20 @@ class LoraWrapper(nn.Module):
         """(downs stacked along the rank, ups side by side with each adapter's weight x factor x scale on its
         columns), in the compute dtype. The raw stack is kept apart from the weighting, so a step schedule that
         changes the factors at every step costs one small multiply per layer, not a rebuild."""
-        key = (dtype, *(a.state_key() for a in active))  # one comparison per forward when nothing changed
+        key = (dtype, *[a.state_key() for a in active])  # one comparison per forward when nothing changed
         hit = self._caches.get("pair")
         if hit is not None and hit[0] == key:
             return hit[1]
-        stack_key = (dtype, *((a.serial, tensor_key(a.down), tensor_key(a.up)) for a in active))
+        stack_key = (dtype, *[(a.serial, a.tensors_key()) for a in active])
 
         def stack():
-            return torch.cat([a.down for a in active]).to(dtype), torch.cat([a.up for a in active], dim=1)
+            return torch.cat([a.down for a in active]).to(dtype), torch.cat([a.up for a in active], dim=1).float()
 
         down, up = self._cached("stack", stack_key, stack)
-        factors = [a.effective_weight * a.scale for a in active]
-        with torch.no_grad():
-            columns = [f for a, f in zip(active, factors, strict=True) for _ in range(a.rank)]
-            scales = torch.tensor(columns, dtype=torch.float32, device=up.device)
-            weighted = (up.float() * scales.reshape(-1, *[1] * (up.dim() - 2))).to(dtype)  # (out, R) or (out, R, 1, 1)
-        self._caches["pair"] = (key, (down, weighted))
+        scales = column_scales(tuple((a.effective_weight * a.scale, a.rank) for a in active), up.device)
+        # one kernel: fp32 up x its column's factor, written in the compute dtype (the cached stack needs no grad)
+        weighted = torch.mul(up, scales.view(-1, *[1] * (up.dim() - 2)), out=torch.empty_like(up, dtype=dtype))
+        self._caches["pair"] = (key, (down, weighted))  # (out, R) or (out, R, 1, 1)
         return down, weighted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
