@@ -181,6 +181,36 @@ def flop_ratios(pipe: Pipe, latent: int, width: int, device, dtype) -> dict[str,
             for c in CONFIGS}  # fmt: skip
 
 
+def _call(pipe: Pipe, x, context, adapters: list, i: int) -> None:
+    for adapter in adapters:  # a factor that differs from the last call's
+        adapter.factor = 0.5 + i % 7 / 10
+    pipe.unet(x, 500, encoder_hidden_states=context)
+
+
+def kernel_times(pipe: Pipe, latent: int, width: int, device, dtype, calls: int = 5) -> dict[str, float]:
+    """GPU time of one guided UNet call per configuration: the sum of its kernels' device time (torch.profiler), what
+    a step costs once nothing waits on the CPU (CUDA graphs, torch.compile's reduce-overhead). A scheduled step
+    runs the same kernels as an unscheduled one plus, per layer, the re-weighting that a new factor needs: measured
+    with a new factor before every call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
+    context = torch.randn(2, 77, width, device=device, dtype=dtype)
+    out = {}
+    for config in CONFIGS:
+        scheduled = config == "2 scheduled"  # as the step hook does between steps: a new factor on every layer
+        with configured(pipe, "2 adapters" if scheduled else config), torch.no_grad():
+            adapters = [w.adapters["a"] for _, w in lora_modules(pipe.unet)] if scheduled else []
+            _call(pipe, x, context, adapters, 0)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for i in range(calls):
+                    _call(pipe, x, context, adapters, i + 1)
+                torch.cuda.synchronize()
+        out[config] = sum(e.self_device_time_total for e in prof.key_averages()) / calls / 1e6
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny SD1 pipeline of the tests (seconds)")
@@ -219,18 +249,19 @@ def main(argv=None) -> int:
     first = {c: statistics.median(ts) for c, ts in firsts.items()}
     ratios = {c: median[c] / median["base"] for c in CONFIGS}
     overhead = median["2 scheduled"] / median["2 adapters"]
+    gpu = kernel_times(pipe, latent, width, device, dtype) if device.type == "cuda" else {}
     for c in CONFIGS:
         print(
             f"{c:>17}: {median[c] * 1000:9.1f} ms/step  {ratios[c]:.3f}x base  (FLOPs {flops[c]:.3f}x; first step "
-            f"{first[c] * 1000:.1f} ms)"
+            f"{first[c] * 1000:.1f} ms" + (f"; GPU kernels {gpu[c] * 1000:.2f} ms" if gpu else "") + ")"
         )
     print(f"scheduling overhead (2 scheduled / 2 adapters): {overhead:.3f}x")
     print(f"lora_kit / diffusers+peft, two adapters: {median['2 adapters'] / median['2 diffusers+peft']:.3f}x")
-    write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first, flops)
+    write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first, flops, gpu)
     return 0
 
 
-def write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first, flops) -> None:
+def write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first, flops, gpu) -> None:
     commit = _results.commit()
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
@@ -248,10 +279,12 @@ def write_results(args, steps, rounds, latent, device, dtype, median, ratios, ov
         f"adapters a (rank {4 if args.quick else args.rank}) and b (half); median of {steps} steps x {rounds} "
         f"round(s) per configuration after each loop's first step, interleaved.",
         "",
-        "| configuration | ms / step | x base | FLOPs x base | first step (ms) |",
-        "|---|---|---|---|---|",
+        "| configuration | ms / step | x base | FLOPs x base | first step (ms) |"
+        + (" GPU kernels (ms) | x base |" if gpu else ""),
+        "|---|---|---|---|---|" + ("---|---|" if gpu else ""),
         *[
             f"| {c} | {median[c] * 1000:.1f} | {ratios[c]:.3f} | {flops[c]:.3f} | {first[c] * 1000:.1f} |"
+            + (f" {gpu[c] * 1000:.2f} | {gpu[c] / gpu['base']:.3f} |" if gpu else "")
             for c in CONFIGS
         ],  # fmt: skip
         "",
@@ -260,6 +293,14 @@ def write_results(args, steps, rounds, latent, device, dtype, median, ratios, ov
         f"adapters / the same two in diffusers+peft: **{median['2 adapters'] / median['2 diffusers+peft']:.3f}x**.",
         "",
     ]
+    if gpu:
+        lines += [
+            "GPU kernels: the device time of one guided UNet call's kernels (torch.profiler), what a step costs once "
+            "nothing waits on the CPU; the scheduled row puts a new factor on every layer before each call. By that "
+            f"measure two unfused adapters cost **{gpu['2 adapters'] / gpu['base']:.3f}x** the base and scheduling "
+            f"**{gpu['2 scheduled'] / gpu['2 adapters']:.3f}x** two unfused adapters.",
+            "",
+        ]
     _results.write_section(args.results, lines)
 
 

@@ -41,6 +41,33 @@ def tensor_key(t: torch.Tensor) -> tuple:
         return t.data_ptr(), None
 
 
+_GENERATION = [0]  # bumped by every change a wrapper's fast path cannot see in tensor versions (see LoraWrapper._plan)
+
+
+def _bump() -> None:
+    _GENERATION[0] += 1
+
+
+def _snapshot(tensors: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+class _Adapters(nn.ModuleDict):
+    """The adapter table of a wrapper: adding or removing an adapter is a change the fast path must see."""
+
+    def __setitem__(self, key, module) -> None:
+        super().__setitem__(key, module)
+        _bump()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        _bump()
+
+    def clear(self) -> None:
+        super().clear()
+        _bump()
+
+
 _SCALES: dict[tuple, torch.Tensor] = {}
 
 
@@ -87,6 +114,7 @@ class LoraAdapter(nn.Module):
             self.__dict__["_epoch"] = next(_SERIALS)
             if name in ("down", "up", "alpha"):
                 self.__dict__["_tensor_epoch"] = next(_SERIALS)
+            _bump()
 
     @property
     def rank(self) -> int:
@@ -132,9 +160,24 @@ class LoraWrapper(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.adapters = nn.ModuleDict()
+        self.adapters = _Adapters()
         self.fused = False  # lora_kit.fuse: run the base op on a cached base + deltas weight
         self._caches: dict[str, tuple[tuple, object]] = {}  # kind -> (key, tensors): see _cached
+        # The last inference forward as a ready function, kept while nothing it used changed: the generation (any
+        # adapter's strength, flag or tensor set, adapters added or removed, fuse/unfuse, a move between devices or
+        # dtypes), the input dtype, autocast, and the storage and version of every tensor it read. Checking that
+        # costs a fraction of rebuilding the keys, which matters where a GPU waits on the CPU for every layer.
+        self._plan: tuple | None = None
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "fused":
+            _bump()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        _bump()  # new storage, perhaps a new dtype: nothing cached stays valid
+        return out
 
     # The subclass says how its adapter factors are shaped and applied, and how the base op runs on another weight.
     def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -188,6 +231,7 @@ class LoraWrapper(nn.Module):
     def invalidate(self) -> None:
         """Drop the cached pair / fused weight (needed only after writing adapter tensors through `.data`)."""
         self._caches.clear()
+        self._plan = None
 
     def _cacheable(self, active: list[LoraAdapter]) -> bool:
         """Cached tensors are constants: fine unless a gradient must reach the adapters or dropout draws masks."""
@@ -231,29 +275,56 @@ class LoraWrapper(nn.Module):
         return down, weighted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._plan
+        if (
+            plan is not None
+            and plan[0] == _GENERATION[0]
+            and not (torch.is_grad_enabled() or self.training)
+            and x.dtype == plan[1]
+            and torch.is_autocast_enabled(plan[2]) == plan[3]
+            and _snapshot(plan[4]) == plan[5]
+        ):
+            return plan[6](x)
+        self._plan = None
         active = [a for a in self.adapters.values() if a.enabled and a.weight != 0 and a.factor != 0]
         if not active:
             return self.base(x)
         if self._cacheable(active):
+            kind = x.device.type
+            autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
             if self.fused:
-                return self._base_with(x, self._fused_weight(active))
+                weight = self._fused_weight(active)
+                self._keep_plan(x, kind, autocast, active, [self.base.weight], lambda x: self._base_with(x, weight))
+                return self._base_with(x, weight)
             # inference: whatever the number of adapters, one cached down/up pair in the compute dtype (no fp32
             # copies of the activations), the strengths folded into up, and up's product added to the base output
             # in the same kernel
-            kind = x.device.type
-            autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
             dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
             down, up = self._concatenated(active, dtype)
             y = self.base(x)
             h = self._down(x if x.dtype == dtype else x.to(dtype), down)
             if y.dtype != dtype:  # autocast produced another dtype than asked: no fused add across dtypes
                 return y + self._up(h, up).to(y.dtype)
+            if x.dtype == dtype:
+                base, down_, add_up = self.base, self._down, self._add_up
+                self._keep_plan(x, kind, autocast, active, [], lambda x: add_up(base(x), down_(x, down), up, True))
             return self._add_up(y, h, up, inplace=not torch.is_grad_enabled())
         y = self.base(x)
         for a in active:  # training: fp32 adapters (under autocast the ops run in the autocast dtype)
             h = self._down(a.dropout(x).to(a.down.dtype), a.down) * (a.effective_weight * a.scale)
             y = y + self._up(h, a.up).to(y.dtype)
         return y
+
+    def _keep_plan(self, x, kind: str, autocast: bool, active: list[LoraAdapter], extra: list, run) -> None:
+        """Keep `run` as the fast path of later inference forwards (see _plan)."""
+        if torch.is_grad_enabled() or self.training:
+            return
+        tensors = (*extra, *(t for a in active for t in (a.down, a.up, a.alpha)))
+        try:
+            snapshot = _snapshot(tensors)
+        except RuntimeError:  # a tensor created under inference_mode keeps no version counter: no fast path
+            return
+        self._plan = (_GENERATION[0], x.dtype, kind, autocast, tensors, snapshot, run)
 
 
 class LoraInjectedLinear(LoraWrapper):
@@ -274,6 +345,9 @@ class LoraInjectedLinear(LoraWrapper):
         return F.linear(h, up)
 
     def _add_up(self, y, h, up, inplace):
+        if inplace and y.is_contiguous():  # into y's own memory through a 2-D view of it
+            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+            return y
         y2, h2 = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
         return (y2.addmm_(h2, up.t()) if inplace else torch.addmm(y2, h2, up.t())).view(y.shape)
 

@@ -140,3 +140,54 @@ def test_functional_delta_and_factorize_roundtrip():
     cu, cd = functional.factorize(full, 2)
     assert cu.shape == (6, 2, 1, 1) and cd.shape == (2, 4, 3, 3)
     torch.testing.assert_close(functional.delta(cu, cd), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_inference_fast_path_sees_every_change(fused):
+    """The wrapper keeps its last inference forward as a ready function: each kind of change must reach the output
+    at the next forward."""
+    torch.manual_seed(0)
+    w = LoraInjectedLinear(nn.Linear(8, 5)).eval()
+    for name, rank, seed in (("a", 2, 1), ("b", 3, 2)):
+        w.add_adapter(name, rank, alpha=1.5)
+        _random(w.adapters[name], seed)
+    w.fused = fused
+    x = torch.randn(4, 8)
+
+    def expected(x):  # the formula in float64, from the live tensors (reading them changes nothing)
+        y = F.linear(x.double(), w.base.weight.double(), w.base.bias.double())
+        for a in w.adapters.values():
+            if a.enabled:
+                h = F.linear(F.linear(x.double(), a.down.double()), a.up.double())
+                y = y + a.weight * a.factor * a.alpha.item() / a.rank * h
+        return y
+
+    def check():
+        xx = x.to(w.base.weight.dtype)
+        with torch.no_grad():
+            first, again = w(xx), w(xx)  # the first sees the change; the second runs the kept plan
+        torch.testing.assert_close(first.double(), expected(xx), atol=1e-5, rtol=1e-6)
+        assert torch.equal(first, again)
+
+    check()
+    with torch.no_grad():
+        w.adapters["a"].up.mul_(2)  # in place: the version counter
+    check()
+    w.adapters["b"].weight = 0.3
+    check()
+    w.adapters["a"].factor = -1.0
+    check()
+    w.adapters["b"].enabled = False
+    check()
+    w.add_adapter("c", 1)
+    _random(w.adapters["c"], 3)
+    check()
+    del w.adapters["a"]
+    check()
+    with torch.no_grad():
+        w.adapters["c"].alpha.fill_(4.0)
+    check()
+    w.fused = not fused
+    check()
+    w.to(torch.float64)  # new storage and dtype
+    check()
