@@ -270,7 +270,7 @@ def write_results(args, steps, rounds, latent, device, dtype, median, ratios, ov
     model = "tiny SD1 UNet (tests/conftest.py)" if args.quick else "SD1.5-sized UNet (random weights)"
     command = " ".join(["python bench/inference.py", *args.shown])
     lines = [
-        "## bench/inference.py" + (" (quick)" if args.quick else ""),
+        "## bench/inference.py" + (" (quick)" if args.quick else f" ({device.type}, latents {latent})"),
         "",
         f"`{command}` — {datetime.date.today()}, commit {commit}, {where}, torch {torch.__version__}, "
         f"seed {args.seed}",
