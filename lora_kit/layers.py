@@ -30,7 +30,8 @@ from torch import nn
 from . import functional
 
 _SERIALS = itertools.count()  # adapter identities and epochs that, unlike id(), are never reused within a process
-_WATCHED = frozenset({"weight", "factor", "enabled", "down", "up", "alpha"})  # what LoraAdapter.state_key follows
+_PLAIN = frozenset({"weight", "factor", "enabled"})  # LoraAdapter's plain Python attributes
+_WATCHED = _PLAIN | {"down", "up", "alpha"}  # what LoraAdapter.state_key follows
 
 
 def tensor_key(t: torch.Tensor) -> tuple:
@@ -74,14 +75,16 @@ _SCALES: dict[tuple, torch.Tensor] = {}
 def column_scales(factors: tuple[tuple[float, int], ...], device: torch.device) -> torch.Tensor:
     """The fp32 vector of each rank column's factor, for ((factor, rank), ...) of the active adapters in order.
     Shared by every layer with the same adapters: a step schedule moves the factors at each step, and one copy to
-    the device per step (which waits for the device) is cheap where one per layer would stall every layer."""
+    the device per step is cheap where one per layer would not be."""
     key = (factors, device)
     scales = _SCALES.get(key)
     if scales is None:
         if len(_SCALES) >= 64:
             _SCALES.clear()
-        columns = [f for f, rank in factors for _ in range(rank)]
-        scales = _SCALES[key] = torch.tensor(columns, dtype=torch.float32, device=device)
+        scales = torch.tensor([f for f, rank in factors for _ in range(rank)], dtype=torch.float32)
+        if device.type == "cuda":  # from pinned memory, without waiting: the GPU keeps running the last step
+            scales = scales.pin_memory().to(device, non_blocking=True)
+        _SCALES[key] = scales = scales.to(device)
     return scales
 
 
@@ -109,7 +112,10 @@ class LoraAdapter(nn.Module):
         self._scale: tuple[tuple, float] | None = None
 
     def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
+        if name in _PLAIN:  # a step schedule sets factors on every layer at every step: skip nn.Module's checks
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
         if name in _WATCHED:  # a new strength, flag or tensor: a new epoch (a new tensor: a new tensor epoch too)
             self.__dict__["_epoch"] = next(_SERIALS)
             if name in ("down", "up", "alpha"):
