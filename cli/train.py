@@ -46,7 +46,7 @@ HELP = {
     "shuffle_captions": "Shuffle comma-separated tags after the first --keep-tokens. [off]",
     "keep_tokens": "Tags kept in place when shuffling. [0]",
     "clip_skip": "2 = condition on the penultimate CLIP layer (SD1/SD2). [1]",
-    "class_prompt": "DreamBooth: the class prompt, e.g. 'a photo of a dog'.",
+    "class_prompt": "DreamBooth (pivotal too, when given): the class prompt, e.g. 'a photo of a dog'.",
     "class_data": "DreamBooth: folder of class images (made by the base model when short). [<output>-class-images]",
     "num_class_images": "DreamBooth: number of class images. [100]",
     "prior_loss_weight": "DreamBooth: weight of the class (prior) loss. [1.0]",

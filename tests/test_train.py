@@ -95,6 +95,20 @@ def test_each_mode_writes_files_diffusers_loads(models, data, tmp_path, arch, mo
         assert len(list((tmp_path / "out-class-images").glob("*.png"))) == 2
 
 
+@pytest.mark.slow
+def test_pivotal_takes_prior_preservation_when_given_a_class_prompt(models, data, tmp_path):
+    trained = {}
+    for name, extra in (("plain", {}), ("prior", {"class_prompt": "a photo of a dog"})):
+        (tmp_path / name).mkdir()
+        cfg = config(models, data, tmp_path / name, mode="pivotal", token="<sks>", ti_steps=1, **extra)
+        loop.train(cfg)
+        trained[name] = files.load(cfg.output)[0]
+    assert len(list((tmp_path / "prior" / "out-class-images").glob("*.png"))) == 2
+    assert not (tmp_path / "plain" / "out-class-images").exists()
+    plain, prior = trained["plain"], trained["prior"]
+    assert plain.keys() == prior.keys() and any(not torch.equal(plain[k], prior[k]) for k in plain)
+
+
 def _eval_loss(cfg, pipe) -> float:
     """The loss on the training images at fixed timesteps and noise (independent of the training RNG)."""
     return fixed_noise_loss(cfg, pipe, [(t, t) for t in (100, 300, 500, 700)])

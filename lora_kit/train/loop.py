@@ -219,7 +219,9 @@ def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) 
     pipe.to(accelerator.device)
     backbone = Backbone(pipe, cfg.clip_skip)
     cfg = for_architecture(cfg, backbone)
-    prior_examples = class_examples(cfg, pipe, accelerator) if cfg.mode == "dreambooth" else []
+    # DreamBooth's prior preservation; pivotal tuning takes it too when given a class prompt
+    prior = cfg.mode == "dreambooth" or (cfg.mode == "pivotal" and cfg.class_prompt)
+    prior_examples = class_examples(cfg, pipe, accelerator) if prior else []
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process and every rerun
     recipe = build(cfg, pipe)
     if cfg.gradient_checkpointing:
