@@ -290,7 +290,7 @@ class LoraWrapper(nn.Module):
             and torch.is_autocast_enabled(plan[2]) == plan[3]
             and _snapshot(plan[4]) == plan[5]
         ):
-            return plan[6](x)
+            return plan[6](self, x)
         self._plan = None
         active = [a for a in self.adapters.values() if a.enabled and a.weight != 0 and a.factor != 0]
         if not active:
@@ -300,7 +300,7 @@ class LoraWrapper(nn.Module):
             autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
             if self.fused:
                 weight = self._fused_weight(active)
-                self._keep_plan(x, kind, autocast, active, [self.base.weight], lambda x: self._base_with(x, weight))
+                self._keep_plan(x, kind, autocast, active, [self.base.weight], lambda m, x: m._base_with(x, weight))
                 return self._base_with(x, weight)
             # inference: whatever the number of adapters, one cached down/up pair in the compute dtype (no fp32
             # copies of the activations), the strengths folded into up, and up's product added to the base output
@@ -311,9 +311,10 @@ class LoraWrapper(nn.Module):
             h = self._down(x if x.dtype == dtype else x.to(dtype), down)
             if y.dtype != dtype:  # autocast produced another dtype than asked: no fused add across dtypes
                 return y + self._up(h, up).to(y.dtype)
-            if x.dtype == dtype:
-                base, down_, add_up = self.base, self._down, self._add_up
-                self._keep_plan(x, kind, autocast, active, [], lambda x: add_up(base(x), down_(x, down), up, True))
+            if x.dtype == dtype:  # (the plan takes the module as an argument: no reference cycle through it)
+                self._keep_plan(
+                    x, kind, autocast, active, [], lambda m, x: m._add_up(m.base(x), m._down(x, down), up, True)
+                )
             return self._add_up(y, h, up, inplace=not torch.is_grad_enabled())
         y = self.base(x)
         for a in active:  # training: fp32 adapters (under autocast the ops run in the autocast dtype)

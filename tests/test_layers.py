@@ -191,3 +191,24 @@ def test_inference_fast_path_sees_every_change(fused):
     check()
     w.to(torch.float64)  # new storage and dtype
     check()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_inference_plan_keeps_no_reference_cycle(fused):
+    """A wrapper whose plan is kept is freed by reference counting alone (GPU memory returns at `del pipe`)."""
+    import gc
+    import weakref
+
+    w = LoraInjectedLinear(nn.Linear(8, 5)).eval()
+    _random(w.add_adapter("a", 2), 1)
+    w.fused = fused
+    with torch.no_grad():
+        w(torch.randn(3, 8)), w(torch.randn(3, 8))
+    assert w._plan is not None
+    ref = weakref.ref(w)
+    gc.disable()
+    try:
+        del w
+        assert ref() is None
+    finally:
+        gc.enable()
