@@ -46,7 +46,9 @@ HELP = {
     "shuffle_captions": "Shuffle comma-separated tags after the first --keep-tokens. [off]",
     "keep_tokens": "Tags kept in place when shuffling. [0]",
     "clip_skip": "2 = condition on the penultimate CLIP layer (SD1/SD2). [1]",
-    "class_prompt": "DreamBooth (pivotal too, when given): the class prompt, e.g. 'a photo of a dog'.",
+    "class_prompt": "DreamBooth (pivotal too, when given): the class prompt, e.g. 'a photo of a dog'; several, "
+    "separated by '|', make a varied class set (image i takes prompt i mod n).",
+    "class_guidance": "DreamBooth: guidance scale of the generated class images. [the pipeline's default]",
     "class_data": "DreamBooth: folder of class images (made by the base model when short). [<output>-class-images]",
     "num_class_images": "DreamBooth: number of class images. [100]",
     "prior_loss_weight": "DreamBooth: weight of the class (prior) loss. [1.0]",

@@ -4,6 +4,7 @@ matches its formulas, textual inversion touches only its rows, resume is bit-exa
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -107,6 +108,26 @@ def test_pivotal_takes_prior_preservation_when_given_a_class_prompt(models, data
     assert not (tmp_path / "plain" / "out-class-images").exists()
     plain, prior = trained["plain"], trained["prior"]
     assert plain.keys() == prior.keys() and any(not torch.equal(plain[k], prior[k]) for k in plain)
+
+
+def test_several_class_prompts_and_the_class_guidance(make_pipe, models, data, tmp_path):
+    from accelerate import Accelerator
+
+    from lora_kit.train.prior import class_examples
+
+    pipe = make_pipe("sd1")
+    made = {}
+    for name, guidance in (("default", None), ("g1", 1.0)):
+        cfg = config(models, data, tmp_path, mode="dreambooth", class_prompt="a photo of a dog | a red cat|",
+                     num_class_images=3, class_guidance=guidance, class_data=str(tmp_path / name))  # fmt: skip
+        examples = class_examples(cfg, pipe, Accelerator(cpu=True))
+        assert [ex.caption for ex in examples] == ["a photo of a dog", "a red cat", "a photo of a dog"]
+        assert [(tmp_path / name / f"class-{i:05d}.txt").read_text() for i in range(3)] == [
+            ex.caption for ex in examples
+        ]
+        made[name] = [np.asarray(Image.open(ex.image)) for ex in examples]
+    # guidance 1 is the conditional prediction alone: other images than the pipeline's default 7.5
+    assert not np.array_equal(made["default"][0], made["g1"][0])
 
 
 def _eval_loss(cfg, pipe) -> float:
@@ -234,6 +255,7 @@ def test_cli_bad_inputs(models, data, tmp_path):
         (["--data", str(orphan)], "caption file without an image"),
         (["--data", str(broken)], "none of the 1 images could be read"),
         (["--data", str(data), "--mode", "dreambooth"], "needs class_prompt"),
+        (["--data", str(data), "--mode", "dreambooth", "--class-prompt", " | "], "names no prompt"),
         (["--data", str(data), "--mode", "textual-inversion", "--token", "dog</w>"], "already exists"),
         (["--data", str(data), "--mode", "bogus"], "mode='bogus'"),
         (["--data", str(data), "--resume", str(tmp_path)], "not a lora-train checkpoint"),

@@ -67,7 +67,8 @@ class TrainConfig:
     keep_tokens: int = 0
     clip_skip: int = 1  # 2 = penultimate CLIP layer (SD1 anime models)
     # dreambooth
-    class_prompt: str | None = None
+    class_prompt: str | None = None  # several, separated by "|": class image i takes prompt i mod n
+    class_guidance: float | None = None  # guidance scale of the class images (None: the pipeline's default)
     class_data: str | None = None  # default: <output stem>-class-images/
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
@@ -115,6 +116,8 @@ class TrainConfig:
             bad("min_snr_gamma", "it must be positive (or unset)")
         if self.mode in ("textual-inversion", "pivotal") and not self.token:
             raise LoraKitError(f"config mode={self.mode!r} needs token (the new word to learn, e.g. '<sks>')")
+        if self.class_prompt and not any(p.strip() for p in self.class_prompt.split("|")):
+            bad("class_prompt", "it names no prompt")
         if self.mode == "dreambooth" and not self.class_prompt:
             raise LoraKitError("config mode='dreambooth' needs class_prompt (e.g. 'a photo of a dog')")
         if self.mode == "pivotal" and self.ti_steps >= self.steps:
