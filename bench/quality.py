@@ -64,12 +64,19 @@ def instance_data(folder: Path, n: int, word: str) -> Path:
 
 
 INIT_WORD = "circle"  # the subject's class: new tokens start from its embedding
+# DreamBooth's class prompts: circles of every colour, each on three backgrounds, as the base's own captions read
+# (they always name a colour); the prior-preservation metric asks for such circles
+_NAMES = list(generate.COLOURS)
+CLASS_PROMPTS = "|".join(
+    f"a {c} circle on a {_NAMES[(i + k) % len(_NAMES)]} background" for i, c in enumerate(_NAMES) for k in (1, 3, 5)
+)
 PEERS = {"peft": "lora", "peft-dreambooth": "dreambooth", "diffusers-ti": "textual-inversion"}  # peer -> its mode
 
 
 def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: int, lr: float, resolution: int,
-               token: str, targets: str = "kohya", class_cfg=None) -> None:  # fmt: skip
-    """The diffusers way, written as its training examples do it: plain DDPM epsilon MSE, AdamW, batch 1.
+               token: str, targets: str = "kohya", class_cfg=None, batch_size: int = 1) -> None:  # fmt: skip
+    """The diffusers way, written as its training examples do it: plain DDPM epsilon MSE, AdamW, `batch_size`
+    instance images per step (and as many class images with the prior loss).
 
     peft: peft LoRA on the layers of lora_kit's `targets` preset (train_text_to_image_lora); peft-dreambooth: the
     same plus a class image per step and the prior loss (train_dreambooth_lora), on lora_kit's class images;
@@ -109,21 +116,21 @@ def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: i
     sets = [scan(data)[0]]
     if kind == "peft-dreambooth":
         sets.append(class_examples(class_cfg, pipe, Accelerator(cpu=True)))
-    plans = [Plan(examples, 1, resolution, 8, seed=i) for i, examples in enumerate(sets)]
+    plans = [Plan(examples, batch_size, resolution, 8, seed=i) for i, examples in enumerate(sets)]
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
         loss = 0.0
-        for examples, plan in zip(sets, plans, strict=True):  # the instance image, then a class image (prior loss)
-            index = plan.batch(step)[0]
-            pixels, _ = load(examples[index], plan.sizes[index], False)
+        for examples, plan in zip(sets, plans, strict=True):  # the instance images, then class images (prior loss)
+            batch = plan.batch(step)
+            pixels = torch.stack([load(examples[i], plan.sizes[i], False)[0] for i in batch])
             with torch.no_grad():
-                latents = pipe.vae.encode(pixels[None]).latent_dist.sample(g) * pipe.vae.config.scaling_factor
-            tokens = pipe.tokenizer([examples[index].caption], padding="max_length", truncation=True,
+                latents = pipe.vae.encode(pixels).latent_dist.sample(g) * pipe.vae.config.scaling_factor
+            tokens = pipe.tokenizer([examples[i].caption for i in batch], padding="max_length", truncation=True,
                                     max_length=pipe.tokenizer.model_max_length, return_tensors="pt")  # fmt: skip
             with torch.set_grad_enabled(kind == "diffusers-ti"):
                 cond = pipe.text_encoder(tokens.input_ids).last_hidden_state
             noise = torch.randn(latents.shape, generator=g)
-            t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=g)
             pred = pipe.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
             loss = loss + torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -205,10 +212,12 @@ class Budget:
     lr: float = 2e-3
     rank: int = 8
     targets: str = "kohya"
-    batch_size: int = 1
+    batch_size: int = 8
     ti_lr: float = 5e-3
-    class_prompt: str = "a circle on a blue background"
-    num_class_images: int = 10
+    instance_images: int = 10
+    class_prompt: str = CLASS_PROMPTS
+    num_class_images: int = 24
+    class_guidance: float = 4.0
 
     def config(self, model: str, data: Path, out: Path, mode: str, token: str, class_data: Path, sample_steps: int):
         from lora_kit.train.config import TrainConfig
@@ -217,7 +226,8 @@ class Budget:
                            lr=self.lr, targets=self.targets, resolution=64, batch_size=self.batch_size,
                            ti_lr=self.ti_lr, token=token if "<" in token else None, init_token=INIT_WORD,
                            ti_steps=self.steps // 10 if mode == "pivotal" else 0, class_prompt=self.class_prompt,
-                           num_class_images=self.num_class_images, class_data=str(class_data),
+                           num_class_images=self.num_class_images, class_guidance=self.class_guidance,
+                           class_data=str(class_data),
                            validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
 
 
@@ -233,12 +243,13 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
     for mode in modes:
         kind = PEERS.get(mode, mode)  # a peer is scored like the mode it stands beside
         token = "<sks>" if kind in ("textual-inversion", "pivotal") else "sks"
-        data = instance_data(work / f"data-{mode}", 5, token)
+        data = instance_data(work / f"data-{mode}", budget.instance_images, token)
         out = work / f"{mode}.safetensors"
         cfg = budget.config(model, data, out, kind, token, work / "class-images", sample_steps)
         if mode in PEERS:
             lr = budget.ti_lr if kind == "textual-inversion" else budget.lr
-            peer_train(mode, model, data, out, budget.steps, budget.rank, lr, 64, token, budget.targets, class_cfg=cfg)
+            peer_train(mode, model, data, out, budget.steps, budget.rank, lr, 64, token, budget.targets, class_cfg=cfg,
+                       batch_size=budget.batch_size)  # fmt: skip
         else:
             train(cfg)
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
@@ -253,6 +264,11 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
         figure.append(shown)
         log(f"{mode}: " + ", ".join(f"{k} {h}/{n}" for k, (h, n) in rows[mode].items()))
     return rows, figure
+
+
+def shown_prompts(class_prompt: str) -> str:
+    prompts = [p.strip() for p in class_prompt.split("|") if p.strip()]
+    return repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts ({prompts[0]!r}, ...)"
 
 
 def share(k: int, n: int) -> str:
@@ -291,8 +307,9 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
     if rows:
         lines += [f"Each mode at {b.steps} steps (batch {b.batch_size}, rank {b.rank}, targets {b.targets}, "
                   f"lr {b.lr:g}, embedding lr {b.ti_lr:g}, pivotal: embeddings alone for the first {b.steps // 10}; "
-                  f"5 instance images; DreamBooth: {b.num_class_images} class images of {b.class_prompt!r}; "
-                  "the peers train at batch 1):", "",
+                  f"{b.instance_images} instance images; DreamBooth and pivotal: {b.num_class_images} class images "
+                  f"(guidance {b.class_guidance:g}) of {shown_prompts(b.class_prompt)}; "
+                  "the peers alike):", "",
                   "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
         for mode, scores in rows.items():
             cells = " | ".join(share(*scores[name]) for name in ("fidelity", "prior", "compose"))
