@@ -120,7 +120,7 @@ def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: i
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
         loss = 0.0
-        for examples, plan in zip(sets, plans, strict=True):  # the instance images, then class images (prior loss)
+        for k, (examples, plan) in enumerate(zip(sets, plans, strict=True)):  # instance images, then class images
             batch = plan.batch(step)
             pixels = torch.stack([load(examples[i], plan.sizes[i], False)[0] for i in batch])
             with torch.no_grad():
@@ -132,7 +132,8 @@ def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: i
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=g)
             pred = pipe.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
-            loss = loss + torch.nn.functional.mse_loss(pred, noise)
+            weight = class_cfg.prior_loss_weight if k else 1.0  # the prior loss, as train_dreambooth_lora weighs it
+            loss = loss + weight * torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -218,6 +219,7 @@ class Budget:
     class_prompt: str = CLASS_PROMPTS
     num_class_images: int = 24
     class_guidance: float = 4.0
+    prior_loss_weight: float = 1.0
 
     def config(self, model: str, data: Path, out: Path, mode: str, token: str, class_data: Path, sample_steps: int):
         from lora_kit.train.config import TrainConfig
@@ -227,6 +229,7 @@ class Budget:
                            ti_lr=self.ti_lr, token=token if "<" in token else None, init_token=INIT_WORD,
                            ti_steps=self.steps // 10 if mode == "pivotal" else 0, class_prompt=self.class_prompt,
                            num_class_images=self.num_class_images, class_guidance=self.class_guidance,
+                           prior_loss_weight=self.prior_loss_weight,
                            class_data=str(class_data),
                            validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
 
@@ -308,7 +311,8 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
         lines += [f"Each mode at {b.steps} steps (batch {b.batch_size}, rank {b.rank}, targets {b.targets}, "
                   f"lr {b.lr:g}, embedding lr {b.ti_lr:g}, pivotal: embeddings alone for the first {b.steps // 10}; "
                   f"{b.instance_images} instance images; DreamBooth and pivotal: {b.num_class_images} class images "
-                  f"(guidance {b.class_guidance:g}) of {shown_prompts(b.class_prompt)}; "
+                  f"(guidance {b.class_guidance:g}) of {shown_prompts(b.class_prompt)}, prior loss weight "
+                  f"{b.prior_loss_weight:g}; "
                   "the peers alike):", "",
                   "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
         for mode, scores in rows.items():
