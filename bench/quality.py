@@ -270,7 +270,9 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
 
 
 def shown_prompts(class_prompt: str) -> str:
-    prompts = [p.strip() for p in class_prompt.split("|") if p.strip()]
+    from lora_kit.train.config import split_prompts
+
+    prompts = split_prompts(class_prompt)
     return repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts ({prompts[0]!r}, ...)"
 
 

@@ -21,6 +21,11 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 
 
+def split_prompts(text: str) -> list[str]:
+    """Several prompts written as one: "a|b|c" -> ["a", "b", "c"] (blank ones dropped)."""
+    return [p.strip() for p in text.split("|") if p.strip()]
+
+
 @dataclass
 class TrainConfig:
     model: str = ""  # diffusers folder or hub id
@@ -116,7 +121,7 @@ class TrainConfig:
             bad("min_snr_gamma", "it must be positive (or unset)")
         if self.mode in ("textual-inversion", "pivotal") and not self.token:
             raise LoraKitError(f"config mode={self.mode!r} needs token (the new word to learn, e.g. '<sks>')")
-        if self.class_prompt and not any(p.strip() for p in self.class_prompt.split("|")):
+        if self.class_prompt and not split_prompts(self.class_prompt):
             bad("class_prompt", "it names no prompt")
         if self.mode == "dreambooth" and not self.class_prompt:
             raise LoraKitError("config mode='dreambooth' needs class_prompt (e.g. 'a photo of a dog')")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, split_prompts
 from .data import Example, scan
 
 
@@ -23,18 +23,13 @@ def class_folder(cfg: TrainConfig) -> Path:
     return out.with_name(out.stem + "-class-images")
 
 
-def class_prompts(cfg: TrainConfig) -> list[str]:
-    """The class prompts: `class_prompt` split at "|"."""
-    return [p.strip() for p in cfg.class_prompt.split("|") if p.strip()]
-
-
 def class_examples(cfg: TrainConfig, pipe, accelerator) -> list[Example]:
     """Make sure `num_class_images` class images exist (generating the missing ones), then return them."""
     from tqdm import tqdm
 
     folder = class_folder(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    prompts = class_prompts(cfg)
+    prompts = split_prompts(cfg.class_prompt)
     guidance = {} if cfg.class_guidance is None else {"guidance_scale": cfg.class_guidance}
     missing = [i for i in range(cfg.num_class_images) if not (folder / f"class-{i:05d}.png").exists()]
     if missing and accelerator.is_main_process:
