@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -190,6 +191,20 @@ def enable_lora(model: nn.Module, name: str | None = None, enabled: bool = True)
         for n, adapter in wrapper.adapters.items():
             if name is None or n == name:
                 adapter.enabled = enabled
+
+
+@contextmanager
+def lora_disabled(*models: nn.Module) -> Iterator[None]:
+    """Inside the block the models compute as their bases: every enabled adapter is switched off, and exactly those
+    are switched back on afterwards."""
+    switched = [a for m in models for _, w in lora_modules(m) for a in w.adapters.values() if a.enabled]
+    for adapter in switched:
+        adapter.enabled = False
+    try:
+        yield
+    finally:
+        for adapter in switched:
+            adapter.enabled = True
 
 
 def extract_lora_ups_down(model: nn.Module, name: str | None = None) -> Iterator[tuple[nn.Parameter, nn.Parameter]]:

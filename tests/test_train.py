@@ -130,6 +130,51 @@ def test_several_class_prompts_and_the_class_guidance(make_pipe, models, data, t
     assert not np.array_equal(made["default"][0], made["g1"][0])
 
 
+def test_pivotal_class_images_keep_their_own_captions(models, data, tmp_path, monkeypatch):
+    """The new token goes in front of instance captions only: a class image trained as '<sks> a photo of a dog'
+    would teach the token to be a plain dog and leave the class prompt itself unprotected."""
+    from lora_kit.train.backbone import Backbone
+
+    seen = []
+    real = Backbone.encode_text
+    monkeypatch.setattr(Backbone, "encode_text", lambda self, captions: seen.extend(captions) or real(self, captions))
+    cfg = config(models, data, tmp_path, mode="pivotal", token="<sks>", ti_steps=1, class_prompt="a photo of a dog")
+    loop.train(cfg)
+    assert "a photo of a dog" in seen and "<sks> a photo of a dog" not in seen
+    assert all("<sks>" in c for c in seen if "dog" in c and c != "a photo of a dog")
+
+
+def test_prior_target_base_is_the_base_models_own_prediction(make_pipe, models, data, tmp_path):
+    """prior_target='base': the class loss is the distance to what the base model (every adapter off, text encoder
+    too) predicts on the same noisy latents and caption; the adapters are back on afterwards."""
+    from conftest import randomize_adapters
+
+    from lora_kit.train.backbone import Backbone
+    from lora_kit.train.data import Plan, scan
+
+    pipe, base = make_pipe("sd1"), make_pipe("sd1")
+    lora_kit.inject_lora(pipe.unet, "kohya", rank=4)
+    lora_kit.inject_lora(pipe.text_encoder, "clip-attn", rank=4)
+    randomize_adapters(pipe.unet)
+    randomize_adapters(pipe.text_encoder, seed=1)
+    cfg = config(models, data, tmp_path, mode="dreambooth", class_prompt="a photo of a dog", prior_target="base")
+    backbone, base_backbone = Backbone(pipe), Backbone(base)
+    examples, _ = scan(cfg.data)
+    batcher = loop.Batcher(cfg, backbone, examples, Plan(examples, 2, 32, backbone.size_step, 0), cache_text=False)
+    batch = batcher.batch([0, 1], [0, 1], (3, 0), prior=True)
+    with torch.no_grad():
+        got = loop.per_sample_loss(cfg, backbone, batcher, batch, base_target=True)
+        noisy, t, noise = backbone.noising(batch["x0"], batch["noise"], batch["timesteps"])
+        adapted = backbone.predict(noisy, t, backbone.encode_text(batch["captions"]), batch["size"])
+        want = base_backbone.predict(noisy, t, base_backbone.encode_text(batch["captions"]), batch["size"])
+        classic = loop.per_sample_loss(cfg, backbone, batcher, batch)
+    torch.testing.assert_close(got, (adapted - want).square().flatten(1).mean(1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(classic, (adapted - noise).square().flatten(1).mean(1), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(adapted, want, atol=1e-3)  # the adapters matter, so the test could fail
+    with pytest.raises(LoraKitError, match="prior_target"):
+        config(models, data, tmp_path, prior_target="noise")
+
+
 def _eval_loss(cfg, pipe) -> float:
     """The loss on the training images at fixed timesteps and noise (independent of the training RNG)."""
     return fixed_noise_loss(cfg, pipe, [(t, t) for t in (100, 300, 500, 700)])

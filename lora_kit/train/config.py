@@ -19,6 +19,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
+PRIOR_TARGETS = ("images", "base")
 
 
 def split_prompts(text: str) -> list[str]:
@@ -77,6 +78,7 @@ class TrainConfig:
     class_data: str | None = None  # default: <output stem>-class-images/
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
+    prior_target: str = "images"  # images: the class images' own noise (DreamBooth); base: the base model's prediction
     # textual inversion / pivotal
     token: str | None = None
     init_token: str | None = None  # initialise the new vectors from this word's embedding
@@ -100,7 +102,8 @@ class TrainConfig:
             raise LoraKitError(f"config {name}={value!r} is not allowed; {allowed}")
 
         for name, allowed in (("mode", MODES), ("lr_scheduler", SCHEDULERS), ("mixed_precision", PRECISIONS),
-                              ("optimizer", OPTIMIZERS), ("save_dtype", SAVE_DTYPES)):  # fmt: skip
+                              ("optimizer", OPTIMIZERS), ("save_dtype", SAVE_DTYPES),
+                              ("prior_target", PRIOR_TARGETS)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 bad(name, f"choose one of {', '.join(allowed)}")
         for name in ("steps", "batch_size", "grad_accum", "resolution", "num_vectors"):

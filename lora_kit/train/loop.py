@@ -20,6 +20,7 @@ import torch
 
 from ..embeddings import expand
 from ..errors import LoraKitError
+from ..inject import lora_disabled
 from . import objective
 from .backbone import Backbone
 from .callbacks import default_callbacks
@@ -46,7 +47,7 @@ class Batcher:
             self.latents[key] = (mean, std)
         return self.latents[key]
 
-    def caption(self, text: str, r) -> str:
+    def caption(self, text: str, r, prior: bool = False) -> str:
         cfg = self.cfg
         if cfg.caption_dropout and r.random() < cfg.caption_dropout:
             return ""
@@ -55,9 +56,9 @@ class Batcher:
             head, tail = tags[: cfg.keep_tokens], tags[cfg.keep_tokens :]
             r.shuffle(tail)
             text = ", ".join(head + tail)
-        if cfg.mode in ("textual-inversion", "pivotal"):
-            # the new token must be in the caption to learn anything; a multi-vector token is spelled out as its
-            # tokenizer entries (<tok> <tok>_1 ...), as diffusers does at inference
+        if cfg.mode in ("textual-inversion", "pivotal") and not prior:
+            # the new token must be in the caption to learn anything (class images keep their own captions); a
+            # multi-vector token is spelled out as its tokenizer entries (<tok> <tok>_1 ...), as diffusers does
             if cfg.token not in text.split():
                 text = f"{cfg.token} {text}".strip()
             text = " ".join(
@@ -86,7 +87,7 @@ class Batcher:
             mean, std = self.latent_dist(i, flip)
             g = torch_generator(cfg.seed, *step_key, pos, int(prior), 1)
             latents.append(mean + std * torch.randn(mean.shape, generator=g))
-            captions.append(self.caption(self.examples[i].caption, r))
+            captions.append(self.caption(self.examples[i].caption, r, prior))
             mask = None
             if self.examples[i].mask is not None:
                 mask = load(self.examples[i], self.plan.sizes[i], flip)[1]
@@ -107,8 +108,15 @@ class Batcher:
         }  # fmt: skip
 
 
-def per_sample_loss(cfg: TrainConfig, backbone: Backbone, batcher: Batcher, batch: dict) -> torch.Tensor:
+def per_sample_loss(cfg: TrainConfig, backbone: Backbone, batcher: Batcher, batch: dict,
+                    base_target: bool = False) -> torch.Tensor:  # fmt: skip
+    """Per-sample loss of one micro-batch. With `base_target` the target is the base model's own prediction (every
+    adapter off) on the same noisy input and caption, instead of the noise: prior preservation by distillation."""
     noisy, model_timesteps, target = backbone.noising(batch["x0"], batch["noise"], batch["timesteps"])
+    if base_target:
+        modules = [m for m in backbone.pipe.components.values() if isinstance(m, torch.nn.Module)]
+        with torch.no_grad(), lora_disabled(*modules):
+            target = backbone.predict(noisy, model_timesteps, batcher.encode(batch["captions"]), batch["size"])
     cond = batcher.encode(batch["captions"])
     pred = backbone.predict(noisy, model_timesteps, cond, batch["size"])
     losses = objective.per_sample_mse(pred, target, batch["weights"])
@@ -259,7 +267,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) 
                 if prior_plan is not None:
                     prior_idx = prior_plan.batch(step * cfg.grad_accum + micro)
                     pbatch = prior_batcher.batch([prior_idx[p] for p in positions], positions, key, prior=True)
-                    losses = torch.cat([losses, per_sample_loss(cfg, backbone, prior_batcher, pbatch)])
+                    base_target = cfg.prior_target == "base"
+                    losses = torch.cat([losses, per_sample_loss(cfg, backbone, prior_batcher, pbatch, base_target)])
                     is_prior = torch.cat([is_prior, pbatch["prior"]])
             loss = objective.combine(losses, is_prior, cfg.prior_loss_weight)
             accelerator.backward(loss / cfg.grad_accum)
