@@ -74,12 +74,14 @@ PEERS = {"peft": "lora", "peft-dreambooth": "dreambooth", "diffusers-ti": "textu
 
 
 def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: int, lr: float, resolution: int,
-               token: str, targets: str = "kohya", class_cfg=None, batch_size: int = 1) -> None:  # fmt: skip
+               token: str, targets: str = "kohya", class_cfg=None, batch_size: int = 1,
+               text_encoder_rank: int = 0) -> None:  # fmt: skip
     """The diffusers way, written as its training examples do it: plain DDPM epsilon MSE, AdamW, `batch_size`
     instance images per step (and as many class images with the prior loss).
 
     peft: peft LoRA on the layers of lora_kit's `targets` preset (train_text_to_image_lora); peft-dreambooth: the
-    same plus a class image per step and the prior loss (train_dreambooth_lora), on lora_kit's class images;
+    same plus a class image per step and the prior loss (train_dreambooth_lora), on lora_kit's class images; with
+    `text_encoder_rank`, both also train peft LoRA on the text encoder's attention (--train_text_encoder);
     diffusers-ti: a new token whose embedding row alone trains, every other row put back after each step
     (textual_inversion.py), saved as learned_embeds for `load_textual_inversion`."""
     from accelerate import Accelerator
@@ -110,7 +112,11 @@ def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: i
         layers = find_targets(pipe.unet, targets)  # the same layers lora_kit trains
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=layers, init_lora_weights="gaussian")
         pipe.unet.add_adapter(config)
-        params = [p for p in pipe.unet.parameters() if p.requires_grad]
+        if text_encoder_rank:
+            te_config = LoraConfig(r=text_encoder_rank, lora_alpha=text_encoder_rank, init_lora_weights="gaussian",
+                                   target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])  # fmt: skip
+            pipe.text_encoder.add_adapter(te_config)
+        params = [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     sets = [scan(data)[0]]
@@ -127,7 +133,7 @@ def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: i
                 latents = pipe.vae.encode(pixels).latent_dist.sample(g) * pipe.vae.config.scaling_factor
             tokens = pipe.tokenizer([examples[i].caption for i in batch], padding="max_length", truncation=True,
                                     max_length=pipe.tokenizer.model_max_length, return_tensors="pt")  # fmt: skip
-            with torch.set_grad_enabled(kind == "diffusers-ti"):
+            with torch.set_grad_enabled(kind == "diffusers-ti" or bool(text_encoder_rank)):
                 cond = pipe.text_encoder(tokens.input_ids).last_hidden_state
             noise = torch.randn(latents.shape, generator=g)
             t = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=g)
@@ -144,8 +150,9 @@ def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: i
     if kind == "diffusers-ti":
         save_file({token: emb.detach()[new].clone()[None]}, str(out))
     else:
+        te = {"text_encoder_lora_layers": get_peft_model_state_dict(pipe.text_encoder)} if text_encoder_rank else {}
         type(pipe).save_lora_weights(out.parent, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-                                     weight_name=out.name)  # fmt: skip
+                                     weight_name=out.name, **te)  # fmt: skip
 
 
 def render(pipe, prompts: list[str], steps: int, guidance: float, seed: int, chunk: int = 16) -> list:
@@ -220,6 +227,8 @@ class Budget:
     num_class_images: int = 24
     class_guidance: float = 4.0
     prior_loss_weight: float = 1.0
+    prior_target: str = "base"  # lora-train's --prior-target (the peer DreamBooth keeps diffusers' noise target)
+    text_encoder_rank: int = 4  # LoRA on the text encoder's attention too (not textual inversion), peers alike
 
     def config(self, model: str, data: Path, out: Path, mode: str, token: str, class_data: Path, sample_steps: int):
         from lora_kit.train.config import TrainConfig
@@ -229,7 +238,8 @@ class Budget:
                            ti_lr=self.ti_lr, token=token if "<" in token else None, init_token=INIT_WORD,
                            ti_steps=self.steps // 10 if mode == "pivotal" else 0, class_prompt=self.class_prompt,
                            num_class_images=self.num_class_images, class_guidance=self.class_guidance,
-                           prior_loss_weight=self.prior_loss_weight,
+                           prior_loss_weight=self.prior_loss_weight, prior_target=self.prior_target,
+                           text_encoder_rank=self.text_encoder_rank if mode != "textual-inversion" else 0,
                            class_data=str(class_data),
                            validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
 
@@ -252,7 +262,7 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
         if mode in PEERS:
             lr = budget.ti_lr if kind == "textual-inversion" else budget.lr
             peer_train(mode, model, data, out, budget.steps, budget.rank, lr, 64, token, budget.targets, class_cfg=cfg,
-                       batch_size=budget.batch_size)  # fmt: skip
+                       batch_size=budget.batch_size, text_encoder_rank=cfg.text_encoder_rank)  # fmt: skip
         else:
             train(cfg)
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
@@ -310,11 +320,12 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
             "",
         ]
     if rows:
-        lines += [f"Each mode at {b.steps} steps (batch {b.batch_size}, rank {b.rank}, targets {b.targets}, "
+        te = f", text-encoder rank {b.text_encoder_rank}" if b.text_encoder_rank else ""
+        lines += [f"Each mode at {b.steps} steps (batch {b.batch_size}, rank {b.rank}, targets {b.targets}{te}, "
                   f"lr {b.lr:g}, embedding lr {b.ti_lr:g}, pivotal: embeddings alone for the first {b.steps // 10}; "
                   f"{b.instance_images} instance images; DreamBooth and pivotal: {b.num_class_images} class images "
                   f"(guidance {b.class_guidance:g}) of {shown_prompts(b.class_prompt)}, prior loss weight "
-                  f"{b.prior_loss_weight:g}; "
+                  f"{b.prior_loss_weight:g}, prior target {b.prior_target} (the peer: the noise, as diffusers); "
                   "the peers alike):", "",
                   "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
         for mode, scores in rows.items():
