@@ -221,7 +221,7 @@ class Budget:
     rank: int = 8
     targets: str = "kohya"
     batch_size: int = 8
-    ti_lr: float = 5e-3
+    ti_lr: float = 2e-2
     instance_images: int = 10
     class_prompt: str = CLASS_PROMPTS
     num_class_images: int = 24
