@@ -53,8 +53,8 @@ HELP = {
     "num_class_images": "DreamBooth: number of class images. [100]",
     "prior_loss_weight": "DreamBooth: weight of the class (prior) loss. [1.0]",
     "prior_target": "DreamBooth: what the prior loss asks for on class images: images (their own noise, the classic "
-    "DreamBooth loss) or base (the base model's prediction on the same noisy image and prompt: holds the class "
-    "far more tightly, for one extra forward per class image). [images]",
+    "DreamBooth loss) or base (what the base model, adapters off, predicts on the same noisy image and prompt: a "
+    "target without sampling noise, for one extra forward per class image). [images]",
     "token": "Textual inversion / pivotal: the new token, e.g. '<sks>' (put in front of captions that lack it).",
     "init_token": "Initialise the new token from this word's embedding.",
     "num_vectors": "Vectors per new token. [1]",

@@ -195,8 +195,8 @@ def enable_lora(model: nn.Module, name: str | None = None, enabled: bool = True)
 
 @contextmanager
 def lora_disabled(*models: nn.Module) -> Iterator[None]:
-    """Inside the block the models compute as their bases: every enabled adapter is switched off, and exactly those
-    are switched back on afterwards."""
+    """Inside the block every enabled adapter of the models is switched off (added token embeddings stay as they
+    are); exactly those are switched back on afterwards."""
     switched = [a for m in models for _, w in lora_modules(m) for a in w.adapters.values() if a.enabled]
     for adapter in switched:
         adapter.enabled = False
