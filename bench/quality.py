@@ -166,7 +166,8 @@ def render(pipe, prompts: list[str], steps: int, guidance: float, seed: int, chu
 
 
 def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, seed: int = 0) -> tuple[dict, list]:
-    """({metric: (hits, n)} for fidelity, prior and compose; a figure row: 4 fidelity, 2 prior, 2 compose samples)."""
+    """({metric: (hits, n)} for fidelity, prior, compose and 'fidelity on {background}' for each background; a figure
+    row: 4 fidelity, 2 prior, 2 compose samples)."""
     backgrounds = [BACKGROUNDS[i % len(BACKGROUNDS)] for i in range(n)]
     colours = [[c for c in generate.COLOURS if c != bg][i % 7] for i, bg in enumerate(backgrounds)]
     prompts = {
@@ -176,15 +177,20 @@ def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, 
     }
     images = {name: render(pipe, p, steps, guidance, seed) for name, p in prompts.items()}
     readings = {name: judge.read(images[name]) for name in prompts}
+    subject = [r["kind"] == "subject" for r in readings["fidelity"]]
     hits = {
-        "fidelity": sum(r["kind"] == "subject" for r in readings["fidelity"]),
+        "fidelity": sum(subject),
         "prior": sum(
             r["kind"] == "plain" and r["colour"] == colour and r["shape"] == "circle"
             for r, colour in zip(readings["prior"], colours, strict=True)
         ),
         "compose": sum(r["background"] == "green" for r in readings["compose"]),
     }
-    return {k: (v, n) for k, v in hits.items()}, images["fidelity"][:4] + images["prior"][:2] + images["compose"][:2]
+    scores = {k: (v, n) for k, v in hits.items()}
+    for bg in BACKGROUNDS:  # fidelity on each background: where the subject is lost
+        asked = [hit for hit, b in zip(subject, backgrounds, strict=True) if b == bg]
+        scores[f"fidelity on {bg}"] = (sum(asked), len(asked))
+    return scores, images["fidelity"][:4] + images["prior"][:2] + images["compose"][:2]
 
 
 # the README's sample strip of the base model, seeds 0-5
@@ -216,8 +222,8 @@ def base_scores(pipe, judge, n: int, steps: int, guidance: float, seed: int = 0)
 class Budget:
     """What every mode trains with (and its peer, where the peer has the setting)."""
 
-    steps: int = 1000
-    lr: float = 2e-3
+    steps: int = 2000
+    lr: float = 1e-3
     rank: int = 8
     targets: str = "kohya"
     batch_size: int = 8
@@ -275,7 +281,7 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
             lora_kit.load(pipe, out)
         rows[mode], shown = sample_scores(pipe, judge, token, samples, sample_steps, guidance)
         figure.append(shown)
-        log(f"{mode}: " + ", ".join(f"{k} {h}/{n}" for k, (h, n) in rows[mode].items()))
+        log(f"{mode}: " + ", ".join(f"{k} {h}/{n}" for k, (h, n) in rows[mode].items() if " on " not in k))
     return rows, figure
 
 
@@ -330,6 +336,11 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
                   "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
         for mode, scores in rows.items():
             cells = " | ".join(share(*scores[name]) for name in ("fidelity", "prior", "compose"))
+            lines.append(f"| {LABELS.get(mode, mode)} | {cells} |")
+        lines += ["", "Subject fidelity on each background of the fidelity prompts:", "",
+                  "| mode | " + " | ".join(BACKGROUNDS) + " |", "|---|" + "---|" * len(BACKGROUNDS)]  # fmt: skip
+        for mode, scores in rows.items():
+            cells = " | ".join("{}/{}".format(*scores[f"fidelity on {bg}"]) for bg in BACKGROUNDS)
             lines.append(f"| {LABELS.get(mode, mode)} | {cells} |")
         lines.append("")
     _results.write_section(path, lines)

@@ -40,6 +40,9 @@ def test_quality_bench_quick(tmp_path):
     for row in rows:
         assert row in text
     assert "`python bench/quality.py --quick --results " in text
+    # fidelity split by background: one sample, on the first background, in each mode's row
+    by_background = text[text.index("Subject fidelity on each background") :].splitlines()[4:11]
+    assert [line.count("/1 |") for line in by_background] == [1] * 7
     from PIL import Image
 
     assert Image.open(tmp_path / "toyworld-base.png").size == (6 * 64, 64)  # the README strip, beside the results
