@@ -5,7 +5,8 @@ and for peer rows trained the way diffusers' examples do it on the same data, st
 lora, peft LoRA with the prior loss on the same class images for dreambooth, diffusers-style textual inversion), the
 shipped judge reads generated samples:
 
-- fidelity: share of "a {tok} circle on a {bg} background" samples it reads as the sks subject;
+- fidelity: share of "a {tok} circle on a {bg} background" samples it reads as the sks subject (in all, and on each
+  background: a second table shows where the subject is lost);
 - prior: share of "a {colour} circle on a {bg} background" samples that stay a plain circle of that colour;
 - compose: share of "a {tok} circle on a green background" samples with a green background.
 
