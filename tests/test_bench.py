@@ -43,6 +43,8 @@ def test_quality_bench_quick(tmp_path):
     # fidelity split by background: one sample, on the first background, in each mode's row
     by_background = text[text.index("Subject fidelity on each background") :].splitlines()[4:11]
     assert [line.count("/1 |") for line in by_background] == [1] * 7
+    totals = [line.split(" | ")[1].split(" = ")[0] for line in text.splitlines() if line.count(" = ") == 3]
+    assert [line.split(" | ")[1] for line in by_background] == totals  # the one sample's hit, counted alike
     from PIL import Image
 
     assert Image.open(tmp_path / "toyworld-base.png").size == (6 * 64, 64)  # the README strip, beside the results
