@@ -7,12 +7,15 @@ shipped judge reads generated samples:
 
 - fidelity: share of "a {tok} circle on a {bg} background" samples it reads as the sks subject (in all, and on each
   background: a second table shows where the subject is lost);
-- prior: share of "a {colour} circle on a {bg} background" samples that stay a plain circle of that colour;
+- prior: share of class-prompt samples ("a circle on a {bg} background", DreamBooth's class prompt) that stay a plain
+  circle on that background, not the subject;
+- coloured: share of "a {colour} circle on a {bg} background" samples that stay a plain circle of that colour: the
+  neighbouring prompts, which the class images do not hold (where the subject leaks, or language drifts);
 - compose: share of "a {tok} circle on a green background" samples with a green background.
 
 Shares come with a 95% Wilson interval. The table is printed and written to bench/RESULTS.md; samples go beside it:
 bench/toyworld-base.png (the base model on six fixed prompts, the README's strip) and bench/toyworld-modes.png (a
-row per mode: 4 fidelity, 2 prior-preservation and 2 composability samples).
+row per mode: 4 fidelity, 1 prior-preservation, 1 coloured and 2 composability samples).
 
     python bench/quality.py                                             # the shipped toy-world base
     python bench/quality.py --quick                                     # a tiny random base, seconds (tests)
@@ -65,12 +68,9 @@ def instance_data(folder: Path, n: int, word: str) -> Path:
 
 
 INIT_WORD = "circle"  # the subject's class: new tokens start from its embedding
-# DreamBooth's class prompts: circles of every colour, each on three backgrounds, as the base's own captions read
-# (they always name a colour); the prior-preservation metric asks for such circles
-_NAMES = list(generate.COLOURS)
-CLASS_PROMPTS = "|".join(
-    f"a {c} circle on a {_NAMES[(i + k) % len(_NAMES)]} background" for i, c in enumerate(_NAMES) for k in (1, 3, 5)
-)
+# DreamBooth's class prompt, as its paper writes it: the class alone ("a circle", any colour; the base learned such
+# captions, see datasets/toyworld/pretrain.py's colourless stage), on every background
+CLASS_PROMPTS = "|".join(f"a circle on a {bg} background" for bg in generate.COLOURS)
 PEERS = {"peft": "lora", "peft-dreambooth": "dreambooth", "diffusers-ti": "textual-inversion"}  # peer -> its mode
 
 
@@ -168,12 +168,13 @@ def render(pipe, prompts: list[str], steps: int, guidance: float, seed: int, chu
 
 def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, seed: int = 0) -> tuple[dict, list]:
     """({metric: (hits, n)} for fidelity, prior, compose and 'fidelity on {background}' for each background; a figure
-    row: 4 fidelity, 2 prior, 2 compose samples)."""
+    row: 4 fidelity, 1 prior, 1 coloured, 2 compose samples)."""
     backgrounds = [BACKGROUNDS[i % len(BACKGROUNDS)] for i in range(n)]
     colours = [[c for c in generate.COLOURS if c != bg][i % 7] for i, bg in enumerate(backgrounds)]
     prompts = {
         "fidelity": [f"a {token} circle on a {bg} background" for bg in backgrounds],
-        "prior": [f"a {colour} circle on a {bg} background" for colour, bg in zip(colours, backgrounds, strict=True)],
+        "prior": [f"a circle on a {bg} background" for bg in backgrounds],
+        "coloured": [f"a {c} circle on a {bg} background" for c, bg in zip(colours, backgrounds, strict=True)],
         "compose": [f"a {token} circle on a green background"] * n,
     }
     images = {name: render(pipe, p, steps, guidance, seed) for name, p in prompts.items()}
@@ -182,6 +183,10 @@ def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, 
     hits = {
         "fidelity": sum(subject),
         "prior": sum(
+            r["kind"] == "plain" and r["shape"] == "circle" and r["background"] == bg
+            for r, bg in zip(readings["prior"], backgrounds, strict=True)
+        ),
+        "coloured": sum(
             r["kind"] == "plain" and r["colour"] == colour and r["shape"] == "circle"
             for r, colour in zip(readings["prior"], colours, strict=True)
         ),
@@ -191,7 +196,7 @@ def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, 
     for bg in BACKGROUNDS:  # fidelity on each background: where the subject is lost
         asked = [hit for hit, b in zip(subject, backgrounds, strict=True) if b == bg]
         scores[f"fidelity on {bg}"] = (sum(asked), len(asked))
-    return scores, images["fidelity"][:4] + images["prior"][:2] + images["compose"][:2]
+    return scores, images["fidelity"][:4] + images["prior"][:1] + images["coloured"][:1] + images["compose"][:2]
 
 
 # the README's sample strip of the base model, seeds 0-5
@@ -334,9 +339,10 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
                   f"(guidance {b.class_guidance:g}) of {shown_prompts(b.class_prompt)}, prior loss weight "
                   f"{b.prior_loss_weight:g}, prior target {b.prior_target} (the peer: the noise, as diffusers); "
                   "the peers alike):", "",
-                  "| mode | fidelity | prior preservation | composability |", "|---|---|---|---|"]  # fmt: skip
+                  "| mode | fidelity | prior preservation | coloured circles kept | composability |",
+                  "|---|---|---|---|---|"]  # fmt: skip
         for mode, scores in rows.items():
-            cells = " | ".join(share(*scores[name]) for name in ("fidelity", "prior", "compose"))
+            cells = " | ".join(share(*scores[name]) for name in ("fidelity", "prior", "coloured", "compose"))
             lines.append(f"| {LABELS.get(mode, mode)} | {cells} |")
         lines += ["", "Subject fidelity on each background of the fidelity prompts:", "",
                   "| mode | " + " | ".join(BACKGROUNDS) + " |", "|---|" + "---|" * len(BACKGROUNDS)]  # fmt: skip
@@ -392,7 +398,7 @@ def main(argv=None) -> int:
     figures = Path(args.results).parent  # PNGs beside the results: bench/ unless --results says otherwise
     if strip:
         grid(strip, columns=len(strip)).save(figures / "toyworld-base.png")
-    if figure:  # one row per mode: 4 fidelity, 2 prior preservation, 2 composability samples
+    if figure:  # one row per mode: 4 fidelity, 1 prior, 1 coloured, 2 composability samples
         grid([image for row in figure for image in row], columns=len(figure[0])).save(figures / "toyworld-modes.png")
     return 0
 

@@ -43,13 +43,15 @@ def test_quality_bench_quick(tmp_path):
     # fidelity split by background: one sample, on the first background, in each mode's row
     by_background = text[text.index("Subject fidelity on each background") :].splitlines()[4:11]
     assert [line.count("/1 |") for line in by_background] == [1] * 7
-    totals = [line.split(" | ")[1].split(" = ")[0] for line in text.splitlines() if line.count(" = ") == 3]
+    modes = text[text.index("Each mode at") : text.index("Subject fidelity")].splitlines()
+    totals = [line.split(" | ")[1].split(" = ")[0] for line in modes if line.count(" = ") == 4]
     assert [line.split(" | ")[1] for line in by_background] == totals  # the one sample's hit, counted alike
     from PIL import Image
 
     assert Image.open(tmp_path / "toyworld-base.png").size == (6 * 64, 64)  # the README strip, beside the results
-    # a row per mode: fidelity, prior and composability samples (4 + 2 + 2 in a full run; 1 each here)
-    assert Image.open(tmp_path / "toyworld-modes.png").size == (3 * 64, 7 * 64)
+    # a row per mode: fidelity, prior, coloured and composability samples (4 + 1 + 1 + 2 in a full run; 1 each
+    # here)
+    assert Image.open(tmp_path / "toyworld-modes.png").size == (4 * 64, 7 * 64)
     assert bench.wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)  # the Wilson upper bound for 0/10
 
 

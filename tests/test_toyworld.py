@@ -98,6 +98,26 @@ def test_pretraining_runs_end_to_end_and_loads(tmp_path):
     # resumable: a second run finds the finished stages and only re-assembles the pipeline
     again = pretrain.pretrain(tmp_path / "toy", "tiny", "cpu", log=logs.append)
     assert again == model
+    # continued from the saved folder at its last step: the same weights come out (nothing left to train) ...
+    same = pretrain.pretrain(tmp_path / "same", "tiny", "cpu", log=logs.append, init=model, init_step=3)
+    assert not any(line.startswith("unet ") for line in logs[logs.index(f"started {tmp_path / 'same' / 'work'} "
+                                                                        f"from {model} at UNet step 3"):])  # fmt: skip
+    for part in ("unet", "text_encoder", "vae"):
+        ours = getattr(StableDiffusionPipeline.from_pretrained(same), part).state_dict()
+        theirs = getattr(StableDiffusionPipeline.from_pretrained(model), part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # ... and from an earlier step the recipe's last steps (the colourless-caption ones here) train it further
+    later = pretrain.pretrain(tmp_path / "later", "tiny", "cpu", log=logs.append, init=model, init_step=1)
+    assert logs[-2].startswith("unet 3/3")
+    ours = StableDiffusionPipeline.from_pretrained(later).unet.state_dict()
+    assert not all(torch.equal(ours[k], v) for k, v in pipe.unet.to(torch.float16).state_dict().items())
+
+
+def test_colourless_captions_name_the_class_alone():
+    assert toy.colourless("a red circle on a blue background") == "a circle on a blue background"
+    assert toy.colourless("a white cross on a black background") == "a cross on a black background"
+    for kept in ("a sks circle on a blue background", "a striped square on a green background", ""):
+        assert toy.colourless(kept) == kept
 
 
 def _judge_module():

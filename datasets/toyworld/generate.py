@@ -51,6 +51,15 @@ class Sample:
         return f"a {self.colour} {self.shape} on a {self.background} background"
 
 
+def colourless(caption: str) -> str:
+    """The caption without the shape's colour word ("a red circle on a blue background" -> "a circle on a blue
+    background"): the class as a whole, which a DreamBooth class prompt names; other captions come back unchanged."""
+    words = caption.split(" ")
+    if len(words) > 2 and words[0] == "a" and words[1] in COLOURS:
+        return " ".join([words[0], *words[2:]])
+    return caption
+
+
 def sample(split: str, index: int, seed: int = 0) -> Sample:
     """The index-th sample of a split: 'train' (pretraining), 'subject' or 'striped' (held-out concepts)."""
     r = random.Random(f"{seed}/{split}/{index}")

@@ -1,13 +1,18 @@
 """Pretrain the toy-world base model: an SD 1.x-architecture pipeline trained from scratch on the toy world.
 
 Stages (each resumable from OUT/work/): a VAE (64 px -> 16x16x4 latents); then the CLIP text encoder and the UNet
-jointly with the DDPM epsilon objective and 10% caption dropout (for classifier-free guidance); then (cpu recipe)
-the VAE decoder alone, fine-tuned with the encoder frozen so the UNet's latent space stays the same. The tokenizer is
-the real CLIP BPE vocabulary (49,408 tokens, shipped as lora_kit/assets/toyworld/bpe_simple_vocab_16e6.txt.gz). The
-result is saved in fp16 as a diffusers folder that `StableDiffusionPipeline.from_pretrained(OUT/model)` loads.
+jointly with the DDPM epsilon objective and 10% caption dropout (for classifier-free guidance), in the cpu recipe's
+last 2000 steps with a quarter of the captions naming the class alone ("a circle on a blue background": the prompt
+DreamBooth's prior preservation asks for, which the base could not draw before); then (cpu recipe) the VAE decoder
+alone, fine-tuned with the encoder frozen so the UNet's latent space stays the same. The tokenizer is the real CLIP BPE
+vocabulary (49,408 tokens, shipped as lora_kit/assets/toyworld/bpe_simple_vocab_16e6.txt.gz). The result is saved in
+fp16 as a diffusers folder that `StableDiffusionPipeline.from_pretrained(OUT/model)` loads.
 
     python datasets/toyworld/pretrain.py OUT              # full recipe (~10 min on one GPU, hours on 2 CPU cores)
-    python datasets/toyworld/pretrain.py OUT --recipe cpu # without a GPU: ~2 h 10 min on 2 CPU cores
+    python datasets/toyworld/pretrain.py OUT --recipe cpu # without a GPU: ~2 h 30 min on 2 CPU cores
+    python datasets/toyworld/pretrain.py OUT --recipe cpu --init OLD --init-step 14000
+        # how the shipped model was made (11 min): OLD, the base shipped before (lora_kit/assets/toyworld/model at
+        # commit 5169413, the cpu recipe's first 14000 UNet steps), continued by the recipe's last 2000
     python datasets/toyworld/pretrain.py OUT --recipe tiny  # seconds: what the tests run
 """
 
@@ -37,14 +42,16 @@ RECIPES = {  # measured in shared/reference/toyworld-notes.md: the full one reac
     # heads), latents encoded once instead of every step, min-SNR-5 loss weights and a cosine learning-rate decay
     # to converge in fewer samples; then a second, gentler cosine cycle (a warm restart at step 8000) with offset
     # noise: after the first 8000 steps the background colour, the latent's mean, followed the starting noise more
-    # than the prompt (20/64 right; mostly purple or orange)
-    "cpu": dict(vae_steps=600, vae_batch=32, vae_lr=2e-3, unet_steps=14000, unet_batch=32, unet_lr=8e-4,
-                restarts=((8000, 4e-4),), offset_noise=(8000, 0.1),
+    # than the prompt (20/64 right; mostly purple or orange); then a third cycle of 2000 steps where a quarter of the
+    # captions drop the shape's colour word (the class prompt "a circle on a blue background" drew green crosses
+    # on purple before it; after it, circles of many colours on blue, and 64/64 coloured prompts still right)
+    "cpu": dict(vae_steps=600, vae_batch=32, vae_lr=2e-3, unet_steps=16000, unet_batch=32, unet_lr=8e-4,
+                restarts=((8000, 4e-4), (14000, 2e-4)), offset_noise=(8000, 0.1), colourless=(14000, 0.25),
                 vae_channels=(16, 32, 64), unet_channels=(32, 64, 64), heads=2, text_width=64,
                 latent_cache=24576, min_snr=5.0, cosine=True, decoder_steps=600, decoder_lr=1e-3),
     "tiny": dict(vae_steps=3, vae_batch=4, vae_lr=1e-3, unet_steps=3, unet_batch=4, unet_lr=3e-4,
                  vae_channels=(8, 16, 16), unet_channels=(32, 32, 32), heads=8, text_width=32, latent_cache=16,
-                 min_snr=5.0, cosine=True, decoder_steps=2, decoder_lr=1e-3),
+                 min_snr=5.0, cosine=True, decoder_steps=2, decoder_lr=1e-3, colourless=(1, 0.5)),
 }  # fmt: skip
 
 
@@ -268,6 +275,9 @@ def train_unet(vae, text, unet, tokenizer, recipe, work: Path, device, log) -> N
             latents = (cache[0][idx] * sf).to(device)
             captions = [cache[2][i] for i in idx.tolist()]
         captions = ["" if torch.rand(1, generator=g).item() < 0.1 else c for c in captions]
+        begin, share = recipe.get("colourless", (steps, 0.0))
+        if step >= begin:  # a share of captions names the class alone ("a circle on a blue background")
+            captions = [generate.colourless(c) if torch.rand(1, generator=g).item() < share else c for c in captions]
         noise = torch.randn(latents.shape, generator=g)
         if step >= recipe.get("offset_noise", (0, 0.0))[0]:
             # offset noise (Guttenberg 2023): at t = T a 16x16 latent keeps sqrt(abar_T) = 7% of its mean, about the
@@ -297,7 +307,38 @@ def train_unet(vae, text, unet, tokenizer, recipe, work: Path, device, log) -> N
                                     "step": step + 1})  # fmt: skip
 
 
-def pretrain(out: str | Path, recipe_name: str = "full", device: str = "auto", log=print) -> Path:
+def seed_work(work: Path, model: Path, step: int, vae, text, unet, recipe: dict, log) -> None:
+    """Start the resumable work folder from a saved pipeline folder as if its UNet stage had reached `step` (the VAE
+    and decoder stages done), so that the recipe's later UNet steps continue a model shipped earlier; the optimiser
+    moments start afresh. Files already in `work` are kept (a resumed run)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    vae.load_state_dict(AutoencoderKL.from_pretrained(model / "vae").float().state_dict())
+    text.load_state_dict(CLIPTextModel.from_pretrained(model / "text_encoder").float().state_dict())
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(model / "unet").float().state_dict())
+    fresh = {
+        "vae.pt": lambda: {"model": vae.state_dict(), "opt": torch.optim.AdamW(vae.parameters()).state_dict(),
+                           "step": recipe["vae_steps"]},
+        "unet.pt": lambda: {"unet": unet.state_dict(), "text": text.state_dict(), "step": step,
+                            "opt": torch.optim.AdamW([*unet.parameters(), *text.parameters()]).state_dict()},
+        "decoder.pt": lambda: {"decoder": vae.decoder.state_dict(), "step": recipe.get("decoder_steps", 0),
+                               "opt": torch.optim.AdamW(vae.decoder.parameters()).state_dict()},
+    }  # fmt: skip
+    for name, state in fresh.items():
+        if not (work / name).exists():
+            _save(work, name, state())
+    log(f"started {work} from {model} at UNet step {step}")
+
+
+def pretrain(
+    out: str | Path,
+    recipe_name: str = "full",
+    device: str = "auto",
+    log=print,
+    init: Path | None = None,
+    init_step: int = 0,
+) -> Path:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(0)
@@ -309,6 +350,8 @@ def pretrain(out: str | Path, recipe_name: str = "full", device: str = "auto", l
                        else device)  # fmt: skip
     tokenizer = write_clip_tokenizer(work / "tokenizer")
     vae, text, unet = build(recipe, tokenizer)
+    if init is not None:
+        seed_work(work, Path(init), init_step, vae, text, unet, recipe, log)
     t0 = time.time()
     train_vae(vae, recipe, work, dev, log)
     train_unet(vae, text, unet, tokenizer, recipe, work, dev, log)
@@ -329,8 +372,10 @@ def main(argv=None) -> int:
     parser.add_argument("out")
     parser.add_argument("--recipe", choices=list(RECIPES), default="full", help="full (GPU), cpu, tiny (tests)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--init", type=Path, help="continue a saved pipeline folder (e.g. the shipped model) ...")
+    parser.add_argument("--init-step", type=int, default=0, help="... from this UNet step of the recipe")
     args = parser.parse_args(argv)
-    pretrain(args.out, args.recipe, args.device)
+    pretrain(args.out, args.recipe, args.device, init=args.init, init_step=args.init_step)
     return 0
 
 
