@@ -113,6 +113,21 @@ def test_pretraining_runs_end_to_end_and_loads(tmp_path):
     assert not all(torch.equal(ours[k], v) for k, v in pipe.unet.to(torch.float16).state_dict().items())
 
 
+def test_pretraining_from_a_bad_init_folder_says_so_and_leaves_nothing(tmp_path, capsys):
+    from lora_kit.models import toy_model
+
+    pretrain = _pretrain_module()
+    out = tmp_path / "out"
+    cases = [(tmp_path / "missing", "0", "not a diffusers pipeline folder"),
+             (toy_model(), "99", "--init-step 99: the recipe has 3 UNet steps"),
+             (toy_model(), "0", "does not fit this recipe's model")]  # fmt: skip
+    for init, step, message in cases:  # the shipped model is the cpu recipe's, wider than the tiny one
+        assert pretrain.main([str(out), "--recipe", "tiny", "--init", str(init), "--init-step", step]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+        assert not out.exists()
+
+
 def test_colourless_captions_name_the_class_alone():
     assert toy.colourless("a red circle on a blue background") == "a circle on a blue background"
     assert toy.colourless("a white cross on a black background") == "a cross on a black background"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -314,9 +315,16 @@ def seed_work(work: Path, model: Path, step: int, vae, text, unet, recipe: dict,
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    vae.load_state_dict(AutoencoderKL.from_pretrained(model / "vae").float().state_dict())
-    text.load_state_dict(CLIPTextModel.from_pretrained(model / "text_encoder").float().state_dict())
-    unet.load_state_dict(UNet2DConditionModel.from_pretrained(model / "unet").float().state_dict())
+    if not (model / "model_index.json").is_file():
+        raise ValueError(f"{model}: not a diffusers pipeline folder (no model_index.json)")
+    if not 0 <= step <= recipe["unet_steps"]:
+        raise ValueError(f"--init-step {step}: the recipe has {recipe['unet_steps']} UNet steps")
+    try:
+        vae.load_state_dict(AutoencoderKL.from_pretrained(model / "vae").float().state_dict())
+        text.load_state_dict(CLIPTextModel.from_pretrained(model / "text_encoder").float().state_dict())
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(model / "unet").float().state_dict())
+    except (OSError, RuntimeError) as err:  # a part missing, or shapes of another recipe
+        raise ValueError(f"{model}: does not fit this recipe's model ({str(err).splitlines()[0]})") from err
     fresh = {
         "vae.pt": lambda: {"model": vae.state_dict(), "opt": torch.optim.AdamW(vae.parameters()).state_dict(),
                            "step": recipe["vae_steps"]},
@@ -375,7 +383,14 @@ def main(argv=None) -> int:
     parser.add_argument("--init", type=Path, help="continue a saved pipeline folder (e.g. the shipped model) ...")
     parser.add_argument("--init-step", type=int, default=0, help="... from this UNet step of the recipe")
     args = parser.parse_args(argv)
-    pretrain(args.out, args.recipe, args.device, init=args.init, init_step=args.init_step)
+    existed = Path(args.out).exists()
+    try:
+        pretrain(args.out, args.recipe, args.device, init=args.init, init_step=args.init_step)
+    except ValueError as err:  # a bad --init: one line, and no half-made output folder left behind
+        if not existed:
+            shutil.rmtree(args.out, ignore_errors=True)
+        print(f"pretrain.py: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
