@@ -188,7 +188,7 @@ def sample_scores(pipe, judge, token: str, n: int, steps: int, guidance: float, 
         ),
         "coloured": sum(
             r["kind"] == "plain" and r["colour"] == colour and r["shape"] == "circle"
-            for r, colour in zip(readings["prior"], colours, strict=True)
+            for r, colour in zip(readings["coloured"], colours, strict=True)
         ),
         "compose": sum(r["background"] == "green" for r in readings["compose"]),
     }
