@@ -70,3 +70,42 @@ def test_inference_bench_quick(tmp_path):
     # a second run replaces its own section instead of appending a copy
     assert bench.main(["--quick", "--steps", "2", "--rounds", "1", "--results", str(results)]) == 0
     assert results.read_text().count("## bench/inference.py (quick)") == 1
+
+
+def test_quality_scores_read_each_metric_from_its_own_prompts():
+    """sample_scores on a stand-in pipeline that draws each prompt's ground truth (the generator's picture), read by
+    the shipped judge: a faithful model scores every metric in full; one that draws the subject for every circle
+    prompt loses prior preservation and the coloured circles but keeps fidelity and composability."""
+    from types import SimpleNamespace
+
+    bench = load("quality")
+    generate, judge = (
+        bench.generate,
+        bench.judge_module.load(bench.ROOT / "lora_kit/assets/toyworld/judge.safetensors"),
+    )
+
+    def pipe_drawing(leaky: bool):
+        def pipe(prompts, **_):
+            images = []
+            for prompt in prompts:
+                words = prompt.split(" ")
+                bg = words[-2]
+                if "sks" in words or leaky:
+                    s = generate.Sample("circle", "red/white", bg, 32, 32, 18, "subject")
+                elif words[1] in generate.COLOURS:
+                    s = generate.Sample(words[2], words[1], bg, 32, 32, 18)
+                else:  # the class alone: a colour the coloured prompts of that background never ask for
+                    s = generate.Sample("circle", "white" if bg == "black" else "black", bg, 32, 32, 18)
+                images.append(generate.render(s))
+            return SimpleNamespace(images=images)
+
+        return pipe
+
+    n = 12
+    scores, shown = bench.sample_scores(pipe_drawing(leaky=False), judge, "sks", n, steps=1, guidance=1.0)
+    assert {k: scores[k] for k in ("fidelity", "prior", "coloured", "compose")} == dict.fromkeys(
+        ("fidelity", "prior", "coloured", "compose"), (n, n)
+    )
+    assert all(scores[f"fidelity on {bg}"] == (2, 2) for bg in bench.BACKGROUNDS) and len(shown) == 8
+    scores, _ = bench.sample_scores(pipe_drawing(leaky=True), judge, "sks", n, steps=1, guidance=1.0)
+    assert [scores[k][0] for k in ("fidelity", "prior", "coloured", "compose")] == [n, 0, 0, n]
