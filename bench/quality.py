@@ -15,7 +15,7 @@ shipped judge reads generated samples:
 
 Shares come with a 95% Wilson interval. The table is printed and written to bench/RESULTS.md; samples go beside it:
 bench/toyworld-base.png (the base model on six fixed prompts, the README's strip) and bench/toyworld-modes.png (a
-row per mode: 4 fidelity, 1 prior-preservation, 1 coloured and 2 composability samples).
+row per mode, the base model first: 4 fidelity, 1 prior-preservation, 1 coloured and 2 composability samples).
 
     python bench/quality.py                                             # the shipped toy-world base
     python bench/quality.py --quick                                     # a tiny random base, seconds (tests)
@@ -265,17 +265,18 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
 
     judge = judge_module.load(ROOT / "lora_kit" / "assets" / "toyworld" / "judge.safetensors")
     rows, figure = {}, []  # figure: one row of samples per mode
-    for mode in modes:
+    for mode in ("base", *modes):  # the base model first, untrained: what each metric reads without an adapter
         kind = PEERS.get(mode, mode)  # a peer is scored like the mode it stands beside
         token = "<sks>" if kind in ("textual-inversion", "pivotal") else "sks"
-        data = instance_data(work / f"data-{mode}", budget.instance_images, token)
         out = work / f"{mode}.safetensors"
-        cfg = budget.config(model, data, out, kind, token, work / "class-images", sample_steps)
+        if mode != "base":
+            data = instance_data(work / f"data-{mode}", budget.instance_images, token)
+            cfg = budget.config(model, data, out, kind, token, work / "class-images", sample_steps)
         if mode in PEERS:
             lr = budget.ti_lr if kind == "textual-inversion" else budget.lr
             peer_train(mode, model, data, out, budget.steps, budget.rank, lr, 64, token, budget.targets, class_cfg=cfg,
                        batch_size=budget.batch_size, text_encoder_rank=cfg.text_encoder_rank)  # fmt: skip
-        else:
+        elif mode != "base":
             train(cfg)
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
@@ -283,7 +284,7 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
             pipe.load_textual_inversion(str(out), token=token)
         elif mode in PEERS:
             pipe.load_lora_weights(str(out))
-        else:
+        elif mode != "base":
             lora_kit.load(pipe, out)
         rows[mode], shown = sample_scores(pipe, judge, token, samples, sample_steps, guidance)
         figure.append(shown)
@@ -304,6 +305,7 @@ def share(k: int, n: int) -> str:
 
 
 LABELS = {
+    "base": "base model, no adapter (reference)",
     "peft": "diffusers+peft LoRA (peer of lora)",
     "peft-dreambooth": "diffusers+peft DreamBooth (peer of dreambooth)",
     "diffusers-ti": "diffusers textual inversion (peer of textual-inversion)",

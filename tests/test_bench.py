@@ -35,14 +35,20 @@ def test_quality_bench_quick(tmp_path):
     results = tmp_path / "RESULTS.md"
     assert bench.main(["--quick", "--results", str(results)]) == 0
     text = results.read_text()
-    rows = ["| lora |", "| dreambooth |", "| textual-inversion |", "| pivotal |"]
+    rows = [
+        "| base model, no adapter (reference) |",
+        "| lora |",
+        "| dreambooth |",
+        "| textual-inversion |",
+        "| pivotal |",
+    ]
     rows += ["| diffusers+peft LoRA", "| diffusers+peft DreamBooth", "| diffusers textual inversion"]  # the peers
     for row in rows:
         assert row in text
     assert "`python bench/quality.py --quick --results " in text
     # fidelity split by background: one sample, on the first background, in each mode's row
-    by_background = text[text.index("Subject fidelity on each background") :].splitlines()[4:11]
-    assert [line.count("/1 |") for line in by_background] == [1] * 7
+    by_background = text[text.index("Subject fidelity on each background") :].splitlines()[4:12]
+    assert [line.count("/1 |") for line in by_background] == [1] * 8
     modes = text[text.index("Each mode at") : text.index("Subject fidelity")].splitlines()
     totals = [line.split(" | ")[1].split(" = ")[0] for line in modes if line.count(" = ") == 4]
     assert [line.split(" | ")[1] for line in by_background] == totals  # the one sample's hit, counted alike
@@ -51,7 +57,7 @@ def test_quality_bench_quick(tmp_path):
     assert Image.open(tmp_path / "toyworld-base.png").size == (6 * 64, 64)  # the README strip, beside the results
     # a row per mode: fidelity, prior, coloured and composability samples (4 + 1 + 1 + 2 in a full run; 1 each
     # here)
-    assert Image.open(tmp_path / "toyworld-modes.png").size == (4 * 64, 7 * 64)
+    assert Image.open(tmp_path / "toyworld-modes.png").size == (4 * 64, 8 * 64)
     assert bench.wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)  # the Wilson upper bound for 0/10
 
 
