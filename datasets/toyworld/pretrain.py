@@ -9,7 +9,7 @@ vocabulary (49,408 tokens, shipped as lora_kit/assets/toyworld/bpe_simple_vocab_
 fp16 as a diffusers folder that `StableDiffusionPipeline.from_pretrained(OUT/model)` loads.
 
     python datasets/toyworld/pretrain.py OUT              # full recipe (~10 min on one GPU, hours on 2 CPU cores)
-    python datasets/toyworld/pretrain.py OUT --recipe cpu # without a GPU: ~2 h 30 min on 2 CPU cores
+    python datasets/toyworld/pretrain.py OUT --recipe cpu # without a GPU: ~2 h 20 min on 2 CPU cores
     python datasets/toyworld/pretrain.py OUT --recipe cpu --init OLD --init-step 14000
         # how the shipped model was made (11 min): OLD, the base shipped before (lora_kit/assets/toyworld/model at
         # commit 5169413, the cpu recipe's first 14000 UNet steps), continued by the recipe's last 2000
