@@ -46,13 +46,13 @@ RECIPES = {  # measured in shared/reference/toyworld-notes.md: the full one reac
     # than the prompt (20/64 right; mostly purple or orange); then a third cycle of 2000 steps where a quarter of the
     # captions drop the shape's colour word (the class prompt "a circle on a blue background" drew green crosses
     # on purple before it; after it, circles of many colours on blue, and 64/64 coloured prompts still right)
-    "cpu": dict(vae_steps=600, vae_batch=32, vae_lr=2e-3, unet_steps=16000, unet_batch=32, unet_lr=8e-4,
-                restarts=((8000, 4e-4), (14000, 2e-4)), offset_noise=(8000, 0.1), colourless=(14000, 0.25),
+    "cpu": dict(vae_steps=600, vae_batch=32, vae_lr=2e-3, unet_steps=19000, unet_batch=32, unet_lr=8e-4,
+                restarts=((8000, 4e-4), (14000, 2e-4), (16000, 2e-4)), offset_noise=(8000, 0.1), colourless=((14000, 0.25), (16000, 0.5)),
                 vae_channels=(16, 32, 64), unet_channels=(32, 64, 64), heads=2, text_width=64,
                 latent_cache=24576, min_snr=5.0, cosine=True, decoder_steps=600, decoder_lr=1e-3),
     "tiny": dict(vae_steps=3, vae_batch=4, vae_lr=1e-3, unet_steps=3, unet_batch=4, unet_lr=3e-4,
                  vae_channels=(8, 16, 16), unet_channels=(32, 32, 32), heads=8, text_width=32, latent_cache=16,
-                 min_snr=5.0, cosine=True, decoder_steps=2, decoder_lr=1e-3, colourless=(1, 0.5)),
+                 min_snr=5.0, cosine=True, decoder_steps=2, decoder_lr=1e-3, colourless=((1, 0.5),)),
 }  # fmt: skip
 
 
@@ -235,6 +235,11 @@ def cosine_lr(lr: float, steps: int, step: int, restarts=()) -> float:
     raise ValueError(f"step {step} is outside the schedule's {steps} steps")
 
 
+def stage_value(stages, step: int, default: float = 0.0) -> float:
+    """The value of the last (begin, value) stage that has begun by `step` (stages sorted by begin)."""
+    return next((value for begin, value in reversed(stages) if step >= begin), default)
+
+
 def train_unet(vae, text, unet, tokenizer, recipe, work: Path, device, log) -> None:
 
     from diffusers import DDPMScheduler
@@ -276,8 +281,8 @@ def train_unet(vae, text, unet, tokenizer, recipe, work: Path, device, log) -> N
             latents = (cache[0][idx] * sf).to(device)
             captions = [cache[2][i] for i in idx.tolist()]
         captions = ["" if torch.rand(1, generator=g).item() < 0.1 else c for c in captions]
-        begin, share = recipe.get("colourless", (steps, 0.0))
-        if step >= begin:  # a share of captions names the class alone ("a circle on a blue background")
+        share = stage_value(recipe.get("colourless", ()), step)
+        if share:  # a share of captions names the class alone ("a circle on a blue background")
             captions = [generate.colourless(c) if torch.rand(1, generator=g).item() < share else c for c in captions]
         noise = torch.randn(latents.shape, generator=g)
         if step >= recipe.get("offset_noise", (0, 0.0))[0]:
