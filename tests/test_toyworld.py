@@ -78,6 +78,13 @@ def test_cosine_with_warm_restarts():
         lr(1.0, 100, 100)
 
 
+def test_stages_take_the_value_of_the_last_begun_stage():
+    value = _pretrain_module().stage_value
+    stages = ((14000, 0.25), (16000, 0.5))  # the cpu recipe's colourless-caption shares
+    assert [value(stages, s) for s in (0, 13999, 14000, 15999, 16000, 18999)] == [0.0, 0.0, 0.25, 0.25, 0.5, 0.5]
+    assert value((), 5) == 0.0 and value((), 5, default=1.0) == 1.0
+
+
 def test_pretraining_runs_end_to_end_and_loads(tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline

@@ -49,7 +49,7 @@ RECIPES = {  # measured in shared/reference/toyworld-notes.md: the full one reac
     # a fourth of 3000 steps with half the captions colourless (after the third, 5 in 48 class-prompt samples had
     # their background read as a neighbouring colour, orange as yellow; after the fourth, 2 in 48)
     "cpu": dict(vae_steps=600, vae_batch=32, vae_lr=2e-3, unet_steps=19000, unet_batch=32, unet_lr=8e-4,
-                restarts=((8000, 4e-4), (14000, 2e-4), (16000, 2e-4)), offset_noise=(8000, 0.1),
+                restarts=((8000, 4e-4), (14000, 2e-4), (16000, 2e-4)), offset_noise=((8000, 0.1),),
                 colourless=((14000, 0.25), (16000, 0.5)),
                 vae_channels=(16, 32, 64), unet_channels=(32, 64, 64), heads=2, text_width=64,
                 latent_cache=24576, min_snr=5.0, cosine=True, decoder_steps=600, decoder_lr=1e-3),
@@ -288,11 +288,12 @@ def train_unet(vae, text, unet, tokenizer, recipe, work: Path, device, log) -> N
         if share:  # a share of captions names the class alone ("a circle on a blue background")
             captions = [generate.colourless(c) if torch.rand(1, generator=g).item() < share else c for c in captions]
         noise = torch.randn(latents.shape, generator=g)
-        if step >= recipe.get("offset_noise", (0, 0.0))[0]:
+        offset = stage_value(recipe.get("offset_noise", ()), step)
+        if offset:
             # offset noise (Guttenberg 2023): at t = T a 16x16 latent keeps sqrt(abar_T) = 7% of its mean, about the
             # spread of the mean of its noise, so a model learns to take the image's mean (here: the background
             # colour) from the noise; a random per-channel offset makes that cue useless, the prompt must say it
-            noise += recipe.get("offset_noise", (0, 0.0))[1] * torch.randn(*latents.shape[:2], 1, 1, generator=g)
+            noise += offset * torch.randn(*latents.shape[:2], 1, 1, generator=g)
         noise = noise.to(device)
         t = torch.randint(0, 1000, (latents.shape[0],), generator=g).to(device)
         abar = ac[t].view(-1, 1, 1, 1)
