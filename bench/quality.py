@@ -76,7 +76,7 @@ PEERS = {"peft": "lora", "peft-dreambooth": "dreambooth", "diffusers-ti": "textu
 
 def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: int, lr: float, resolution: int,
                token: str, targets: str = "kohya", class_cfg=None, batch_size: int = 1,
-               text_encoder_rank: int = 0) -> None:  # fmt: skip
+               text_encoder_rank: int = 0, seed: int = 0) -> None:  # fmt: skip
     """The diffusers way, written as its training examples do it: plain DDPM epsilon MSE, AdamW, `batch_size`
     instance images per step (and as many class images with the prior loss).
 
@@ -123,8 +123,8 @@ def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: i
     sets = [scan(data)[0]]
     if kind == "peft-dreambooth":
         sets.append(class_examples(class_cfg, pipe, Accelerator(cpu=True)))
-    plans = [Plan(examples, batch_size, resolution, 8, seed=i) for i, examples in enumerate(sets)]
-    g = torch.Generator().manual_seed(0)
+    plans = [Plan(examples, batch_size, resolution, 8, seed=seed + i) for i, examples in enumerate(sets)]
+    g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         loss = 0.0
         for k, (examples, plan) in enumerate(zip(sets, plans, strict=True)):  # instance images, then class images
@@ -241,6 +241,7 @@ class Budget:
     prior_loss_weight: float = 1.0
     prior_target: str = "base"  # lora-train's --prior-target (the peer DreamBooth keeps diffusers' noise target)
     text_encoder_rank: int = 4  # LoRA on the text encoder's attention too (not textual inversion), peers alike
+    seed: int = 0  # every random choice of the training runs (class images, batches, noise), peers alike
 
     def config(self, model: str, data: Path, out: Path, mode: str, token: str, class_data: Path, sample_steps: int):
         from lora_kit.train.config import TrainConfig
@@ -252,7 +253,7 @@ class Budget:
                            num_class_images=self.num_class_images, class_guidance=self.class_guidance,
                            prior_loss_weight=self.prior_loss_weight, prior_target=self.prior_target,
                            text_encoder_rank=self.text_encoder_rank if mode != "textual-inversion" else 0,
-                           class_data=str(class_data),
+                           class_data=str(class_data), seed=self.seed,
                            validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
 
 
@@ -275,7 +276,8 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
         if mode in PEERS:
             lr = budget.ti_lr if kind == "textual-inversion" else budget.lr
             peer_train(mode, model, data, out, budget.steps, budget.rank, lr, 64, token, budget.targets, class_cfg=cfg,
-                       batch_size=budget.batch_size, text_encoder_rank=cfg.text_encoder_rank)  # fmt: skip
+                       batch_size=budget.batch_size, text_encoder_rank=cfg.text_encoder_rank,
+                       seed=budget.seed)  # fmt: skip
         elif mode != "base":
             train(cfg)
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
@@ -340,7 +342,7 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
                   f"{b.instance_images} instance images; DreamBooth and pivotal: {b.num_class_images} class images "
                   f"(guidance {b.class_guidance:g}) of {shown_prompts(b.class_prompt)}, prior loss weight "
                   f"{b.prior_loss_weight:g}, prior target {b.prior_target} (the peer: the noise, as diffusers); "
-                  "the peers alike):", "",
+                  f"seed {b.seed}; the peers alike):", "",
                   "| mode | fidelity | prior preservation | coloured circles kept | composability |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for mode, scores in rows.items():
