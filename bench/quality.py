@@ -18,6 +18,8 @@ bench/toyworld-base.png (the base model on six fixed prompts, the README's strip
 row per mode, the base model first: 4 fidelity, 1 prior-preservation, 1 coloured and 2 composability samples).
 
     python bench/quality.py                                             # the shipped toy-world base
+    python bench/quality.py --repeats 3                                 # seeds 0-2 pooled (3x the time)
+    python bench/quality.py --modes dreambooth --prior-target images    # one mode, one budget setting changed
     python bench/quality.py --quick                                     # a tiny random base, seconds (tests)
 """
 
@@ -31,7 +33,7 @@ import random
 import shlex
 import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -258,13 +260,14 @@ class Budget:
 
 
 def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guidance: float, work: Path,
-        log=print) -> tuple[dict, list]:  # fmt: skip
+        log=print, sample_seed: int = 0) -> tuple[dict, list]:  # fmt: skip
     from diffusers import StableDiffusionPipeline
 
     import lora_kit
     from lora_kit.train.loop import train
 
     judge = judge_module.load(ROOT / "lora_kit" / "assets" / "toyworld" / "judge.safetensors")
+    work.mkdir(parents=True, exist_ok=True)
     rows, figure = {}, []  # figure: one row of samples per mode
     for mode in ("base", *modes):  # the base model first, untrained: what each metric reads without an adapter
         kind = PEERS.get(mode, mode)  # a peer is scored like the mode it stands beside
@@ -288,10 +291,18 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
             pipe.load_lora_weights(str(out))
         elif mode != "base":
             lora_kit.load(pipe, out)
-        rows[mode], shown = sample_scores(pipe, judge, token, samples, sample_steps, guidance)
+        rows[mode], shown = sample_scores(pipe, judge, token, samples, sample_steps, guidance, sample_seed)
         figure.append(shown)
         log(f"{mode}: " + ", ".join(f"{k} {h}/{n}" for k, (h, n) in rows[mode].items() if " on " not in k))
     return rows, figure
+
+
+def pool(runs: list[dict]) -> dict:
+    """{mode: {metric: (hits, n)}} of several runs -> the same with hits and n summed over the runs."""
+    return {
+        mode: {metric: tuple(sum(run[mode][metric][i] for run in runs) for i in (0, 1)) for metric in scores}
+        for mode, scores in runs[0].items()
+    }
 
 
 def shown_prompts(class_prompt: str) -> str:
@@ -299,6 +310,10 @@ def shown_prompts(class_prompt: str) -> str:
 
     prompts = split_prompts(class_prompt)
     return repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts ({prompts[0]!r}, ...)"
+
+
+def seeds(first: int, repeats: int) -> str:
+    return f"seed {first}" if repeats == 1 else f"seeds {first}-{first + repeats - 1} pooled ({repeats} runs per row)"
 
 
 def share(k: int, n: int) -> str:
@@ -342,7 +357,7 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
                   f"{b.instance_images} instance images; DreamBooth and pivotal: {b.num_class_images} class images "
                   f"(guidance {b.class_guidance:g}) of {shown_prompts(b.class_prompt)}, prior loss weight "
                   f"{b.prior_loss_weight:g}, prior target {b.prior_target} (the peer: the noise, as diffusers); "
-                  f"seed {b.seed}; the peers alike):", "",
+                  f"{seeds(b.seed, args.repeats)}; the peers alike):", "",
                   "| mode | fidelity | prior preservation | coloured circles kept | composability |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for mode, scores in rows.items():
@@ -365,12 +380,15 @@ def main(argv=None) -> int:
     for f in fields(Budget):  # the training budget of every mode and peer
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     parser.add_argument("--samples", type=int, default=48, help="samples per metric")
+    parser.add_argument("--repeats", type=int, default=1, help="train and sample each mode with N seeds, pooled")
     parser.add_argument("--base-samples", type=int, default=128, help="samples of the base model alone (0: skip)")
     parser.add_argument("--sample-steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="tiny random base, 2 steps, 1 sample (tests)")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: train each mode at least once")
     command = shlex.join(["python", "bench/quality.py", *argv])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -386,7 +404,7 @@ def main(argv=None) -> int:
 
             args.model, args.label = toy_model(), "toy (the shipped lora_kit/assets/toyworld/model)"
         args.label = getattr(args, "label", args.model)
-        base, strip = None, []
+        base, strip, figure = None, [], []
         if args.base_samples:
             from diffusers import StableDiffusionPipeline
 
@@ -397,7 +415,14 @@ def main(argv=None) -> int:
             strip = render(pipe, STRIP, args.sample_steps, args.guidance, seed=0)
             print("base: " + ", ".join(f"{k} {h}/{n}" for k, (h, n) in base.items()), flush=True)
         modes = [m for m in args.modes.split(",") if m]
-        rows, figure = run(args.model, modes, args.budget, args.samples, args.sample_steps, args.guidance, work)
+        runs = []  # one per seed: other class images, batches, noise and samples; the shares pooled
+        for r in range(args.repeats):
+            budget = replace(args.budget, seed=args.budget.seed + r)
+            repeat, shown = run(args.model, modes, budget, args.samples, args.sample_steps, args.guidance,
+                                work / f"seed-{budget.seed}", sample_seed=r * args.samples)  # fmt: skip
+            runs.append(repeat)
+            figure = figure or shown  # the first seed's samples
+        rows = pool(runs)
     write_results(args, command, base, rows, Path(args.results))
     figures = Path(args.results).parent  # PNGs beside the results: bench/ unless --results says otherwise
     if strip:

@@ -20,11 +20,11 @@ def load(name: str):
 def test_extract_bench_quick(tmp_path):
     bench = load("extract")
     results = tmp_path / "RESULTS.md"
-    assert bench.main(["--quick", "--results", str(results)]) == 0
+    assert bench.main(["--quick", "--repeats", "2", "--results", str(results)]) == 0
     text = results.read_text()
     assert "## bench/extract.py (quick)" in text and "error ratio" in text
     # a second run replaces its own section instead of appending a copy
-    assert bench.main(["--quick", "--results", str(results)]) == 0
+    assert bench.main(["--quick", "--repeats", "2", "--results", str(results)]) == 0
     assert results.read_text().count("## bench/extract.py (quick)") == 1
 
 
@@ -33,7 +33,7 @@ def test_quality_bench_quick(tmp_path):
     """Every mode and the three diffusers peer rows train, sample and get judged on a tiny base."""
     bench = load("quality")
     results = tmp_path / "RESULTS.md"
-    assert bench.main(["--quick", "--results", str(results)]) == 0
+    assert bench.main(["--quick", "--repeats", "2", "--results", str(results)]) == 0
     text = results.read_text()
     rows = [
         "| base model, no adapter (reference) |",
@@ -45,10 +45,11 @@ def test_quality_bench_quick(tmp_path):
     rows += ["| diffusers+peft LoRA", "| diffusers+peft DreamBooth", "| diffusers textual inversion"]  # the peers
     for row in rows:
         assert row in text
-    assert "`python bench/quality.py --quick --results " in text
-    # fidelity split by background: one sample, on the first background, in each mode's row
+    assert "`python bench/quality.py --quick --repeats 2 --results " in text
+    assert "seeds 0-1 pooled (2 runs per row)" in text
+    # fidelity split by background: one sample per seed, on the first background, in each mode's row
     by_background = text[text.index("Subject fidelity on each background") :].splitlines()[4:12]
-    assert [line.count("/1 |") for line in by_background] == [1] * 8
+    assert [line.count("/2 |") for line in by_background] == [1] * 8
     modes = text[text.index("Each mode at") : text.index("Subject fidelity")].splitlines()
     totals = [line.split(" | ")[1].split(" = ")[0] for line in modes if line.count(" = ") == 4]
     assert [line.split(" | ")[1] for line in by_background] == totals  # the one sample's hit, counted alike
@@ -59,6 +60,11 @@ def test_quality_bench_quick(tmp_path):
     # here)
     assert Image.open(tmp_path / "toyworld-modes.png").size == (4 * 64, 8 * 64)
     assert bench.wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)  # the Wilson upper bound for 0/10
+    runs = [
+        {"dreambooth": {"fidelity": (45, 48), "prior": (40, 48)}},
+        {"dreambooth": {"fidelity": (40, 48), "prior": (46, 48)}},
+    ]
+    assert bench.pool(runs) == {"dreambooth": {"fidelity": (85, 96), "prior": (86, 96)}}
 
 
 def test_inference_bench_quick(tmp_path):
