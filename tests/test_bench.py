@@ -20,11 +20,11 @@ def load(name: str):
 def test_extract_bench_quick(tmp_path):
     bench = load("extract")
     results = tmp_path / "RESULTS.md"
-    assert bench.main(["--quick", "--repeats", "2", "--results", str(results)]) == 0
+    assert bench.main(["--quick", "--results", str(results)]) == 0
     text = results.read_text()
     assert "## bench/extract.py (quick)" in text and "error ratio" in text
     # a second run replaces its own section instead of appending a copy
-    assert bench.main(["--quick", "--repeats", "2", "--results", str(results)]) == 0
+    assert bench.main(["--quick", "--results", str(results)]) == 0
     assert results.read_text().count("## bench/extract.py (quick)") == 1
 
 
