@@ -242,8 +242,14 @@ class Budget:
     class_guidance: float = 4.0
     prior_loss_weight: float = 1.0
     prior_target: str = "base"  # lora-train's --prior-target (the peer DreamBooth keeps diffusers' noise target)
-    text_encoder_rank: int = 4  # LoRA on the text encoder's attention too (not textual inversion), peers alike
+    text_encoder_rank: int = 4  # LoRA on the text encoder's attention too (lora, dreambooth), peers alike
+    # pivotal's own: its embeddings carry the text side; a text-encoder LoRA besides moved the background words
+    # (rank 4 -> 0, seed 0: subject 37 -> 43 of 48, class prompt kept 36 -> 41; see RESULTS.md)
+    pivotal_text_encoder_rank: int = 0
     seed: int = 0  # every random choice of the training runs (class images, batches, noise), peers alike
+
+    def text_encoder_rank_of(self, mode: str) -> int:
+        return {"textual-inversion": 0, "pivotal": self.pivotal_text_encoder_rank}.get(mode, self.text_encoder_rank)
 
     def config(self, model: str, data: Path, out: Path, mode: str, token: str, class_data: Path, sample_steps: int):
         from lora_kit.train.config import TrainConfig
@@ -254,7 +260,7 @@ class Budget:
                            ti_steps=self.steps // 10 if mode == "pivotal" else 0, class_prompt=self.class_prompt,
                            num_class_images=self.num_class_images, class_guidance=self.class_guidance,
                            prior_loss_weight=self.prior_loss_weight, prior_target=self.prior_target,
-                           text_encoder_rank=self.text_encoder_rank if mode != "textual-inversion" else 0,
+                           text_encoder_rank=self.text_encoder_rank_of(mode),
                            class_data=str(class_data), seed=self.seed,
                            validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
 
@@ -351,7 +357,7 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
             "",
         ]
     if rows:
-        te = f", text-encoder rank {b.text_encoder_rank}" if b.text_encoder_rank else ""
+        te = f", text-encoder rank {b.text_encoder_rank} (pivotal: {b.pivotal_text_encoder_rank})"
         lines += [f"Each mode at {b.steps} steps (batch {b.batch_size}, rank {b.rank}, targets {b.targets}{te}, "
                   f"lr {b.lr:g}, embedding lr {b.ti_lr:g}, pivotal: embeddings alone for the first {b.steps // 10}; "
                   f"{b.instance_images} instance images; DreamBooth and pivotal: {b.num_class_images} class images "
