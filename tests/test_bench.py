@@ -121,3 +121,18 @@ def test_quality_scores_read_each_metric_from_its_own_prompts():
     assert all(scores[f"fidelity on {bg}"] == (2, 2) for bg in bench.BACKGROUNDS) and len(shown) == 8
     scores, _ = bench.sample_scores(pipe_drawing(leaky=True), judge, "sks", n, steps=1, guidance=1.0)
     assert [scores[k][0] for k in ("fidelity", "prior", "coloured", "compose")] == [n, 0, 0, n]
+
+
+def test_quality_budget_gives_each_mode_its_text_encoder_rank(tmp_path):
+    """Text-encoder LoRA for lora and DreamBooth (their peers alike), none for textual inversion or pivotal (whose
+    embeddings carry the text side) unless asked."""
+    bench = load("quality")
+
+    def rank(budget, mode):
+        token = "<sks>" if mode in ("textual-inversion", "pivotal") else "sks"
+        return budget.config("toy", tmp_path, tmp_path / "o.safetensors", mode, token, tmp_path, 2).text_encoder_rank
+
+    budget = bench.Budget()
+    assert [rank(budget, m) for m in bench.MODES if m not in bench.PEERS] == [4, 4, 0, 0]
+    assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "pivotal") == 4
+    assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "dreambooth") == 2
