@@ -97,6 +97,7 @@ def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: i
     from lora_kit.train.data import Plan, load, scan
     from lora_kit.train.prior import class_examples
 
+    torch.manual_seed(seed)  # peft draws its initial factors from the global generator (diffusers' scripts: set_seed)
     pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)

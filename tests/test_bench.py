@@ -136,3 +136,24 @@ def test_quality_budget_gives_each_mode_its_text_encoder_rank(tmp_path):
     assert [rank(budget, m) for m in bench.MODES if m not in bench.PEERS] == [4, 4, 0, 0]
     assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "pivotal") == 4
     assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "dreambooth") == 2
+
+
+@pytest.mark.slow
+def test_peer_training_is_reproducible_whatever_ran_before(tmp_path):
+    """A peer row is a function of its seed alone: peft's initial factors come from the global generator, which the
+    rows trained before it leave in another state."""
+    bench = load("quality")  # (puts datasets/toyworld on the path)
+    import pretrain
+    import torch
+    from safetensors.torch import load_file
+
+    model = str(pretrain.pretrain(tmp_path / "base", "tiny", "cpu", log=lambda _: None))
+    data = bench.instance_data(tmp_path / "data", 2, "sks")
+    files = []
+    for before in (1, 2):  # another global generator state before each run
+        torch.manual_seed(before)
+        files.append(tmp_path / f"peer-{before}.safetensors")
+        bench.peer_train("peft", model, data, files[-1], 1, 2, 1e-3, 64, "sks", text_encoder_rank=2, seed=0)
+    a, b = (load_file(str(f)) for f in files)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
