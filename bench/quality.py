@@ -247,6 +247,7 @@ class Budget:
     # pivotal's own: its embeddings carry the text side; a text-encoder LoRA besides moved the background words
     # (rank 4 -> 0, seed 0: subject 37 -> 43 of 48, class prompt kept 36 -> 41; see RESULTS.md)
     pivotal_text_encoder_rank: int = 0
+    init: str = "kaiming"  # lora-train's --init (the peers: peft's gaussian, as the diffusers scripts)
     seed: int = 0  # every random choice of the training runs (class images, batches, noise), peers alike
 
     def text_encoder_rank_of(self, mode: str) -> int:
@@ -261,7 +262,7 @@ class Budget:
                            ti_steps=self.steps // 10 if mode == "pivotal" else 0, class_prompt=self.class_prompt,
                            num_class_images=self.num_class_images, class_guidance=self.class_guidance,
                            prior_loss_weight=self.prior_loss_weight, prior_target=self.prior_target,
-                           text_encoder_rank=self.text_encoder_rank_of(mode),
+                           text_encoder_rank=self.text_encoder_rank_of(mode), init=self.init,
                            class_data=str(class_data), seed=self.seed,
                            validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
 
@@ -364,6 +365,7 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
                   f"{b.instance_images} instance images; DreamBooth and pivotal: {b.num_class_images} class images "
                   f"(guidance {b.class_guidance:g}) of {shown_prompts(b.class_prompt)}, prior loss weight "
                   f"{b.prior_loss_weight:g}, prior target {b.prior_target} (the peer: the noise, as diffusers); "
+                  f"initial down factors {b.init} (the peers: gaussian); "
                   f"{seeds(b.seed, args.repeats)}; the peers alike):", "",
                   "| mode | fidelity | prior preservation | coloured circles kept | composability |",
                   "|---|---|---|---|---|"]  # fmt: skip

@@ -27,6 +27,8 @@ HELP = {
     "text_encoder_alpha": "Text-encoder alpha. [its rank]",
     "text_encoder_targets": "Text-encoder preset: clip-attn, clip-all. [clip-attn]",
     "dropout": "Dropout on the adapter input while training. [0]",
+    "init": "Initial down factors: kaiming (uniform, as kohya and peft's default) or gaussian (std 1/rank, as peft's "
+    "init_lora_weights='gaussian' of the diffusers scripts); up starts at zero either way. [kaiming]",
     "lr": "Learning rate of the UNet/transformer adapters. [1e-4]",
     "text_encoder_lr": "Learning rate of the text-encoder adapters. [lr]",
     "ti_lr": "Learning rate of new token embeddings. [5e-3]",

@@ -175,6 +175,32 @@ def test_prior_target_base_is_the_base_models_own_prediction(make_pipe, models, 
         config(models, data, tmp_path, prior_target="noise")
 
 
+def test_init_sets_the_initial_down_factors_of_every_adapter(make_pipe, models, data, tmp_path):
+    """init='gaussian' (peft's init_lora_weights='gaussian'): every down factor, UNet and text encoder, drawn with std
+    1/rank; 'kaiming' (the default): uniform within 1/sqrt(fan_in); up starts at zero either way."""
+    import math
+
+    from lora_kit.inject import extract_lora_ups_down
+    from lora_kit.train import recipes
+
+    def factors(init):
+        pipe = make_pipe("sd1")
+        torch.manual_seed(0)
+        recipes.build(config(models, data, tmp_path, rank=8, text_encoder_rank=2, init=init), pipe)
+        return [list(extract_lora_ups_down(m)) for m in (pipe.unet, pipe.text_encoder)]
+
+    for init in ("gaussian", "kaiming"):
+        for pairs, rank in zip(factors(init), (8, 2), strict=True):
+            assert pairs and all(torch.count_nonzero(up) == 0 and down.shape[0] == rank for up, down in pairs)
+            downs = torch.cat([down.detach().flatten() for _, down in pairs])
+            if init == "gaussian":
+                assert abs(downs.std().item() - 1 / rank) < 0.1 / rank and abs(downs.mean().item()) < 0.1 / rank
+            else:
+                assert all(down.abs().max() <= 1 / math.sqrt(down[0].numel()) for _, down in pairs)
+    with pytest.raises(LoraKitError, match="init"):
+        config(models, data, tmp_path, init="orthogonal")
+
+
 def _eval_loss(cfg, pipe) -> float:
     """The loss on the training images at fixed timesteps and noise (independent of the training RNG)."""
     return fixed_noise_loss(cfg, pipe, [(t, t) for t in (100, 300, 500, 700)])

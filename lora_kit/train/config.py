@@ -20,6 +20,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 PRIOR_TARGETS = ("images", "base")
+INITS = ("kaiming", "gaussian")
 
 
 def split_prompts(text: str) -> list[str]:
@@ -50,6 +51,7 @@ class TrainConfig:
     text_encoder_alpha: float | None = None
     text_encoder_targets: str = "clip-attn"
     dropout: float = 0.0  # on the adapter input
+    init: str = "kaiming"  # initial down factors: kaiming-uniform (kohya, peft's default) or gaussian std 1/rank
     # optimisation
     lr: float = 1e-4
     text_encoder_lr: float | None = None  # None = lr
@@ -103,7 +105,7 @@ class TrainConfig:
 
         for name, allowed in (("mode", MODES), ("lr_scheduler", SCHEDULERS), ("mixed_precision", PRECISIONS),
                               ("optimizer", OPTIMIZERS), ("save_dtype", SAVE_DTYPES),
-                              ("prior_target", PRIOR_TARGETS)):  # fmt: skip
+                              ("prior_target", PRIOR_TARGETS), ("init", INITS)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 bad(name, f"choose one of {', '.join(allowed)}")
         for name in ("steps", "batch_size", "grad_accum", "resolution", "num_vectors"):

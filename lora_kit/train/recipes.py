@@ -79,7 +79,7 @@ def build(cfg: TrainConfig, pipe) -> Recipe:
     if cfg.mode != "textual-inversion":
         main = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
         inject_lora(main, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, name=ADAPTER, conv_rank=cfg.conv_rank,
-                    conv_alpha=cfg.conv_alpha, dropout=cfg.dropout)  # fmt: skip
+                    conv_alpha=cfg.conv_alpha, dropout=cfg.dropout, init=cfg.init)  # fmt: skip
         unet_params = list(lora_parameters(main, ADAPTER))
         recipe.groups.append({"params": unet_params, "lr": cfg.lr})
         recipe.lora += unet_params
@@ -87,7 +87,7 @@ def build(cfg: TrainConfig, pipe) -> Recipe:
             te_params = []
             for _, _, te in _text_encoders(pipe):
                 inject_lora(te, cfg.text_encoder_targets, rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
-                            name=ADAPTER, dropout=cfg.dropout)  # fmt: skip
+                            name=ADAPTER, dropout=cfg.dropout, init=cfg.init)  # fmt: skip
                 te_params += list(lora_parameters(te, ADAPTER))
             recipe.groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.lr})
             recipe.lora += te_params
