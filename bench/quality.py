@@ -78,17 +78,19 @@ PEERS = {"peft": "lora", "peft-dreambooth": "dreambooth", "diffusers-ti": "textu
 
 def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: int, lr: float, resolution: int,
                token: str, targets: str = "kohya", class_cfg=None, batch_size: int = 1,
-               text_encoder_rank: int = 0, seed: int = 0) -> None:  # fmt: skip
+               text_encoder_rank: int = 0, seed: int = 0, min_snr_gamma: float = 0.0) -> None:  # fmt: skip
     """The diffusers way, written as its training examples do it: plain DDPM epsilon MSE, AdamW, `batch_size`
     instance images per step (and as many class images with the prior loss).
 
     peft: peft LoRA on the layers of lora_kit's `targets` preset (train_text_to_image_lora); peft-dreambooth: the
     same plus a class image per step and the prior loss (train_dreambooth_lora), on lora_kit's class images; with
-    `text_encoder_rank`, both also train peft LoRA on the text encoder's attention (--train_text_encoder);
+    `text_encoder_rank`, both also train peft LoRA on the text encoder's attention (--train_text_encoder); with
+    `min_snr_gamma`, each sample's loss is weighted min(snr, gamma) / snr (--snr_gamma, diffusers' compute_snr);
     diffusers-ti: a new token whose embedding row alone trains, every other row put back after each step
     (textual_inversion.py), saved as learned_embeds for `load_textual_inversion`."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.training_utils import compute_snr
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -143,7 +145,13 @@ def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: i
             t = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=g)
             pred = pipe.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
             weight = class_cfg.prior_loss_weight if k else 1.0  # the prior loss, as train_dreambooth_lora weighs it
-            loss = loss + weight * torch.nn.functional.mse_loss(pred, noise)
+            if min_snr_gamma:  # the scripts' --snr_gamma: per-sample losses weighted, then averaged
+                snr = compute_snr(sched, t)
+                per_sample = torch.nn.functional.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))
+                mse = (per_sample * torch.clamp(snr, max=min_snr_gamma) / snr).mean()
+            else:
+                mse = torch.nn.functional.mse_loss(pred, noise)
+            loss = loss + weight * mse
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -247,6 +255,7 @@ class Budget:
     # pivotal's own: its embeddings carry the text side; a text-encoder LoRA besides moved the background words
     # (rank 4 -> 0, seed 0: subject 37 -> 43 of 48, class prompt kept 36 -> 41; see RESULTS.md)
     pivotal_text_encoder_rank: int = 0
+    min_snr_gamma: float = 0.0  # Min-SNR loss weights (lora-train --min-snr-gamma, the scripts' --snr_gamma); 0: off
     init: str = "kaiming"  # lora-train's --init (the peers: peft's gaussian, as the diffusers scripts)
     seed: int = 0  # every random choice of the training runs (class images, batches, noise), peers alike
 
@@ -263,6 +272,7 @@ class Budget:
                            num_class_images=self.num_class_images, class_guidance=self.class_guidance,
                            prior_loss_weight=self.prior_loss_weight, prior_target=self.prior_target,
                            text_encoder_rank=self.text_encoder_rank_of(mode), init=self.init,
+                           min_snr_gamma=self.min_snr_gamma or None,
                            class_data=str(class_data), seed=self.seed,
                            validation_steps=sample_steps, save_dtype="fp32")  # fmt: skip
 
@@ -288,7 +298,7 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
             lr = budget.ti_lr if kind == "textual-inversion" else budget.lr
             peer_train(mode, model, data, out, budget.steps, budget.rank, lr, 64, token, budget.targets, class_cfg=cfg,
                        batch_size=budget.batch_size, text_encoder_rank=cfg.text_encoder_rank,
-                       seed=budget.seed)  # fmt: skip
+                       seed=budget.seed, min_snr_gamma=budget.min_snr_gamma)  # fmt: skip
         elif mode != "base":
             train(cfg)
         pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
@@ -366,6 +376,7 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
                   f"(guidance {b.class_guidance:g}) of {shown_prompts(b.class_prompt)}, prior loss weight "
                   f"{b.prior_loss_weight:g}, prior target {b.prior_target} (the peer: the noise, as diffusers); "
                   f"initial down factors {b.init} (the peers: gaussian); "
+                  f"loss {f'Min-SNR-{b.min_snr_gamma:g} weighted' if b.min_snr_gamma else 'plain MSE'}; "
                   f"{seeds(b.seed, args.repeats)}; the peers alike):", "",
                   "| mode | fidelity | prior preservation | coloured circles kept | composability |",
                   "|---|---|---|---|---|"]  # fmt: skip

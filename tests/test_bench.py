@@ -125,7 +125,7 @@ def test_quality_scores_read_each_metric_from_its_own_prompts():
 
 def test_quality_budget_gives_each_mode_its_text_encoder_rank(tmp_path):
     """Text-encoder LoRA for lora and DreamBooth (their peers alike), none for textual inversion or pivotal (whose
-    embeddings carry the text side) unless asked."""
+    embeddings carry the text side) unless asked; the loss weighting and initial factors reach lora-train's config."""
     bench = load("quality")
 
     def rank(budget, mode):
@@ -136,6 +136,16 @@ def test_quality_budget_gives_each_mode_its_text_encoder_rank(tmp_path):
     assert [rank(budget, m) for m in bench.MODES if m not in bench.PEERS] == [4, 4, 0, 0]
     assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "pivotal") == 4
     assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "dreambooth") == 2
+    cfg = bench.Budget(min_snr_gamma=5.0, init="gaussian").config(
+        "toy", tmp_path, tmp_path / "o", "lora", "sks", tmp_path, 2
+    )
+    assert (cfg.min_snr_gamma, cfg.init) == (5.0, "gaussian")
+    assert (
+        bench.Budget(min_snr_gamma=0.0)
+        .config("toy", tmp_path, tmp_path / "o", "lora", "sks", tmp_path, 2)
+        .min_snr_gamma
+        is None
+    )
 
 
 @pytest.mark.slow

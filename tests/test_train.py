@@ -232,6 +232,16 @@ def test_objective_formulas_on_a_fixed_batch():
     w_v = objective.min_snr_weight(snr, 5.0, "v_prediction")
     for i, s in enumerate(snr.tolist()):
         assert abs(w_eps[i].item() - min(s, 5.0) / s) < 1e-6 and abs(w_v[i].item() - min(s, 5.0) / (s + 1)) < 1e-6
+    # the same weights as diffusers' training scripts give with --snr_gamma 5 (compute_snr), at every timestep
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    every = torch.arange(1000)
+    theirs = compute_snr(sched, every)
+    ours = objective.snr(every, sched.alphas_cumprod)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+    torch.testing.assert_close(objective.min_snr_weight(ours, 5.0, "epsilon"), theirs.clamp(max=5.0) / theirs)
     per = torch.tensor([1.0, 3.0, 10.0, 20.0])
     prior = torch.tensor([False, False, True, True])
     assert objective.combine(per, prior, 0.5).item() == pytest.approx(2.0 + 0.5 * 15.0)
