@@ -255,6 +255,9 @@ class Budget:
     # pivotal's own: its embeddings carry the text side; a text-encoder LoRA besides moved the background words
     # (rank 4 -> 0, seed 0: subject 37 -> 43 of 48, class prompt kept 36 -> 41; see RESULTS.md)
     pivotal_text_encoder_rank: int = 0
+    # pivotal's embeddings alone before the LoRA joins, as a share of the steps (lora-train's --ti-steps). Seeds 0-2
+    # (Min-SNR 5), subject / class kept of 144: a tenth 129/128, a fifth 134/131 (see RESULTS.md)
+    pivotal_ti_share: float = 0.2
     # Min-SNR loss weights (lora-train --min-snr-gamma, the scripts' --snr_gamma); 0: plain MSE. Seeds 0-2, DreamBooth:
     # subject 121 -> 130 of 144, class prompt kept 130 -> 134 (see RESULTS.md)
     min_snr_gamma: float = 5.0
@@ -264,13 +267,16 @@ class Budget:
     def text_encoder_rank_of(self, mode: str) -> int:
         return {"textual-inversion": 0, "pivotal": self.pivotal_text_encoder_rank}.get(mode, self.text_encoder_rank)
 
+    def ti_steps_of(self, mode: str) -> int:
+        return int(self.steps * self.pivotal_ti_share) if mode == "pivotal" else 0
+
     def config(self, model: str, data: Path, out: Path, mode: str, token: str, class_data: Path, sample_steps: int):
         from lora_kit.train.config import TrainConfig
 
         return TrainConfig(model=model, data=str(data), output=str(out), mode=mode, steps=self.steps, rank=self.rank,
                            lr=self.lr, targets=self.targets, resolution=64, batch_size=self.batch_size,
                            ti_lr=self.ti_lr, token=token if "<" in token else None, init_token=INIT_WORD,
-                           ti_steps=self.steps // 10 if mode == "pivotal" else 0, class_prompt=self.class_prompt,
+                           ti_steps=self.ti_steps_of(mode), class_prompt=self.class_prompt,
                            num_class_images=self.num_class_images, class_guidance=self.class_guidance,
                            prior_loss_weight=self.prior_loss_weight, prior_target=self.prior_target,
                            text_encoder_rank=self.text_encoder_rank_of(mode), init=self.init,
@@ -373,7 +379,8 @@ def write_results(args, command: str, base: dict | None, rows: dict, path: Path)
     if rows:
         te = f", text-encoder rank {b.text_encoder_rank} (pivotal: {b.pivotal_text_encoder_rank})"
         lines += [f"Each mode at {b.steps} steps (batch {b.batch_size}, rank {b.rank}, targets {b.targets}{te}, "
-                  f"lr {b.lr:g}, embedding lr {b.ti_lr:g}, pivotal: embeddings alone for the first {b.steps // 10}; "
+                  f"lr {b.lr:g}, embedding lr {b.ti_lr:g}, pivotal: embeddings alone for the first "
+                  f"{b.ti_steps_of('pivotal')}; "
                   f"{b.instance_images} instance images; DreamBooth and pivotal: {b.num_class_images} class images "
                   f"(guidance {b.class_guidance:g}) of {shown_prompts(b.class_prompt)}, prior loss weight "
                   f"{b.prior_loss_weight:g}, prior target {b.prior_target} (the peer: the noise, as diffusers); "

@@ -136,6 +136,9 @@ def test_quality_budget_gives_each_mode_its_text_encoder_rank(tmp_path):
     assert [rank(budget, m) for m in bench.MODES if m not in bench.PEERS] == [4, 4, 0, 0]
     assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "pivotal") == 4
     assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "dreambooth") == 2
+    assert [bench.Budget(steps=2000).config("toy", tmp_path, tmp_path / "o", m, "<sks>", tmp_path, 2).ti_steps
+            for m in ("pivotal", "dreambooth", "textual-inversion")] == [400, 0, 0]  # fmt: skip
+    assert bench.Budget(steps=2, pivotal_ti_share=0.2).ti_steps_of("pivotal") == 0  # the quick run: LoRA trains
     cfg = bench.Budget(min_snr_gamma=5.0, init="gaussian").config(
         "toy", tmp_path, tmp_path / "o", "lora", "sks", tmp_path, 2
     )
