@@ -23,8 +23,8 @@ quickstart: $(BIN)/python
 	@if [ -e $(QUICK) ]; then echo "$(QUICK): already exists; remove it or pass QUICK=another-folder"; exit 2; fi
 	$(BIN)/python datasets/toyworld/generate.py $(QUICK)/data --split subject --count 5
 	$(BIN)/lora-train --model $(MODEL) --data $(QUICK)/data --mode dreambooth --class-prompt "a circle on a blue background" \
-	  --num-class-images 10 --resolution 64 --rank 8 --lr 2e-3 --steps $(STEPS) --validation-steps $(SAMPLE_STEPS) \
-	  -o $(QUICK)/sks.safetensors
+	  --num-class-images 10 --resolution 64 --rank 8 --lr 2e-3 --min-snr-gamma 5 --steps $(STEPS) \
+	  --validation-steps $(SAMPLE_STEPS) -o $(QUICK)/sks.safetensors
 	$(BIN)/lora-generate --model $(MODEL) --lora $(QUICK)/sks.safetensors --prompt "a sks circle on a green background" \
 	  --steps $(SAMPLE_STEPS) --guidance 4 -n 4 --compare -o $(QUICK)/samples
 	@echo "quick start done: $(QUICK)/sks.safetensors, before/after in $(QUICK)/samples/compare.png"
