@@ -418,6 +418,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: train each mode at least once")
+    if not 0 <= args.pivotal_ti_share < 1:
+        parser.error(
+            f"--pivotal-ti-share {args.pivotal_ti_share:g}: a share of the steps in [0, 1), so LoRA trains too"
+        )
     command = shlex.join(["python", "bench/quality.py", *argv])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

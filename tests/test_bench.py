@@ -139,6 +139,10 @@ def test_quality_budget_gives_each_mode_its_text_encoder_rank(tmp_path):
     assert [bench.Budget(steps=2000).config("toy", tmp_path, tmp_path / "o", m, "<sks>", tmp_path, 2).ti_steps
             for m in ("pivotal", "dreambooth", "textual-inversion")] == [400, 0, 0]  # fmt: skip
     assert bench.Budget(steps=2, pivotal_ti_share=0.2).ti_steps_of("pivotal") == 0  # the quick run: LoRA trains
+    for share in ("1", "-0.1"):  # pivotal would never train its LoRA, or a negative count of steps
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(["--pivotal-ti-share", share, "--results", str(tmp_path / "R.md")])
+        assert exit_.value.code == 2 and not (tmp_path / "R.md").exists()
     cfg = bench.Budget(min_snr_gamma=5.0, init="gaussian").config(
         "toy", tmp_path, tmp_path / "o", "lora", "sks", tmp_path, 2
     )
