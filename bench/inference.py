@@ -1,7 +1,7 @@
 """Benchmark: the cost of LoRA adapters per denoising step, in one run: the base UNet, one and two unfused adapters
-(two run as one concatenated down/up pair per layer), the same two adapters as peft layers switched on with
-diffusers' set_adapters (the peer), two adapters through the per-adapter loop (the training path, kept for
-comparison), fused, and two step-scheduled adapters.
+(two run as one concatenated down/up pair per layer, or as a transient composed weight where that computes less),
+the same two adapters as peft layers switched on with diffusers' set_adapters (the peer), two adapters through the
+per-adapter loop (the training path, kept for comparison), fused, and two step-scheduled adapters.
 
 Each configuration runs the same denoising loop (classifier-free guidance: batch 2, DDIM) and the script reports the
 median time per step and its ratio to the base step; `scheduled / 2 unfused` is the overhead of step schedules. The
@@ -146,8 +146,10 @@ def denoise(pipe: Pipe, latent: int, width: int, steps: int, seed: int, device, 
 
 def flop_ratios(pipe: Pipe, latent: int, width: int, device, dtype) -> dict[str, float]:
     """What each configuration must compute, over the base: one guided UNet forward counted by torch's FlopCounterMode
-    without adapters, plus 2 x tokens x rank x (fan-in + out) per wrapped layer and adapter (a convolution's down
-    counts its kernel). The floor an implementation can reach on hardware that is compute-bound."""
+    without adapters, plus per wrapped layer and adapter 2 x positions x rank x (fan-in + out) for the pair on the
+    activations (a convolution's down counts its kernel) or, where lora_kit's unfused forward composes the weight
+    for the call instead (LoraWrapper.composes), 2 x out x fan-in x rank. The peer and the training loop always run
+    the pair. The floor each can reach on hardware that is compute-bound."""
     import math
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -156,7 +158,8 @@ def flop_ratios(pipe: Pipe, latent: int, width: int, device, dtype) -> dict[str,
 
     x = torch.zeros(2, 4, latent, latent, device=device, dtype=dtype)
     context = torch.zeros(2, 77, width, device=device, dtype=dtype)
-    extra = dict.fromkeys(pipe.ranks, 0)
+    pair = dict.fromkeys(pipe.ranks, 0)  # the adapters' GEMMs on the activations
+    ours = dict.fromkeys(pipe.ranks, 0)  # lora_kit's unfused inference: per layer the route it takes
 
     def count(module, args, out):
         base = module.base
@@ -165,8 +168,10 @@ def flop_ratios(pipe: Pipe, latent: int, width: int, device, dtype) -> dict[str,
         else:
             positions = out.shape[0] * out.shape[2] * out.shape[3]
             fan_in, fan_out = base.in_channels * math.prod(base.kernel_size), base.out_channels
+        composes = module.composes(args[0])
         for name, adapter in module.adapters.items():
-            extra[name] += 2 * positions * adapter.rank * (fan_in + fan_out)
+            pair[name] += 2 * positions * adapter.rank * (fan_in + fan_out)
+            ours[name] += 2 * adapter.rank * (fan_out * fan_in if composes else positions * (fan_in + fan_out))
 
     hooks = [m.register_forward_hook(count) for m in pipe.unet.modules() if isinstance(m, LoraWrapper)]
     with torch.no_grad():
@@ -176,9 +181,10 @@ def flop_ratios(pipe: Pipe, latent: int, width: int, device, dtype) -> dict[str,
         with configured(pipe, "base"), FlopCounterMode(display=False) as counter:
             pipe.unet(x, 500, encoder_hidden_states=context)
     base = counter.get_total_flops()
-    both = 1 + sum(extra.values()) / base
-    return {c: 1.0 if c in ("base", "2 fused") else 1 + extra["a"] / base if c == "1 adapter" else both
-            for c in CONFIGS}  # fmt: skip
+    ratios = {"base": 1.0, "2 fused": 1.0, "1 adapter": 1 + ours["a"] / base}
+    ratios.update(dict.fromkeys(["2 adapters", "2 scheduled"], 1 + sum(ours.values()) / base))
+    ratios.update(dict.fromkeys(["2 adapters, loop", "2 diffusers+peft"], 1 + sum(pair.values()) / base))
+    return {c: ratios[c] for c in CONFIGS}
 
 
 def _call(pipe: Pipe, x, context, adapters: list, i: int) -> None:

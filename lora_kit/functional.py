@@ -5,7 +5,8 @@ base conv's stride/padding/dilation, and `up` (out, r, 1, 1). The delta added to
 
     delta = weight * scale * up @ down        (scale = alpha / rank, fixed by training; weight = the user's)
 
-reshaped to the base weight's shape. Deltas are computed in fp32.
+reshaped to the base weight's shape. Deltas are computed in fp32; `compose` is the one exception, the inference
+forward's transient base + delta in the compute dtype.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ def delta(up: torch.Tensor, down: torch.Tensor, scale: float = 1.0) -> torch.Ten
         raise ValueError(f"up has rank {up.shape[1]} but down has rank {rank}")
     product = up.reshape(up.shape[0], rank).float() @ down.reshape(rank, -1).float()
     return (product * scale).reshape(up.shape[0], *down.shape[1:])
+
+
+def compose(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """`weight + up @ down` as one multiply-add in the tensors' own dtype (no fp32 copies), shaped like `weight`:
+    the inference forward's transient fused weight, where `up` already carries each adapter's weight x scale and
+    `down`/`up` may hold several adapters concatenated along the rank. `weight` must be contiguous."""
+    return torch.addmm(weight.flatten(1), up.flatten(1), down.flatten(1)).view(weight.shape)
 
 
 def flat(matrix: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ Paths (all compute base(x) + sum weight * factor * scale * up(down(x)), up to ro
 - training (a gradient must reach the adapters, or dropout is active): that formula adapter by adapter, in fp32;
 - inference, unfused: the downs of all active adapters concatenated along the rank and their ups (each times
   weight * factor * scale) likewise, in the compute dtype, so one down/up pair runs whatever the number of adapters,
-  and up's product is accumulated into the base output by the same GEMM (addmm / baddbmm);
+  and up's product is accumulated into the base output by the same GEMM (addmm / baddbmm); or, where the input has
+  so many positions that this costs more, the base op on a transient base + up @ down weight built for the call
+  (`functional.compose`: one GEMM, freed after the call; see `LoraWrapper._inference`);
 - fused (`wrapper.fused`, set by lora_kit.fuse): base.weight + the deltas, composed once, through the base's op.
 The concatenated pair and the fused weight are cached and rebuilt when a weight, factor, enabled flag or tensor
 changes (tensor changes are seen through torch's in-place version counters and storage pointers: code that writes
@@ -307,20 +309,55 @@ class LoraWrapper(nn.Module):
             # in the same kernel
             dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
             down, up = self._concatenated(active, dtype)
+            if x.dtype == dtype and not torch.is_grad_enabled():
+                run = self._inference(x, down, up)
+                self._keep_plan(x, kind, autocast, active, [], run)
+                return run(self, x)
             y = self.base(x)
             h = self._down(x if x.dtype == dtype else x.to(dtype), down)
             if y.dtype != dtype:  # autocast produced another dtype than asked: no fused add across dtypes
                 return y + self._up(h, up).to(y.dtype)
-            if x.dtype == dtype:  # (the plan takes the module as an argument: no reference cycle through it)
-                self._keep_plan(
-                    x, kind, autocast, active, [], lambda m, x: m._add_up(m.base(x), m._down(x, down), up, True)
-                )
             return self._add_up(y, h, up, inplace=not torch.is_grad_enabled())
         y = self.base(x)
         for a in active:  # training: fp32 adapters (under autocast the ops run in the autocast dtype)
             h = self._down(a.dropout(x).to(a.down.dtype), a.down) * (a.effective_weight * a.scale)
             y = y + self._up(h, a.up).to(y.dtype)
         return y
+
+    def _inference(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor):
+        """The unfused inference forward as a function of (module, input), kept as the plan (it takes the module as
+        an argument: no reference cycle through it). Per call it takes the cheaper of two exact routes to the same
+        sum: the pair on the activations (base op, down, up added into the base output: 2 x positions x rank x
+        (fan-in + out) FLOPs over the base) or, where the input has more positions than that, a transient
+        base + up @ down weight through the base op (2 x out x fan-in x rank FLOPs, independent of the input, freed
+        after the call: no weight-sized memory is kept)."""
+        above = self._compose_above() if self._composable(x) else math.inf
+
+        def run(m: LoraWrapper, x: torch.Tensor) -> torch.Tensor:
+            if x.numel() > above:
+                return m._base_with(x, functional.compose(m.base.weight, up, down))
+            return m._add_up(m.base(x), m._down(x, down), up, True)
+
+        return run
+
+    def _composable(self, x: torch.Tensor) -> bool:
+        """Whether the base op may run on a transient weight instead of the base module: the weight in x's dtype
+        and device and contiguous (not under autocast, not offloaded), and no hooks or patched forward on the base
+        that calling the op directly would skip."""
+        base, w = self.base, self.base.weight
+        plain = not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
+        return plain and w.dtype == x.dtype and w.device == x.device and w.is_contiguous()
+
+    def _compose_above(self) -> int:
+        """The input size (numel) above which composing the weight computes fewer FLOPs than the pair on the
+        activations: out x fan-in < positions x (fan-in + out), positions = numel / in-channels."""
+        w = self.base.weight
+        out, fan_in = w.shape[0], math.prod(w.shape[1:])
+        return w.shape[1] * out * fan_in // (fan_in + out)
+
+    def composes(self, x: torch.Tensor) -> bool:
+        """Whether an unfused inference forward on `x` runs through a transient composed weight (see _inference)."""
+        return self._composable(x) and x.numel() > self._compose_above()
 
     def _keep_plan(self, x, kind: str, autocast: bool, active: list[LoraAdapter], extra: list, run) -> None:
         """Keep `run` as the fast path of later inference forwards (see _plan)."""

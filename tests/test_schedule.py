@@ -283,6 +283,41 @@ def test_inference_path_on_unbatched_and_channels_last_convolutions():
         torch.testing.assert_close(wrapper(x[0]), expected[0])
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_unfused_routes_equal_the_formula(kind, dtype):
+    """Few positions: the pair on the activations; many: a transient composed weight. Each call takes its own route
+    (the kept plan included) and both give the formula; nothing weight-sized stays cached."""
+    wrapper, x = _layer(kind)
+    small, large = (x[:1, :2], torch.randn(4, 9, 12)) if kind == "linear" else (x[:, :, :1, :1], x)
+    assert not wrapper.composes(small) and wrapper.composes(large)
+    wrapper.eval()
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.15, "rtol": 0.03}
+    with torch.no_grad():
+        expected = {n: _formula(wrapper.float(), t) for n, t in (("small", small), ("large", large))}
+        wrapper.to(dtype)
+        for name in ["small", "large", "large", "small", "large"]:
+            y = wrapper((small if name == "small" else large).to(dtype))
+            assert y.dtype == dtype
+            torch.testing.assert_close(y.float(), expected[name], **tol)
+    assert wrapper._plan is not None
+    cached = [t for _, tensors in wrapper._caches.values() for t in tensors]
+    assert cached and all(t.shape != wrapper.base.weight.shape for t in cached)  # the down/up pair only
+
+
+def test_a_hooked_base_keeps_its_hooks():
+    """A base module with hooks (offloading, quantisation wrappers) is always called as a module."""
+    wrapper, x = _layer("linear")
+    wrapper.eval()
+    calls = []
+    wrapper.base.register_forward_pre_hook(lambda module, args: calls.append(1))
+    assert not wrapper.composes(x)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), _formula(wrapper, x), atol=1e-5, rtol=1e-5)
+        wrapper(x)
+    assert len(calls) == 3  # the formula once, then two forwards each calling the base module
+
+
 def test_inference_in_half_precision_needs_no_fp32_copies():
     """A bf16 base with fp32 adapters: the forward runs in bf16 (cached bf16 factors) and matches the fp32 formula."""
     wrapper, x = _layer("linear")
