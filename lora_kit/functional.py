@@ -34,6 +34,8 @@ def compose(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch
     """`weight + up @ down` as one multiply-add in the tensors' own dtype (no fp32 copies), shaped like `weight`:
     the inference forward's transient fused weight, where `up` already carries each adapter's weight x scale and
     `down`/`up` may hold several adapters concatenated along the rank. `weight` must be contiguous."""
+    if weight.dim() == up.dim() == down.dim() == 2:  # a linear: runs on every wrapped layer, so no reshapes
+        return torch.addmm(weight, up, down)
     return torch.addmm(weight.flatten(1), up.flatten(1), down.flatten(1)).view(weight.shape)
 
 
