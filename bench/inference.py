@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import lora_kit  # noqa: E402
 from bench import _results  # noqa: E402
+from lora_kit import layers  # noqa: E402
 from lora_kit.inject import enable_lora, inject_lora, lora_modules, remove_lora  # noqa: E402
 from lora_kit.layers import LoraWrapper  # noqa: E402
 from lora_kit.state import load_lora_state_dict, lora_state_dict  # noqa: E402
@@ -98,6 +99,7 @@ def configured(pipe: Pipe, config: str):
     elif config == "2 adapters, loop":
         original = LoraWrapper._cacheable
         LoraWrapper._cacheable = lambda self, active: False  # the per-adapter loop, as training runs it
+        layers._bump()  # and no kept plan of another configuration
         yield
         LoraWrapper._cacheable = original
     elif config == "2 fused":

@@ -108,10 +108,12 @@ def attach_adapter(
     dropout: float = 0.0,
     init: str = "kaiming",
 ) -> LoraAdapter:
-    """Add one adapter to the layer at `path`, wrapping it first unless it is already wrapped."""
+    """Add one adapter to the layer at `path`, wrapping it first unless it is already wrapped. The wrapper and the
+    adapter take the train/eval mode of the layer they join (an adapter loaded into an eval pipeline is in eval
+    mode: no dropout, and the inference forward's kept plan; trainers switch their adapters to training)."""
     layer = model.get_submodule(path)
-    wrapper = layer if isinstance(layer, LoraWrapper) else wrap(layer)
-    adapter = wrapper.add_adapter(name, rank, alpha, dropout=dropout, init=init)
+    wrapper = layer if isinstance(layer, LoraWrapper) else wrap(layer).train(layer.training)
+    adapter = wrapper.add_adapter(name, rank, alpha, dropout=dropout, init=init).train(wrapper.training)
     if wrapper is not layer:
         _set_module(model, path, wrapper)
     return adapter

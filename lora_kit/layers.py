@@ -262,6 +262,46 @@ class LoraWrapper(nn.Module):
         key = (*(a.state_key() for a in active), tensor_key(w), w.dtype)
         return self._cached("fused", key, lambda: (w.float() + self.delta_weight()).to(w.dtype))
 
+    def set_factors(self, factors: dict[str, float]) -> None:
+        """Set the step factor of the named adapters (names this wrapper lacks are skipped). Where the kept
+        inference plan survives it (unfused, nothing else changed since it was kept, no factor going to or from 0,
+        so the same adapters stay active), the weighted up the plan reads is rewritten in place and the plan kept:
+        a step schedule then costs one small multiply per layer and step, not a rebuild of every layer's forward.
+        Otherwise the factors are set plainly (and the next forward rebuilds)."""
+        ads = self.adapters._modules
+        changed = [(ads[n], f) for n, f in factors.items() if n in ads and ads[n].factor != f]
+        if not changed:
+            return
+        plan, pair, stack = self._plan, self._caches.get("pair"), self._caches.get("stack")
+        quiet = (
+            plan is not None
+            and plan[0] == _GENERATION[0]  # no strength, flag, adapter or mode changed since the plan was kept
+            and pair is not None
+            and stack is not None
+            and not self.fused
+            and all(a.factor != 0 and f != 0 for a, f in changed)
+        )  # (an adapter tensor written in place since: the next forward sees it in the plan's snapshot and rebuilds)
+        if not quiet:
+            for adapter, f in changed:
+                adapter.factor = f
+            return
+        for adapter, f in changed:  # as LoraAdapter.__setattr__ does, less the generation bump (the new epoch
+            adapter.__dict__["factor"] = f  # leaves the cached pair's key stale: a later rebuild starts afresh)
+            adapter.__dict__["_epoch"] = next(_SERIALS)
+        active = [a for a in ads.values() if a.enabled and a.weight != 0 and a.factor != 0]
+        self._weigh(active, stack[1][1], pair[1][1], checked=False)
+
+    @staticmethod
+    def _weigh(active: list[LoraAdapter], up: torch.Tensor, out: torch.Tensor, checked: bool = True) -> torch.Tensor:
+        """`out` = the fp32 stacked ups x each column's weight x factor x scale, in out's dtype: one kernel.
+        `checked=False` takes each adapter's scale as last computed (set_factors: were alpha written in place since,
+        the next forward sees it in the plan's snapshot and rebuilds the pair anyway)."""
+        factors = tuple(
+            (a.weight * a.factor * (a.scale if checked or a._scale is None else a._scale[1]), a.rank) for a in active
+        )
+        scales = column_scales(factors, up.device)
+        return torch.mul(up, scales.view(-1, *[1] * (up.dim() - 2)), out=out)
+
     def _concatenated(self, active: list[LoraAdapter], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(downs stacked along the rank, ups side by side with each adapter's weight x factor x scale on its
         columns), in the compute dtype. The raw stack is kept apart from the weighting, so a step schedule that
@@ -276,9 +316,7 @@ class LoraWrapper(nn.Module):
             return torch.cat([a.down for a in active]).to(dtype), torch.cat([a.up for a in active], dim=1).float()
 
         down, up = self._cached("stack", stack_key, stack)
-        scales = column_scales(tuple((a.effective_weight * a.scale, a.rank) for a in active), up.device)
-        # one kernel: fp32 up x its column's factor, written in the compute dtype (the cached stack needs no grad)
-        weighted = torch.mul(up, scales.view(-1, *[1] * (up.dim() - 2)), out=torch.empty_like(up, dtype=dtype))
+        weighted = self._weigh(active, up, torch.empty_like(up, dtype=dtype))  # (the cached stack needs no grad)
         self._caches["pair"] = (key, (down, weighted))  # (out, R) or (out, R, 1, 1)
         return down, weighted
 

@@ -32,7 +32,7 @@ from torch import nn
 from .errors import LoraKitError
 from .formats import kohya
 from .inject import lora_modules
-from .layers import LoraAdapter
+from .layers import LoraAdapter, LoraWrapper
 
 HOOK = "_lora_kit_schedule"  # attribute of the UNet/transformer holding its Scheduled hook
 
@@ -123,6 +123,7 @@ class Scheduled:
         self.model = model
         self.fns: dict[str, Callable] = {}
         self.adapters: dict[str, list[LoraAdapter]] = {}
+        self.wrappers: list[LoraWrapper] = []  # the modules holding them, which set their factors in one call
         self.last: dict[str, float] = {}  # the factor each name has now, so an unchanged step touches nothing
         self.timesteps: tuple[object, list[float]] = (None, [])  # the scheduler's tensor and its values
         self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
@@ -130,12 +131,15 @@ class Scheduled:
     def refresh(self) -> None:
         """Re-collect the scheduled adapters (after loads and unloads) with factor 1 until the next step."""
         found: dict[str, list[LoraAdapter]] = {name: [] for name in self.fns}
+        wrappers = []
         for _, wrapper in lora_modules(self.model):
             for name, adapter in wrapper.adapters.items():
                 if name in found:
                     found[name].append(adapter)
                     adapter.factor = 1.0
-        self.adapters, self.last = found, {}
+            if any(name in found for name in wrapper.adapters):
+                wrappers.append(wrapper)
+        self.adapters, self.wrappers, self.last = found, wrappers, {}
 
     def drop(self, name: str) -> None:
         self.fns.pop(name, None)
@@ -159,12 +163,12 @@ class Scheduled:
         )
         steps, t = len(timesteps), timesteps[step]
         progress = step / (steps - 1) if steps > 1 else 0.0
-        for name, fn in self.fns.items():
-            s = float(fn(progress, step, t))
-            if self.last.get(name) != s:
-                for adapter in self.adapters[name]:
-                    adapter.factor = s
-                self.last[name] = s
+        factors = {name: float(fn(progress, step, t)) for name, fn in self.fns.items()}
+        changed = {name: s for name, s in factors.items() if self.last.get(name) != s}
+        if changed:  # per layer: the kept forward re-weighted in place where it can be (LoraWrapper.set_factors)
+            for wrapper in self.wrappers:
+                wrapper.set_factors(changed)
+            self.last.update(changed)
         return None
 
 

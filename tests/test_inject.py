@@ -180,3 +180,22 @@ def test_bare_module_takes_its_part_of_a_pipeline_file(make_pipe, tmp_path):
     lora_kit.load(unet, path)
     assert {p for p, _ in lora_modules(unet)} == {p for p, _ in lora_modules(pipe.unet)}
     torch.testing.assert_close(forward_main(unet), forward_main(pipe.unet), atol=1e-5, rtol=0)
+
+
+def test_wrappers_and_adapters_take_the_mode_of_the_layer_they_join():
+    """An adapter loaded into an eval model is in eval mode (no dropout, the inference plan is kept)."""
+    from lora_kit.inject import attach_adapter
+
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    model[1].eval()
+    for path in ("0", "1"):
+        attach_adapter(model, path, "a", 2, dropout=0.5)
+    assert all(m.training for m in model[0].modules())
+    assert not any(m.training for m in model[1].modules())
+    model.eval()
+    attach_adapter(model, "0", "b", 2, dropout=0.5)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # no dropout drawn
+    assert model[0]._plan is not None and model[1]._plan is not None

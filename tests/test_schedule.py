@@ -305,6 +305,29 @@ def test_both_unfused_routes_equal_the_formula(kind, dtype):
     assert cached and all(t.shape != wrapper.base.weight.shape for t in cached)  # the down/up pair only
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_step_factors_reweight_the_kept_plan_in_place(kind):
+    """set_factors (what the schedule hook calls at every step) keeps the inference plan where it can and gives the
+    formula at every step: new factors, a factor through 0 and back, an up written in place, a disabled adapter."""
+    wrapper, x = _layer(kind)
+    wrapper.eval()
+    with torch.no_grad():
+        wrapper(x)
+        plan = wrapper._plan
+        for step, factors in enumerate([{"a": 0.5}, {"a": 0.25, "c": 2.0}, {"b": -1.0}, {"a": 0.0}, {"a": 0.7}]):
+            wrapper.set_factors(factors)
+            torch.testing.assert_close(wrapper(x), _formula(wrapper, x), atol=1e-4, rtol=1e-4)
+            assert (wrapper._plan is plan) == (step < 3)  # to or from 0: other adapters active, a new plan
+            plan = wrapper._plan
+        wrapper.adapters["b"].up.mul_(3.0)
+        wrapper.set_factors({"c": 0.5})  # re-weighted from the old up: the next forward must not use it
+        torch.testing.assert_close(wrapper(x), _formula(wrapper, x), atol=1e-4, rtol=1e-4)
+        wrapper.adapters["c"].enabled = False
+        wrapper.set_factors({"a": 1.5, "c": 3.0})
+        torch.testing.assert_close(wrapper(x), _formula(wrapper, x), atol=1e-4, rtol=1e-4)
+    assert [a.factor for a in wrapper.adapters.values()] == [1.5, -1.0, 3.0]
+
+
 def test_a_hooked_base_keeps_its_hooks():
     """A base module with hooks (offloading, quantisation wrappers) is always called as a module."""
     wrapper, x = _layer("linear")

@@ -180,13 +180,20 @@ def test_init_sets_the_initial_down_factors_of_every_adapter(make_pipe, models, 
     1/rank; 'kaiming' (the default): uniform within 1/sqrt(fan_in); up starts at zero either way."""
     import math
 
-    from lora_kit.inject import extract_lora_ups_down
+    from lora_kit.inject import extract_lora_ups_down, lora_modules
     from lora_kit.train import recipes
 
     def factors(init):
         pipe = make_pipe("sd1")
+        pipe.unet.eval(), pipe.text_encoder.eval()  # as from_pretrained leaves them
         torch.manual_seed(0)
         recipes.build(config(models, data, tmp_path, rank=8, text_encoder_rank=2, init=init), pipe)
+        for model in (pipe.unet, pipe.text_encoder):  # the adapters train (dropout on), the frozen model does not
+            wrappers = [w for _, w in lora_modules(model)]
+            assert wrappers and all(m.training for w in wrappers for m in w.modules())
+            assert not model.training and sum(m.training for m in model.modules()) == sum(
+                len(list(w.modules())) for w in wrappers
+            )
         return [list(extract_lora_ups_down(m)) for m in (pipe.unet, pipe.text_encoder)]
 
     for init in ("gaussian", "kaiming"):

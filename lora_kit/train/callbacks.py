@@ -36,7 +36,7 @@ class Validation:
             return
         pipe = context["pipe"]
         modules = [m for m in (getattr(pipe, "unet", None), getattr(pipe, "text_encoder", None)) if m is not None]
-        modes = [m.training for m in modules]
+        modes = [(m, m.training) for module in modules for m in module.modules()]  # adapters train, the rest not
         for m in modules:
             m.eval()
         with torch.no_grad():
@@ -45,7 +45,7 @@ class Validation:
                      width=cfg.resolution, generator=torch.Generator().manual_seed(i)).images[0]
                 for i in range(self.n)
             ]  # fmt: skip
-        for m, mode in zip(modules, modes, strict=True):
+        for m, mode in modes:
             m.train(mode)
         self.folder.mkdir(parents=True, exist_ok=True)
         grid(images).save(self.folder / f"step-{step}.png")

@@ -15,7 +15,7 @@ import torch
 
 from .. import embeddings
 from ..formats import embeddings as ti_files
-from ..inject import inject_lora, lora_parameters
+from ..inject import inject_lora, lora_modules, lora_parameters
 from ..state import components, lora_state_dict
 from .config import TrainConfig
 
@@ -94,6 +94,9 @@ def build(cfg: TrainConfig, pipe) -> Recipe:
             recipe.text_trains = True
     for p in recipe.trainable():
         p.requires_grad_(True)
+    for module in components(pipe).values():  # the adapters train (dropout on); the frozen model keeps its mode
+        for _, wrapper in lora_modules(module):
+            wrapper.train()
     return recipe
 
 
