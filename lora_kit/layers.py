@@ -321,6 +321,8 @@ class LoraWrapper(nn.Module):
         return down, weighted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced(x)
         plan = self._plan
         if (
             plan is not None
@@ -361,6 +363,31 @@ class LoraWrapper(nn.Module):
             h = self._down(a.dropout(x).to(a.down.dtype), a.down) * (a.effective_weight * a.scale)
             y = y + self._up(h, a.up).to(y.dtype)
         return y
+
+    def _traced(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward torch.compile traces, in one graph with the model around it: the same routes as the eager
+        forward with nothing cached and no version counters read (the compiled graph takes the adapter tensors as
+        inputs, so it sees them change; strengths and flags are guarded constants: changing one recompiles).
+        Fused mode composes its weight inside the graph."""
+        active = [a for a in self.adapters.values() if a.enabled and a.weight != 0 and a.factor != 0]
+        if not active:
+            return self.base(x)
+        strengths = [a.alpha * (a.effective_weight / a.rank) for a in active]  # scale as a tensor: no .item()
+        if not self._cacheable(active):
+            y = self.base(x)
+            for a, s in zip(active, strengths, strict=True):
+                h = self._down(a.dropout(x).to(a.down.dtype), a.down) * s
+                y = y + self._up(h, a.up).to(y.dtype)
+            return y
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        down = torch.cat([a.down for a in active]).to(dtype)
+        up = torch.cat([a.up * s for a, s in zip(active, strengths, strict=True)], dim=1).to(dtype)
+        if self.fused or self.composes(x):
+            w = self.base.weight
+            return self._base_with(x, functional.compose(w, up.to(w.dtype), down.to(w.dtype)))
+        y = self.base(x)
+        return y + self._up(self._down(x.to(dtype), down), up).to(y.dtype)
 
     def _inference(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor):
         """The unfused inference forward as a function of (module, input), kept as the plan (it takes the module as

@@ -147,6 +147,7 @@ class Scheduled:
         for adapter in self.adapters.pop(name, []):
             adapter.factor = 1.0
 
+    @torch.compiler.disable  # Python bookkeeping on the scheduler: eager even where the UNet's call is compiled
     def __call__(self, module, args, kwargs):
         pipe = self.pipe()
         if pipe is None:
