@@ -358,9 +358,14 @@ class LoraWrapper(nn.Module):
             if y.dtype != dtype:  # autocast produced another dtype than asked: no fused add across dtypes
                 return y + self._up(h, up).to(y.dtype)
             return self._add_up(y, h, up, inplace=not torch.is_grad_enabled())
+        return self._loop(x, active, [a.effective_weight * a.scale for a in active])
+
+    def _loop(self, x: torch.Tensor, active: list[LoraAdapter], strengths: list) -> torch.Tensor:
+        """Training: the formula adapter by adapter in fp32 (under autocast the ops run in the autocast dtype),
+        dropout on each adapter's input; strengths = weight x factor x scale (floats, or tensors when traced)."""
         y = self.base(x)
-        for a in active:  # training: fp32 adapters (under autocast the ops run in the autocast dtype)
-            h = self._down(a.dropout(x).to(a.down.dtype), a.down) * (a.effective_weight * a.scale)
+        for a, s in zip(active, strengths, strict=True):
+            h = self._down(a.dropout(x).to(a.down.dtype), a.down) * s
             y = y + self._up(h, a.up).to(y.dtype)
         return y
 
@@ -374,11 +379,7 @@ class LoraWrapper(nn.Module):
             return self.base(x)
         strengths = [a.alpha * (a.effective_weight / a.rank) for a in active]  # scale as a tensor: no .item()
         if not self._cacheable(active):
-            y = self.base(x)
-            for a, s in zip(active, strengths, strict=True):
-                h = self._down(a.dropout(x).to(a.down.dtype), a.down) * s
-                y = y + self._up(h, a.up).to(y.dtype)
-            return y
+            return self._loop(x, active, strengths)
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
         down = torch.cat([a.down for a in active]).to(dtype)
