@@ -5,6 +5,8 @@ per-adapter loop (the training path, kept for comparison), fused, and two step-s
 
 Each configuration runs the same denoising loop (classifier-free guidance: batch 2, DDIM) and the script reports the
 median time per step and its ratio to the base step; `scheduled / 2 unfused` is the overhead of step schedules. The
+configurations take turns, round by round in alternating order, and a ratio is the median over rounds of that
+round's ratio: a machine whose speed drifts by a few percent over minutes (a shared VM) favours none of them. The
 first step of every loop is timed apart: it builds the caches (the concatenated pairs, the fused weights). Beside
 each time stands what the configuration must compute over the base (FLOPs: the adapters' GEMMs counted per layer),
 the floor on compute-bound hardware.
@@ -245,18 +247,24 @@ def main(argv=None) -> int:
     flops = flop_ratios(pipe, latent, width, device, dtype)
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
     firsts: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    for r in range(rounds):  # interleaved, so that a slow spell of the machine hits every configuration alike
-        for config in CONFIGS:
+    per_round: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    for r in range(rounds):  # interleaved, in turn forwards and backwards: a slow spell favours no configuration
+        for config in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
             with configured(pipe, config):
                 warm, *rest = denoise(pipe, latent, width, steps + 1, args.seed + r, device, dtype)
             firsts[config].append(warm)
             times[config] += rest
+            per_round[config].append(statistics.median(rest))
             print(f"round {r + 1}/{rounds} {config:>17}: first step {warm:.3f} s, then "
                   f"{', '.join(f'{t:.3f}' for t in rest)} s", flush=True)  # fmt: skip
     median = {c: statistics.median(ts) for c, ts in times.items()}
     first = {c: statistics.median(ts) for c, ts in firsts.items()}
-    ratios = {c: median[c] / median["base"] for c in CONFIGS}
-    overhead = median["2 scheduled"] / median["2 adapters"]
+
+    def paired(a: str, b: str) -> float:  # the median of the rounds' own ratios: the machine's drift cancels
+        return statistics.median(x / y for x, y in zip(per_round[a], per_round[b], strict=True))
+
+    ratios = {c: paired(c, "base") for c in CONFIGS}
+    overhead = paired("2 scheduled", "2 adapters")
     gpu = kernel_times(pipe, latent, width, device, dtype) if device.type == "cuda" else {}
     for c in CONFIGS:
         print(
@@ -264,12 +272,15 @@ def main(argv=None) -> int:
             f"{first[c] * 1000:.1f} ms" + (f"; GPU kernels {gpu[c] * 1000:.2f} ms" if gpu else "") + ")"
         )
     print(f"scheduling overhead (2 scheduled / 2 adapters): {overhead:.3f}x")
-    print(f"lora_kit / diffusers+peft, two adapters: {median['2 adapters'] / median['2 diffusers+peft']:.3f}x")
-    write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first, flops, gpu)
+    peer = paired("2 adapters", "2 diffusers+peft")
+    print(f"lora_kit / diffusers+peft, two adapters: {peer:.3f}x")
+    write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, peer, first, flops, gpu)
     return 0
 
 
-def write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, first, flops, gpu) -> None:
+def write_results(
+    args, steps, rounds, latent, device, dtype, median, ratios, overhead, peer, first, flops, gpu
+) -> None:
     commit = _results.commit()
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
@@ -284,8 +295,9 @@ def write_results(args, steps, rounds, latent, device, dtype, median, ratios, ov
         f"seed {args.seed}",
         "",
         f"{model}, {str(dtype).removeprefix('torch.')}, latents {latent}x{latent}, CFG batch 2, DDIM; kohya-preset "
-        f"adapters a (rank {4 if args.quick else args.rank}) and b (half); median of {steps} steps x {rounds} "
-        f"round(s) per configuration after each loop's first step, interleaved.",
+        f"adapters a (rank {4 if args.quick else args.rank}) and b (half); {steps} steps x {rounds} round(s) per "
+        f"configuration after each loop's first step, rounds interleaved in alternating order; ms / step: the median "
+        f"step, x base: the median over rounds of the round's ratio.",
         "",
         "| configuration | ms / step | x base | FLOPs x base | first step (ms) |"
         + (" GPU kernels (ms) | x base |" if gpu else ""),
@@ -298,7 +310,7 @@ def write_results(args, steps, rounds, latent, device, dtype, median, ratios, ov
         "",
         f"Two unfused adapters: **{ratios['2 adapters']:.3f}x** the base step (target on a GPU: <= 1.05x); "
         f"scheduling overhead (2 scheduled / 2 unfused): **{overhead:.3f}x** (target <= 1.01x); two unfused "
-        f"adapters / the same two in diffusers+peft: **{median['2 adapters'] / median['2 diffusers+peft']:.3f}x**.",
+        f"adapters / the same two in diffusers+peft: **{peer:.3f}x**.",
         "",
     ]
     if gpu:
