@@ -42,6 +42,7 @@ from lora_kit.layers import LoraWrapper  # noqa: E402
 from lora_kit.state import load_lora_state_dict, lora_state_dict  # noqa: E402
 
 CONFIGS = ["base", "1 adapter", "2 adapters", "2 adapters, loop", "2 fused", "2 scheduled", "2 diffusers+peft"]
+COMPILED = ["base", "2 adapters", "2 fused", "2 scheduled", "2 diffusers+peft"]  # --compile: each one compiles
 SCHEDULES = {"a": "0:1,1:0.2", "b": "0:0.3,1:1"}  # change at every step: the worst case for the caches
 
 
@@ -87,7 +88,7 @@ def build(args, device, dtype) -> tuple[Pipe, int, int]:
 @contextlib.contextmanager
 def configured(pipe: Pipe, config: str):
     """Put the pipeline in one configuration for the duration of the block, then back to two unfused adapters."""
-    unet = pipe.unet
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)  # (--compile: the module torch.compile wraps)
     if config == "base":  # no wrappers at all
         states = {n: lora_state_dict(pipe, n) for n in ("a", "b")}
         remove_lora(unet)
@@ -191,13 +192,13 @@ def flop_ratios(pipe: Pipe, latent: int, width: int, device, dtype) -> dict[str,
     return {c: ratios[c] for c in CONFIGS}
 
 
-def _call(pipe: Pipe, x, context, adapters: list, i: int) -> None:
-    for adapter in adapters:  # a factor that differs from the last call's
-        adapter.factor = 0.5 + i % 7 / 10
+def _call(pipe: Pipe, x, context, wrappers: list, i: int) -> None:
+    for wrapper in wrappers:  # a factor that differs from the last call's, set as the step hook sets it
+        wrapper.set_factors({"a": 0.5 + i % 7 / 10})
     pipe.unet(x, 500, encoder_hidden_states=context)
 
 
-def kernel_times(pipe: Pipe, latent: int, width: int, device, dtype, calls: int = 5) -> dict[str, float]:
+def kernel_times(pipe: Pipe, latent: int, width: int, device, dtype, configs, calls: int = 5) -> dict[str, float]:
     """GPU time of one guided UNet call per configuration: the sum of its kernels' device time (torch.profiler), what
     a step costs once nothing waits on the CPU (CUDA graphs, torch.compile's reduce-overhead). A scheduled step
     runs the same kernels as an unscheduled one plus, per layer, the re-weighting that a new factor needs: measured
@@ -207,15 +208,15 @@ def kernel_times(pipe: Pipe, latent: int, width: int, device, dtype, calls: int 
     x = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
     context = torch.randn(2, 77, width, device=device, dtype=dtype)
     out = {}
-    for config in CONFIGS:
+    for config in configs:
         scheduled = config == "2 scheduled"  # as the step hook does between steps: a new factor on every layer
         with configured(pipe, "2 adapters" if scheduled else config), torch.no_grad():
-            adapters = [w.adapters["a"] for _, w in lora_modules(pipe.unet)] if scheduled else []
-            _call(pipe, x, context, adapters, 0)
+            wrappers = [w for _, w in lora_modules(pipe.unet)] if scheduled else []
+            _call(pipe, x, context, wrappers, 0)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for i in range(calls):
-                    _call(pipe, x, context, adapters, i + 1)
+                    _call(pipe, x, context, wrappers, i + 1)
                 torch.cuda.synchronize()
         out[config] = sum(e.self_device_time_total for e in prof.key_averages()) / calls / 1e6
     return out
@@ -231,6 +232,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cuda when available, else cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (quick: 1, else torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    compile_help = ("torch.compile the UNet in every configuration (mode: default, reduce-overhead = CUDA graphs, "
+                    "max-autotune-no-cudagraphs); runs base, 2 adapters, fused, scheduled and the peer")  # fmt: skip
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE", help=compile_help)
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -245,11 +249,17 @@ def main(argv=None) -> int:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe, latent, width = build(args, device, dtype)
     flops = flop_ratios(pipe, latent, width, device, dtype)
-    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    firsts: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    per_round: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    configs = CONFIGS
+    if args.compile:  # every configuration's first step compiles (or recompiles) the graph: keep them all
+        from torch._dynamo import config as dynamo
+
+        dynamo.recompile_limit = dynamo.accumulated_recompile_limit = 1024
+        pipe.unet, configs = torch.compile(pipe.unet, mode=args.compile), COMPILED
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    firsts: dict[str, list[float]] = {c: [] for c in configs}
+    per_round: dict[str, list[float]] = {c: [] for c in configs}
     for r in range(rounds):  # interleaved, in turn forwards and backwards: a slow spell favours no configuration
-        for config in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
+        for config in configs if r % 2 == 0 else configs[::-1]:
             with configured(pipe, config):
                 warm, *rest = denoise(pipe, latent, width, steps + 1, args.seed + r, device, dtype)
             firsts[config].append(warm)
@@ -263,10 +273,10 @@ def main(argv=None) -> int:
     def paired(a: str, b: str) -> float:  # the median of the rounds' own ratios: the machine's drift cancels
         return statistics.median(x / y for x, y in zip(per_round[a], per_round[b], strict=True))
 
-    ratios = {c: paired(c, "base") for c in CONFIGS}
+    ratios = {c: paired(c, "base") for c in configs}
     overhead = paired("2 scheduled", "2 adapters")
-    gpu = kernel_times(pipe, latent, width, device, dtype) if device.type == "cuda" else {}
-    for c in CONFIGS:
+    gpu = kernel_times(pipe, latent, width, device, dtype, configs) if device.type == "cuda" else {}
+    for c in configs:
         print(
             f"{c:>17}: {median[c] * 1000:9.1f} ms/step  {ratios[c]:.3f}x base  (FLOPs {flops[c]:.3f}x; first step "
             f"{first[c] * 1000:.1f} ms" + (f"; GPU kernels {gpu[c] * 1000:.2f} ms" if gpu else "") + ")"
@@ -289,7 +299,9 @@ def write_results(
     model = "tiny SD1 UNet (tests/conftest.py)" if args.quick else "SD1.5-sized UNet (random weights)"
     command = " ".join(["python bench/inference.py", *args.shown])
     lines = [
-        "## bench/inference.py" + (" (quick)" if args.quick else f" ({device.type}, latents {latent})"),
+        "## bench/inference.py"
+        + (" (quick" if args.quick else f" ({device.type}, latents {latent}")
+        + (f", torch.compile {args.compile})" if args.compile else ")"),
         "",
         f"`{command}` — {datetime.date.today()}, commit {commit}, {where}, torch {torch.__version__}, "
         f"seed {args.seed}",
@@ -297,7 +309,13 @@ def write_results(
         f"{model}, {str(dtype).removeprefix('torch.')}, latents {latent}x{latent}, CFG batch 2, DDIM; kohya-preset "
         f"adapters a (rank {4 if args.quick else args.rank}) and b (half); {steps} steps x {rounds} round(s) per "
         f"configuration after each loop's first step, rounds interleaved in alternating order; ms / step: the median "
-        f"step, x base: the median over rounds of the round's ratio.",
+        f"step, x base: the median over rounds of the round's ratio."
+        + (
+            f" The UNet compiled (torch.compile, mode {args.compile}) in every configuration; first step: with the "
+            "compilation."
+            if args.compile
+            else ""
+        ),  # fmt: skip
         "",
         "| configuration | ms / step | x base | FLOPs x base | first step (ms) |"
         + (" GPU kernels (ms) | x base |" if gpu else ""),
@@ -305,7 +323,7 @@ def write_results(
         *[
             f"| {c} | {median[c] * 1000:.1f} | {ratios[c]:.3f} | {flops[c]:.3f} | {first[c] * 1000:.1f} |"
             + (f" {gpu[c] * 1000:.2f} | {gpu[c] / gpu['base']:.3f} |" if gpu else "")
-            for c in CONFIGS
+            for c in ratios
         ],  # fmt: skip
         "",
         f"Two unfused adapters: **{ratios['2 adapters']:.3f}x** the base step (target on a GPU: <= 1.05x); "

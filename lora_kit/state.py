@@ -33,10 +33,14 @@ def component_name(module: nn.Module) -> str:
 
 
 def components(target) -> dict[str, nn.Module]:
-    """{component: module} of a diffusers pipeline, or {name: module} for a bare module."""
+    """{component: module} of a diffusers pipeline, or {name: module} for a bare module. A compiled module
+    (`torch.compile(pipe.unet)`) stands for the module it compiles: paths and keys are the module's own, and the
+    compiled one follows every change (dynamo's guards see it)."""
     if isinstance(target, nn.Module):
+        target = getattr(target, "_orig_mod", target)
         return {component_name(target): target}
     found = {c: getattr(target, c) for c in COMPONENTS if isinstance(getattr(target, c, None), nn.Module)}
+    found = {c: getattr(m, "_orig_mod", m) for c, m in found.items()}
     if not found:
         raise LoraKitError(f"{type(target).__name__} has no unet, transformer or text encoder to put adapters in")
     return found

@@ -14,6 +14,7 @@ from lora_kit import functional
 from lora_kit.errors import LoraKitError
 from lora_kit.inject import inject_lora, lora_modules
 from lora_kit.layers import LoraInjectedConv2d, LoraInjectedLinear
+from lora_kit.state import lora_state_dict
 
 
 def test_per_adapter_component_and_block_weights_equal_diffusers(make_pipe, two_loras):
@@ -88,6 +89,8 @@ def test_a_compiled_unet_follows_weights_schedules_and_fuse(make_pipe, how):
         compiled.unet = torch.compile(compiled.unet, backend=backend, fullgraph=True)
     for pipe in (eager, compiled):
         lora_kit.schedule(pipe, {"a": "0:1.0,0.4:0.6,1:0.0", "b": "0:0.2,1:1"})
+    # a compiled UNet stands for its module: the same keys out (and so the same files in)
+    assert lora_state_dict(compiled, "a").keys() == lora_state_dict(eager, "a").keys()
     for _ in range(2):
         expected = _denoise(eager, "sd1", steps=6)
         torch.testing.assert_close(
