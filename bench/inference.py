@@ -192,6 +192,36 @@ def flop_ratios(pipe: Pipe, latent: int, width: int, device, dtype) -> dict[str,
     return {c: ratios[c] for c in CONFIGS}
 
 
+def layer_cost(pipe: Pipe, latent: int, width: int, device, dtype, repeats: int = 9) -> float:
+    """Seconds two unfused adapters add to one guided UNet call, measured layer by layer: every wrapped layer's own
+    input (recorded in one call), timed through the base layer alone and through the wrapper, alternating call by
+    call; the sum over layers of the median differences. A machine whose speed drifts over seconds or minutes shifts
+    both sides of each pair alike, which whole-step timings of one configuration after another cannot offer."""
+    x = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
+    context = torch.randn(2, 77, width, device=device, dtype=dtype)
+    inputs = {}
+    wrappers = [w for _, w in lora_modules(pipe.unet)]
+    hooks = [w.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for w in wrappers]
+    with torch.no_grad():
+        pipe.unet(x, 500, encoder_hidden_states=context)  # (and keeps each layer's plan)
+        for hook in hooks:
+            hook.remove()
+
+        def timed(fn, arg) -> float:
+            start = time.perf_counter()
+            fn(arg)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        extra = 0.0
+        for wrapper in wrappers:
+            arg = inputs[wrapper]
+            pairs = [(timed(wrapper.base, arg), timed(wrapper, arg)) for _ in range(repeats)]
+            extra += statistics.median(w - b for b, w in pairs)
+    return extra
+
+
 def _call(pipe: Pipe, x, context, wrappers: list, i: int) -> None:
     for wrapper in wrappers:  # a factor that differs from the last call's, set as the step hook sets it
         wrapper.set_factors({"a": 0.5 + i % 7 / 10})
@@ -276,6 +306,7 @@ def main(argv=None) -> int:
     ratios = {c: paired(c, "base") for c in configs}
     overhead = paired("2 scheduled", "2 adapters")
     gpu = kernel_times(pipe, latent, width, device, dtype, configs) if device.type == "cuda" else {}
+    layers = None if device.type == "cuda" or args.compile else layer_cost(pipe, latent, width, device, dtype)
     for c in configs:
         print(
             f"{c:>17}: {median[c] * 1000:9.1f} ms/step  {ratios[c]:.3f}x base  (FLOPs {flops[c]:.3f}x; first step "
@@ -284,13 +315,16 @@ def main(argv=None) -> int:
     print(f"scheduling overhead (2 scheduled / 2 adapters): {overhead:.3f}x")
     peer = paired("2 adapters", "2 diffusers+peft")
     print(f"lora_kit / diffusers+peft, two adapters: {peer:.3f}x")
-    write_results(args, steps, rounds, latent, device, dtype, median, ratios, overhead, peer, first, flops, gpu)
+    if layers is not None:
+        print(f"layer by layer: two unfused adapters add {layers * 1000:.1f} ms: {1 + layers / median['base']:.3f}x")
+    figures = dict(median=median, ratios=ratios, overhead=overhead, peer=peer, first=first, flops=flops, gpu=gpu)
+    write_results(args, steps, rounds, latent, device, dtype, figures, layers)
     return 0
 
 
-def write_results(
-    args, steps, rounds, latent, device, dtype, median, ratios, overhead, peer, first, flops, gpu
-) -> None:
+def write_results(args, steps, rounds, latent, device, dtype, figures: dict, layers: float | None) -> None:
+    median, ratios, overhead, peer = figures["median"], figures["ratios"], figures["overhead"], figures["peer"]
+    first, flops, gpu = figures["first"], figures["flops"], figures["gpu"]
     commit = _results.commit()
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
@@ -331,6 +365,14 @@ def write_results(
         f"adapters / the same two in diffusers+peft: **{peer:.3f}x**.",
         "",
     ]
+    if layers is not None:
+        lines += [
+            "Layer by layer (every wrapped layer on its own input, through the base layer and through the wrapper "
+            "alternately, call by call: the machine's drift cancels), two unfused adapters add "
+            f"**{layers * 1000:.1f} ms** to the {median['base'] * 1000:.1f} ms base step: "
+            f"**{1 + layers / median['base']:.3f}x**.",
+            "",
+        ]
     if gpu:
         lines += [
             "GPU kernels: the device time of one guided UNet call's kernels (torch.profiler), what a step costs once "
