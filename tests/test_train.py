@@ -426,3 +426,28 @@ def test_validation_grid_loss_log_and_manifest_masks(make_pipe, tmp_path, models
     assert Image.open(grids[0]).size == (64, 64)  # 2x2 samples of 32 px
     rows = (tmp_path / "logs" / "loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr" and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+
+
+def test_validation_samples_in_eval_mode_and_restores_every_module(make_pipe, models, data, tmp_path):
+    """Samples with every adapter in eval mode (no dropout), in every component; afterwards each module is back in
+    its own mode: the adapters training, the frozen models not."""
+    from lora_kit.inject import lora_modules
+    from lora_kit.state import components
+    from lora_kit.train import callbacks, recipes
+
+    pipe = make_pipe("sd1")
+    cfg = config(models, data, tmp_path, rank=4, text_encoder_rank=2, dropout=0.5, validation_prompt="a dog",
+                 validate_every=1, validation_steps=1)  # fmt: skip
+    recipes.build(cfg, pipe)
+    before = {m: m.training for c in components(pipe).values() for m in c.modules()}
+    seen = []
+
+    def record(module, args):
+        seen.append(module.training or module.adapters[recipes.ADAPTER].training)
+
+    for comp in components(pipe).values():
+        next(lora_modules(comp))[1].register_forward_pre_hook(record)
+    callbacks.Validation(cfg, n=1)(1, 0.0, {"pipe": pipe})
+    assert len(seen) >= 2 and not any(seen)
+    assert {m: m.training for c in components(pipe).values() for m in c.modules()} == before
+    assert any(before.values()) and not all(before.values())

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..state import components
 from .config import TrainConfig
 
 
@@ -35,7 +36,7 @@ class Validation:
         if not (cfg.validation_prompt and cfg.validate_every) or (step % cfg.validate_every and step != cfg.steps):
             return
         pipe = context["pipe"]
-        modules = [m for m in (getattr(pipe, "unet", None), getattr(pipe, "text_encoder", None)) if m is not None]
+        modules = list(components(pipe).values())  # the UNet/transformer and every text encoder
         modes = [(m, m.training) for module in modules for m in module.modules()]  # adapters train, the rest not
         for m in modules:
             m.eval()
