@@ -83,11 +83,17 @@ def column_scales(factors: tuple[tuple[float, int], ...], device: torch.device) 
     if scales is None:
         if len(_SCALES) >= 64:
             _SCALES.clear()
-        scales = torch.tensor([f for f, rank in factors for _ in range(rank)], dtype=torch.float32)
-        if device.type == "cuda":  # from pinned memory, without waiting: the GPU keeps running the last step
-            scales = scales.pin_memory().to(device, non_blocking=True)
-        _SCALES[key] = scales = scales.to(device)
+        _SCALES[key] = scales = device_vector([f for f, rank in factors for _ in range(rank)], device)
     return scales
+
+
+def device_vector(values: list[float], device: torch.device) -> torch.Tensor:
+    """An fp32 vector on `device`; on a GPU copied from pinned memory without waiting (the GPU keeps running the
+    work already queued)."""
+    vector = torch.tensor(values, dtype=torch.float32)
+    if device.type == "cuda":
+        return vector.pin_memory().to(device, non_blocking=True)
+    return vector.to(device)
 
 
 class LoraAdapter(nn.Module):
@@ -495,6 +501,70 @@ class LoraInjectedConv2d(LoraWrapper):
 
     def _base_with(self, x, weight):
         return self.base._conv_forward(x, weight, self.base.bias)
+
+
+class FactorBatch:
+    """Step factors for many wrappers in a few ops: what a step schedule does at every step once each layer keeps
+    its inference plan. Holds every layer's weighted up as one flat buffer, computed per step as the fp32 stack x
+    (weight x scale, fixed at build) x the factor of the column's adapter (one gather and one multiply), then copied
+    into the layers' own tensors by one multi-tensor copy: no Python per layer besides setting each adapter's factor.
+
+    Built only when every wrapper is unfused with a kept plan, all in one dtype and device; valid while nothing else
+    changes (no generation bump, every plan the one seen at build). `apply` returns False when it cannot serve a step
+    (then the caller sets the factors layer by layer, and builds anew later)."""
+
+    def __init__(self, wrappers: list[LoraWrapper], names: list[str]):
+        self.names, self.generation = list(names), _GENERATION[0]
+        self.plans, self.outs, self.adapters = [], [], []
+        slot = {name: i for i, name in enumerate(self.names)}  # the factor vector: scheduled names, then a 1
+        prescaled, index = [], []
+        for w in wrappers:  # checks first (cheap: the schedule hook tries a build after every call until one holds)
+            scheduled = [(n, a) for n, a in w.adapters._modules.items() if n in slot]
+            if any(a.enabled and a.weight != 0 and a.factor == 0 for _, a in scheduled):
+                raise ValueError("an adapter switched off by its factor")  # it would need to join the active set
+            plan, pair, stack = w._plan, w._caches.get("pair"), w._caches.get("stack")
+            if any(a.enabled and a.weight != 0 for a in w.adapters.values()) and (
+                plan is None or plan[0] != _GENERATION[0] or w.fused or pair is None or stack is None
+            ):
+                raise ValueError("an adapted layer without a kept unfused plan")
+            self.adapters += [(a, n) for n, a in scheduled]
+        for w in wrappers:
+            columns, idx = [], []
+            for n, a in w.adapters._modules.items():  # the active adapters in the pair's column order
+                if a.enabled and a.weight != 0 and a.factor != 0:
+                    i = slot.get(n, len(self.names))
+                    columns += [a.weight * a.scale * (1.0 if i < len(self.names) else a.factor)] * a.rank
+                    idx += [i] * a.rank
+            if not columns:
+                continue
+            raw, out = w._caches["stack"][1][1], w._caches["pair"][1][1]
+            shape = (-1, *[1] * (raw.dim() - 2))
+            prescaled.append((raw * torch.tensor(columns, device=raw.device).view(shape)).flatten())
+            index.append(torch.tensor(idx, device=raw.device).view(shape).expand_as(raw).flatten())
+            self.plans.append((w, w._plan))
+            self.outs.append(out)
+        if len({(o.dtype, o.device) for o in self.outs}) != 1:
+            raise ValueError("no adapted layer, or layers in several dtypes or devices")
+        self.prescaled, self.index = torch.cat(prescaled), torch.cat(index).to(torch.int32)
+        self.flat = torch.empty_like(self.prescaled, dtype=self.outs[0].dtype)
+        self.views, offset = [], 0
+        for out in self.outs:
+            self.views.append(self.flat[offset : offset + out.numel()].view(out.shape))
+            offset += out.numel()
+
+    def apply(self, factors: dict[str, float]) -> bool:
+        """Set every scheduled adapter's factor to factors[name] (all names of the batch) in one go."""
+        if self.generation != _GENERATION[0] or any(w._plan is not plan for w, plan in self.plans):
+            return False
+        if any(factors[n] == 0 for n in self.names):
+            return False  # an adapter switching off changes the layers' active sets: a rebuild
+        vector = device_vector([factors[n] for n in self.names] + [1.0], self.flat.device)
+        torch.mul(self.prescaled, vector[self.index], out=self.flat)
+        torch._foreach_copy_(self.outs, self.views)
+        for adapter, name in self.adapters:  # as LoraWrapper.set_factors' quiet path
+            d = adapter.__dict__
+            d["factor"], d["_epoch"] = factors[name], next(_SERIALS)
+        return True
 
 
 WRAPPERS: dict[type[nn.Module], type[LoraWrapper]] = {nn.Linear: LoraInjectedLinear, nn.Conv2d: LoraInjectedConv2d}

@@ -32,7 +32,7 @@ from torch import nn
 from .errors import LoraKitError
 from .formats import kohya
 from .inject import lora_modules
-from .layers import LoraAdapter, LoraWrapper
+from .layers import FactorBatch, LoraAdapter, LoraWrapper
 
 HOOK = "_lora_kit_schedule"  # attribute of the UNet/transformer holding its Scheduled hook
 
@@ -124,9 +124,11 @@ class Scheduled:
         self.fns: dict[str, Callable] = {}
         self.adapters: dict[str, list[LoraAdapter]] = {}
         self.wrappers: list[LoraWrapper] = []  # the modules holding them, which set their factors in one call
+        self.batch: FactorBatch | None = None  # all their factors in a few ops, while it stays valid
         self.last: dict[str, float] = {}  # the factor each name has now, so an unchanged step touches nothing
         self.timesteps: tuple[object, list[float]] = (None, [])  # the scheduler's tensor and its values
         self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+        self.after = model.register_forward_hook(self.built)  # the batch built after a call, not within a step
 
     def refresh(self) -> None:
         """Re-collect the scheduled adapters (after loads and unloads) with factor 1 until the next step."""
@@ -139,9 +141,10 @@ class Scheduled:
                     adapter.factor = 1.0
             if any(name in found for name in wrapper.adapters):
                 wrappers.append(wrapper)
-        self.adapters, self.wrappers, self.last = found, wrappers, {}
+        self.adapters, self.wrappers, self.last, self.batch = found, wrappers, {}, None
 
     def drop(self, name: str) -> None:
+        self.batch = None
         self.fns.pop(name, None)
         self.last.pop(name, None)
         for adapter in self.adapters.pop(name, []):
@@ -166,11 +169,28 @@ class Scheduled:
         progress = step / (steps - 1) if steps > 1 else 0.0
         factors = {name: float(fn(progress, step, t)) for name, fn in self.fns.items()}
         changed = {name: s for name, s in factors.items() if self.last.get(name) != s}
-        if changed:  # per layer: the kept forward re-weighted in place where it can be (LoraWrapper.set_factors)
-            for wrapper in self.wrappers:
-                wrapper.set_factors(changed)
+        if changed:
+            if self.batch is None:
+                self.batch = self._batch()
+            if self.batch is None or not self.batch.apply(factors):  # layer by layer (LoraWrapper.set_factors)
+                self.batch = None
+                for wrapper in self.wrappers:
+                    wrapper.set_factors(changed)
             self.last.update(changed)
         return None
+
+    def _batch(self) -> FactorBatch | None:
+        """Every layer's factors in a few ops from now on, once every layer keeps its plan (see FactorBatch)."""
+        try:
+            return FactorBatch(self.wrappers, list(self.fns))
+        except ValueError:
+            return None
+
+    @torch.compiler.disable
+    def built(self, module, args, output) -> None:
+        """After a call (which keeps each layer's plan): build the batch there rather than within the next step."""
+        if self.batch is None and self.fns:
+            self.batch = self._batch()
 
 
 def _hook(target) -> tuple[nn.Module | None, Scheduled | None]:
@@ -213,6 +233,7 @@ def unschedule(pipe, name: str | None = None) -> None:
         hook.drop(n)
     if not hook.fns:
         hook.handle.remove()
+        hook.after.remove()
         delattr(model, HOOK)
 
 

@@ -13,7 +13,7 @@ import lora_kit
 from lora_kit import functional
 from lora_kit.errors import LoraKitError
 from lora_kit.inject import inject_lora, lora_modules
-from lora_kit.layers import LoraInjectedConv2d, LoraInjectedLinear
+from lora_kit.layers import FactorBatch, LoraInjectedConv2d, LoraInjectedLinear
 from lora_kit.state import lora_state_dict
 
 
@@ -126,7 +126,9 @@ class SeenWeights:
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl", "sd3", "flux"])
-def test_the_model_sees_the_schedule_at_every_step(make_pipe, arch):
+def test_the_model_sees_the_schedule_at_every_step(make_pipe, arch, monkeypatch):
+    applied, apply = [], FactorBatch.apply
+    monkeypatch.setattr(FactorBatch, "apply", lambda self, f: applied.append(apply(self, f)) or applied[-1])
     pipe = make_pipe(arch)
     _two_adapters(pipe, arch)
     lora_kit.set_weights(pipe, {"a": 0.5, "b": 2.0})
@@ -142,6 +144,7 @@ def test_the_model_sees_the_schedule_at_every_step(make_pipe, arch):
     hook = SeenWeights(wrapper)
     _denoise(pipe, arch, steps)
     hook.handle.remove()
+    assert applied == [True, True, False]  # steps 2-3 in one batch; the last sets a to 0 (a rebuild, per layer)
     assert len(hook.seen) == steps, path  # one model call per step: guidance doubles the batch, not the calls
     progress = np.arange(steps) / (steps - 1)
     expected_a = 0.5 * np.interp(progress, [0, 0.4, 1], [1.0, 0.6, 0.0])
@@ -364,6 +367,35 @@ def test_step_factors_reweight_the_kept_plan_in_place(kind):
         wrapper.set_factors({"a": 1.5, "c": 3.0})
         torch.testing.assert_close(wrapper(x), _formula(wrapper, x), atol=1e-4, rtol=1e-4)
     assert [a.factor for a in wrapper.adapters.values()] == [1.5, -1.0, 3.0]
+
+
+def test_factor_batch_sets_every_layer_as_set_factors_does():
+    """FactorBatch (what the schedule hook uses once every layer keeps its plan): each layer gives the formula with
+    the new factors and keeps its plan; any other change since the build makes it refuse, never serve stale tensors."""
+    layers = [_layer("linear"), _layer("conv", seed=1)]
+    wrappers = [w.eval() for w, _ in layers]
+
+    def check():
+        for w, x in layers:
+            torch.testing.assert_close(w(x), _formula(w, x), atol=1e-4, rtol=1e-4)
+
+    with torch.no_grad():
+        check()
+        plans = [w._plan for w in wrappers]
+        batch = FactorBatch(wrappers, ["a", "b"])
+        for factors in ({"a": 0.5, "b": 2.0}, {"a": -1.0, "b": 0.25}):
+            assert batch.apply(factors)
+            assert all(w.adapters[n].factor == f for w in wrappers for n, f in factors.items())
+            check()
+            assert [w._plan for w in wrappers] == plans  # (the same objects: no rebuild)
+        wrappers[0].adapters["b"].up.mul_(2.0)  # an in-place write: the next forward rebuilds that layer's plan
+        check()
+        assert not batch.apply({"a": 0.3, "b": 1.0})
+        batch = FactorBatch(wrappers, ["a", "b"])
+        assert not batch.apply({"a": 0.0, "b": 1.0})  # a factor of 0 takes an adapter out of the layers' sums
+        wrappers[1].adapters["c"].weight = 0.1  # any other setting: refused
+        assert not batch.apply({"a": 0.3, "b": 1.0})
+        check()
 
 
 def test_a_hooked_base_keeps_its_hooks():
