@@ -266,7 +266,14 @@ class LoraWrapper(nn.Module):
     def _fused_weight(self, active: list[LoraAdapter]) -> torch.Tensor:
         w = self.base.weight
         key = (*(a.state_key() for a in active), tensor_key(w), w.dtype)
-        return self._cached("fused", key, lambda: (w.float() + self.delta_weight()).to(w.dtype))
+        return self._cached("fused", key, lambda: self._composed(active, w))
+
+    def _composed(self, active: list[LoraAdapter], w: torch.Tensor) -> torch.Tensor:
+        """base + sum of the deltas (weight x factor x scale each) in fp32, as one GEMM over the stacked factors,
+        in the base weight's dtype: what fused mode runs, and what delta_weight() added to the base gives."""
+        up = torch.cat([a.up.detach() for a in active], dim=1).float()
+        down = torch.cat([a.down.detach() for a in active]).float()
+        return functional.compose(w.float(), self._weigh(active, up, torch.empty_like(up)), down).to(w.dtype)
 
     def set_factors(self, factors: dict[str, float]) -> None:
         """Set the step factor of the named adapters (names this wrapper lacks are skipped). Where the kept
