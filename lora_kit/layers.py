@@ -143,6 +143,11 @@ class LoraAdapter(nn.Module):
         return self._scale[1]
 
     @property
+    def active(self) -> bool:
+        """Whether the forward adds this adapter: enabled, with a nonzero weight and step factor."""
+        return self.enabled and self.weight != 0 and self.factor != 0
+
+    @property
     def effective_weight(self) -> float:
         """What the forward multiplies this adapter's delta by (besides scale): weight x factor."""
         return self.weight * self.factor
@@ -301,7 +306,7 @@ class LoraWrapper(nn.Module):
         for adapter, f in changed:  # as LoraAdapter.__setattr__ does, less the generation bump (the new epoch
             adapter.__dict__["factor"] = f  # leaves the cached pair's key stale: a later rebuild starts afresh)
             adapter.__dict__["_epoch"] = next(_SERIALS)
-        active = [a for a in ads.values() if a.enabled and a.weight != 0 and a.factor != 0]
+        active = [a for a in ads.values() if a.active]
         self._weigh(active, stack[1][1], pair[1][1], checked=False)
 
     @staticmethod
@@ -347,7 +352,7 @@ class LoraWrapper(nn.Module):
         ):
             return plan[6](self, x)
         self._plan = None
-        active = [a for a in self.adapters.values() if a.enabled and a.weight != 0 and a.factor != 0]
+        active = [a for a in self.adapters.values() if a.active]
         if not active:
             return self.base(x)
         if self._cacheable(active):
@@ -387,7 +392,7 @@ class LoraWrapper(nn.Module):
         forward with nothing cached and no version counters read (the compiled graph takes the adapter tensors as
         inputs, so it sees them change; strengths and flags are guarded constants: changing one recompiles).
         Fused mode composes its weight inside the graph."""
-        active = [a for a in self.adapters.values() if a.enabled and a.weight != 0 and a.factor != 0]
+        active = [a for a in self.adapters.values() if a.active]
         if not active:
             return self.base(x)
         strengths = [a.alpha * (a.effective_weight / a.rank) for a in active]  # scale as a tensor: no .item()
@@ -538,7 +543,7 @@ class FactorBatch:
         for w in wrappers:
             columns, idx = [], []
             for n, a in w.adapters._modules.items():  # the active adapters in the pair's column order
-                if a.enabled and a.weight != 0 and a.factor != 0:
+                if a.active:
                     i = slot.get(n, len(self.names))
                     columns += [a.weight * a.scale * (1.0 if i < len(self.names) else a.factor)] * a.rank
                     idx += [i] * a.rank
