@@ -74,6 +74,27 @@ def test_schedule_on_cuda(make_pipe):
     torch.testing.assert_close(denoise(pipe), static, atol=2e-3, rtol=0)
 
 
+def _batched_against_per_layer(make_pipe, monkeypatch, device, dtype):
+    """A schedule whose factors change at every step, with every layer's factors set in one batch (FactorBatch)
+    and, monkeypatched off, layer by layer: the latents of both."""
+    from lora_kit.layers import FactorBatch
+
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    out = []
+    for batched in (True, False):
+        if not batched:
+            monkeypatch.setattr(FactorBatch, "apply", lambda self, factors: False)
+        pipe = _adapted(make_pipe).to(device, dtype)
+        lora_kit.schedule(pipe, {"a": "0:1,1:0.2", "b": lambda p, s, t: 0.3 + p})
+        out.append(pipe("a photo of a dog", num_inference_steps=4, latents=latents, output_type="latent").images)
+    return out
+
+
+def test_a_changing_schedule_batched_on_cuda_equals_layer_by_layer(make_pipe, monkeypatch):
+    batched, per_layer = _batched_against_per_layer(make_pipe, monkeypatch, "cuda", torch.float16)
+    _close(batched.float().cpu(), per_layer.float().cpu(), torch.float16)
+
+
 def test_file_loads_into_a_half_precision_pipeline(make_pipe, two_loras):
     a, b = two_loras
     ours = make_pipe("sd1").to("cuda", torch.float16)
