@@ -264,7 +264,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     compile_help = ("torch.compile the UNet in every configuration (mode: default, reduce-overhead = CUDA graphs, "
                     "max-autotune-no-cudagraphs); runs base, 2 adapters, fused, scheduled and the peer")  # fmt: skip
-    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE", help=compile_help)
+    modes = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+    parser.add_argument("--compile", nargs="?", const="default", choices=modes, metavar="MODE", help=compile_help)
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

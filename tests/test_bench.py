@@ -82,6 +82,10 @@ def test_inference_bench_quick(tmp_path):
     # a second run replaces its own section instead of appending a copy
     assert bench.main(["--quick", "--steps", "2", "--rounds", "1", "--results", str(results)]) == 0
     assert results.read_text().count("## bench/inference.py (quick)") == 1
+    assert "Layer by layer" in section  # (CPU runs only)
+    with pytest.raises(SystemExit) as exit_:  # an unknown compile mode: one line, exit 2, before any work
+        bench.main(["--quick", "--compile", "fast", "--results", str(results)])
+    assert exit_.value.code == 2
 
 
 def test_quality_scores_read_each_metric_from_its_own_prompts():
