@@ -96,6 +96,13 @@ def device_vector(values: list[float], device: torch.device) -> torch.Tensor:
     return vector.to(device)
 
 
+def _set_factor_quietly(adapter: LoraAdapter, factor: float) -> None:
+    """As `adapter.factor = factor`, less the generation bump: for callers that keep the layers' plans valid
+    themselves. The new epoch leaves the cached pair's key stale, so a later rebuild starts afresh."""
+    d = adapter.__dict__
+    d["factor"], d["_epoch"] = factor, next(_SERIALS)
+
+
 class LoraAdapter(nn.Module):
     """One named adapter: the trainable factors plus alpha, dropout, weight and the enabled flag."""
 
@@ -303,9 +310,8 @@ class LoraWrapper(nn.Module):
             for adapter, f in changed:
                 adapter.factor = f
             return
-        for adapter, f in changed:  # as LoraAdapter.__setattr__ does, less the generation bump (the new epoch
-            adapter.__dict__["factor"] = f  # leaves the cached pair's key stale: a later rebuild starts afresh)
-            adapter.__dict__["_epoch"] = next(_SERIALS)
+        for adapter, f in changed:
+            _set_factor_quietly(adapter, f)
         active = [a for a in ads.values() if a.active]
         self._weigh(active, stack[1][1], pair[1][1], checked=False)
 
@@ -573,9 +579,8 @@ class FactorBatch:
         vector = device_vector([factors[n] for n in self.names] + [1.0], self.flat.device)
         torch.mul(self.prescaled, vector[self.index], out=self.flat)
         torch._foreach_copy_(self.outs, self.views)
-        for adapter, name in self.adapters:  # as LoraWrapper.set_factors' quiet path
-            d = adapter.__dict__
-            d["factor"], d["_epoch"] = factors[name], next(_SERIALS)
+        for adapter, name in self.adapters:
+            _set_factor_quietly(adapter, factors[name])
         return True
 
 
