@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from . import functional
 
@@ -51,8 +52,27 @@ def _bump() -> None:
     _GENERATION[0] += 1
 
 
-def _snapshot(tensors: tuple[torch.Tensor, ...]) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+def _snapshot(tensors: tuple[torch.Tensor, ...]) -> list:
+    return [(t.data_ptr(), t._version) for t in tensors]  # (a list comprehension: twice as fast as tuple(generator))
+
+
+def _unchanged(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, plain: bool) -> bool:
+    """Whether `base` still holds these weight and bias tensors (and, if `plain`, is still plain): a plan that
+    calls the base's op on them itself must see a parameter replaced or a hook added."""
+    held = base._parameters
+    return held.get("weight") is weight and held.get("bias") is bias and (not plain or _plain(base))
+
+
+def _plain(module: nn.Module) -> bool:
+    """Whether calling the module's op directly is calling the module: no forward hooks (its own or global) and
+    no patched forward (accelerate's offloading, quantisation wrappers)."""
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or "forward" in module.__dict__
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+    )
 
 
 class _Adapters(nn.ModuleDict):
@@ -197,7 +217,7 @@ class LoraWrapper(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name == "fused":
+        if name in ("fused", "base"):
             _bump()
 
     def _apply(self, fn, recurse=True):
@@ -219,7 +239,7 @@ class LoraWrapper(nn.Module):
         """y + up(h) as one fused multiply-add where the layout allows (`inplace`: into y's own memory)."""
         return y.add_(self._up(h, up)) if inplace else y + self._up(h, up)
 
-    def _base_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _base_with(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     @property
@@ -355,6 +375,7 @@ class LoraWrapper(nn.Module):
             and x.dtype == plan[1]
             and torch.is_autocast_enabled(plan[2]) == plan[3]
             and _snapshot(plan[4]) == plan[5]
+            and (plan[7] is None or _unchanged(*plan[7]))
         ):
             return plan[6](self, x)
         self._plan = None
@@ -365,17 +386,21 @@ class LoraWrapper(nn.Module):
             kind = x.device.type
             autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
             if self.fused:
-                weight = self._fused_weight(active)
-                self._keep_plan(x, kind, autocast, active, [self.base.weight], lambda m, x: m._base_with(x, weight))
-                return self._base_with(x, weight)
+                weight, base = self._fused_weight(active), self.base
+                bias = base.bias
+                run = lambda m, x: m._base_with(x, weight, bias)  # noqa: E731
+                self._keep_plan(x, kind, autocast, active, run, (base, base.weight, bias, False))
+                return run(self, x)
             # inference: whatever the number of adapters, one cached down/up pair in the compute dtype (no fp32
             # copies of the activations), the strengths folded into up, and up's product added to the base output
             # in the same kernel
             dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
             down, up = self._concatenated(active, dtype)
             if x.dtype == dtype and not torch.is_grad_enabled():
-                run = self._inference(x, down, up)
-                self._keep_plan(x, kind, autocast, active, [], run)
+                run, direct = self._inference(x, down, up)
+                base = self.base
+                held = (base, base.weight, base.bias, True) if direct else None
+                self._keep_plan(x, kind, autocast, active, run, held)
                 return run(self, x)
             y = self.base(x)
             h = self._down(x if x.dtype == dtype else x.to(dtype), down)
@@ -410,33 +435,40 @@ class LoraWrapper(nn.Module):
         up = torch.cat([a.up * s for a, s in zip(active, strengths, strict=True)], dim=1).to(dtype)
         if self.fused or self.composes(x):
             w = self.base.weight
-            return self._base_with(x, functional.compose(w, up.to(w.dtype), down.to(w.dtype)))
+            return self._base_with(x, functional.compose(w, up.to(w.dtype), down.to(w.dtype)), self.base.bias)
         y = self.base(x)
         return y + self._up(self._down(x.to(dtype), down), up).to(y.dtype)
 
     def _inference(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor):
         """The unfused inference forward as a function of (module, input), kept as the plan (it takes the module as
-        an argument: no reference cycle through it). Per call it takes the cheaper of two exact routes to the same
-        sum: the pair on the activations (base op, down, up added into the base output: 2 x positions x rank x
-        (fan-in + out) FLOPs over the base) or, where the input has more positions than that, a transient
-        base + up @ down weight through the base op (2 x out x fan-in x rank FLOPs, independent of the input, freed
-        after the call: no weight-sized memory is kept)."""
-        above = self._compose_above() if self._composable(x) else math.inf
+        an argument: no reference cycle through it), and whether it calls the base op directly. Per call it takes
+        the cheaper of two exact routes to the same sum: the pair on the activations (base op, down, up added into
+        the base output: 2 x positions x rank x (fan-in + out) FLOPs over the base) or, where the input has more
+        positions than that, a transient base + up @ down weight through the base op (2 x out x fan-in x rank
+        FLOPs, independent of the input, freed after the call: no weight-sized memory is kept).
+        Where the base is a plain module (see _composable) its op runs on its weight and bias directly: a module
+        call costs microseconds of Python per layer, which a GPU waiting on the CPU would otherwise spend idle."""
+        if not self._composable(x):
+
+            def hooked(m: LoraWrapper, x: torch.Tensor) -> torch.Tensor:
+                return m._add_up(m.base(x), m._down(x, down), up, True)
+
+            return hooked, False
+        above, weight, bias = self._compose_above(), self.base.weight, self.base.bias
 
         def run(m: LoraWrapper, x: torch.Tensor) -> torch.Tensor:
             if x.numel() > above:
-                return m._base_with(x, functional.compose(m.base.weight, up, down))
-            return m._add_up(m.base(x), m._down(x, down), up, True)
+                return m._base_with(x, functional.compose(weight, up, down), bias)
+            return m._add_up(m._base_with(x, weight, bias), m._down(x, down), up, True)
 
-        return run
+        return run, True
 
     def _composable(self, x: torch.Tensor) -> bool:
         """Whether the base op may run on a transient weight instead of the base module: the weight in x's dtype
         and device and contiguous (not under autocast, not offloaded), and no hooks or patched forward on the base
         that calling the op directly would skip."""
         base, w = self.base, self.base.weight
-        plain = not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
-        return plain and w.dtype == x.dtype and w.device == x.device and w.is_contiguous()
+        return _plain(base) and w.dtype == x.dtype and w.device == x.device and w.is_contiguous()
 
     def _compose_above(self) -> int:
         """The input size (numel) above which composing the weight computes fewer FLOPs than the pair on the
@@ -449,16 +481,19 @@ class LoraWrapper(nn.Module):
         """Whether an unfused inference forward on `x` runs through a transient composed weight (see _inference)."""
         return self._composable(x) and x.numel() > self._compose_above()
 
-    def _keep_plan(self, x, kind: str, autocast: bool, active: list[LoraAdapter], extra: list, run) -> None:
-        """Keep `run` as the fast path of later inference forwards (see _plan)."""
+    def _keep_plan(self, x, kind: str, autocast: bool, active: list, run, direct: tuple | None) -> None:
+        """Keep `run` as the fast path of later inference forwards (see _plan). `direct`: (base module, its weight,
+        its bias, whether it must stay plain) where `run` calls the base's op on those tensors itself: valid while
+        the module holds the same ones (see _unchanged)."""
         if torch.is_grad_enabled() or self.training:
             return
+        extra = [t for t in direct[1:3] if t is not None] if direct else []
         tensors = (*extra, *(t for a in active for t in (a.down, a.up, a.alpha)))
         try:
             snapshot = _snapshot(tensors)
         except RuntimeError:  # a tensor created under inference_mode keeps no version counter: no fast path
             return
-        self._plan = (_GENERATION[0], x.dtype, kind, autocast, tensors, snapshot, run)
+        self._plan = (_GENERATION[0], x.dtype, kind, autocast, tensors, snapshot, run, direct)
 
 
 class LoraInjectedLinear(LoraWrapper):
@@ -485,8 +520,8 @@ class LoraInjectedLinear(LoraWrapper):
         y2, h2 = y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
         return (y2.addmm_(h2, up.t()) if inplace else torch.addmm(y2, h2, up.t())).view(y.shape)
 
-    def _base_with(self, x, weight):
-        return F.linear(x, weight, self.base.bias)
+    def _base_with(self, x, weight, bias):
+        return F.linear(x, weight, bias)
 
 
 class LoraInjectedConv2d(LoraWrapper):
@@ -517,8 +552,8 @@ class LoraInjectedConv2d(LoraWrapper):
         y3, up3, h3 = y.view(n, c, -1), up.view(1, c, -1).expand(n, -1, -1), h.view(n, h.shape[1], -1)
         return (y3.baddbmm_(up3, h3) if inplace else torch.baddbmm(y3, up3, h3)).view(y.shape)
 
-    def _base_with(self, x, weight):
-        return self.base._conv_forward(x, weight, self.base.bias)
+    def _base_with(self, x, weight, bias):
+        return self.base._conv_forward(x, weight, bias)
 
 
 class FactorBatch:

@@ -187,6 +187,11 @@ def test_inference_fast_path_sees_every_change(fused):
     with torch.no_grad():
         w.adapters["c"].alpha.fill_(4.0)
     check()
+    w.base.weight = nn.Parameter(w.base.weight * 2)  # a new base parameter (also as fused: the cache recomposes)
+    check()
+    with torch.no_grad():
+        w.base.bias.add_(1)
+    check()
     w.fused = not fused
     check()
     w.to(torch.float64)  # new storage and dtype

@@ -398,17 +398,47 @@ def test_factor_batch_sets_every_layer_as_set_factors_does():
         check()
 
 
-def test_a_hooked_base_keeps_its_hooks():
-    """A base module with hooks (offloading, quantisation wrappers) is always called as a module."""
-    wrapper, x = _layer("linear")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_hooked_base_keeps_its_hooks(kind):
+    """A base module with hooks (offloading, quantisation wrappers) is always called as a module, also when the hook
+    comes after the wrapper kept a plan that calls the base op directly (and global module hooks count too)."""
+    wrapper, x = _layer(kind)
     wrapper.eval()
     calls = []
-    wrapper.base.register_forward_pre_hook(lambda module, args: calls.append(1))
-    assert not wrapper.composes(x)
     with torch.no_grad():
+        wrapper(x), wrapper(x)  # the plan, calling the plain base's op directly
+        assert wrapper._plan[7][0] is wrapper.base
+        handle = wrapper.base.register_forward_pre_hook(lambda module, args: calls.append(1))
+        assert not wrapper.composes(x)
         torch.testing.assert_close(wrapper(x), _formula(wrapper, x), atol=1e-5, rtol=1e-5)
         wrapper(x)
-    assert len(calls) == 3  # the formula once, then two forwards each calling the base module
+        assert len(calls) == 3  # the formula once, then two forwards each calling the base module
+        handle.remove()
+        wrapper(x), wrapper(x)
+        handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: calls.append(2))
+        try:
+            wrapper(x)
+        finally:
+            handle.remove()
+        assert calls.count(2) == 2  # the wrapper and its base
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_kept_plan_sees_a_new_base_weight(kind):
+    """The plan reads the base's weight and bias directly: replacing either (a new Parameter, `.data`, a new base
+    module) reaches the next forward."""
+    wrapper, x = _layer(kind)
+    wrapper.eval()
+    base = wrapper.base
+    with torch.no_grad():
+        for change in (
+            lambda: setattr(base, "weight", nn.Parameter(base.weight * 2)),
+            lambda: setattr(base.bias, "data", base.bias + 1),
+            lambda: setattr(wrapper, "base", type(base)(*base.weight.shape[1::-1], *base.weight.shape[2:3])),
+        ):
+            wrapper(x), wrapper(x)
+            change()
+            torch.testing.assert_close(wrapper(x), _formula(wrapper, x), atol=1e-5, rtol=1e-5)
 
 
 def test_inference_in_half_precision_needs_no_fp32_copies():
