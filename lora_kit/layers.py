@@ -211,8 +211,10 @@ class LoraWrapper(nn.Module):
         self._caches: dict[str, tuple[tuple, object]] = {}  # kind -> (key, tensors): see _cached
         # The last inference forward as a ready function, kept while nothing it used changed: the generation (any
         # adapter's strength, flag or tensor set, adapters added or removed, fuse/unfuse, a move between devices or
-        # dtypes), the input dtype, autocast, and the storage and version of every tensor it read. Checking that
-        # costs a fraction of rebuilding the keys, which matters where a GPU waits on the CPU for every layer.
+        # dtypes, a new base module), the input dtype, autocast, the storage and version of every tensor it read,
+        # and, where it calls the base's op itself, the base's own weight and bias and its hooks (see _unchanged).
+        # Checking that costs a fraction of rebuilding the keys, which matters where a GPU waits on the CPU for
+        # every layer.
         self._plan: tuple | None = None
 
     def __setattr__(self, name: str, value) -> None:
