@@ -12,7 +12,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def friendly_errors(fn):
-    """Run a command body; LoraKitError -> 'error: ...' on stderr and exit 2, nothing else printed."""
+    """Run a command body; LoraKitError (or an OSError the body did not expect: a full disk, a vanished folder) ->
+    one line 'error: ...' on stderr, after clearing any progress bar, and exit 2."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -20,11 +21,21 @@ def friendly_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except LoraKitError as e:
+        except (LoraKitError, OSError) as e:
+            if isinstance(e, OSError):
+                e = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e) or type(e).__name__
+            _close_progress_bars()
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
     return run
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars still shown (bars leave no line behind), so an error starts on a clean line."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def torch_dtype(name: str | None):

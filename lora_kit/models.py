@@ -68,10 +68,16 @@ def open_pipeline(spec: str, dtype=None):
     # loading a local model takes a second: its per-component progress bars would only bury our own output
     diffusers_logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    # and transformers' notes on optional backends (torchvision for image processors no SD pipeline runs) would
+    # turn one-line errors into three
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
     try:
         pipe = DiffusionPipeline.from_pretrained(spec, **({"dtype": dtype} if dtype else {}))
     except (OSError, ValueError) as e:
         raise LoraKitError(f"{spec}: cannot open the model ({str(e).splitlines()[0]})") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

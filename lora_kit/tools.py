@@ -258,27 +258,51 @@ def inspect(path: str | os.PathLike) -> dict:
 def collapse_into_model(
     model: str, lora: str | os.PathLike, output: str | os.PathLike, weight: float = 1.0, dtype=None, force=False
 ) -> Path:
-    """Open MODEL, collapse LORA at `weight` (fp32 maths), save_pretrained to OUTPUT atomically (temp dir + rename)."""
+    """Open MODEL, collapse LORA at `weight` (fp32 maths), save_pretrained to OUTPUT atomically (temp dir + rename).
+    With force an existing OUTPUT is replaced only if it is a pipeline folder holding neither input."""
     from .api import collapse, load
+    from .models import TOY, toy_model
 
     out = Path(output)
-    if out.exists() and not force:
-        raise LoraKitError(f"{out}: already exists (use --force to overwrite)")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise LoraKitError(f"{out}: the folder {parent} does not exist or is not writable")
+    _check_pipeline_output(out, [Path(toy_model() if model == TOY else model), Path(lora)], force)
+    parent = out.resolve().parent
     pipe = open_pipeline(model)
     load(pipe, lora, weight=weight)
     collapse(pipe)
     if dtype is not None:
         pipe.to(dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    tmp = old = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.", dir=parent))
+        files.ordinary(tmp)
         pipe.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if out.exists():  # moved aside, not deleted, until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.", suffix=".old", dir=parent))
+            os.replace(out, old / "x")
         os.replace(tmp, out)
+    except OSError as e:
+        if old is not None and (old / "x").exists() and not out.exists():
+            os.replace(old / "x", out)
+        raise LoraKitError(f"{out}: cannot write the model ({e.strerror or e})") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for folder in (tmp, old):
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
     return out
+
+
+def _check_pipeline_output(out: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse an output folder that exists (unless force, and then only a pipeline folder that holds no input),
+    or whose parent is missing or not writable."""
+    if out.exists():
+        if not force:
+            raise LoraKitError(f"{out}: already exists (use --force to overwrite)")
+        if not (out / "model_index.json").is_file():
+            raise LoraKitError(f"{out}: exists and is not a pipeline folder; refusing to replace it")
+        target = out.resolve()
+        for p in inputs:
+            if p.exists() and (p.resolve() == target or target in p.resolve().parents):
+                raise LoraKitError(f"{out}: holds the input {p}; write the model elsewhere")
+    parent = out.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise LoraKitError(f"{out}: the folder {parent} does not exist or is not writable")

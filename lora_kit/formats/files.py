@@ -105,8 +105,11 @@ def tensor_dict(obj, source) -> dict:
 
 
 def check_output(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse an existing output (unless force) or an output folder that is missing or not writable."""
+    """Refuse an existing output (unless force; a folder always), or an output folder that is missing or not
+    writable."""
     p = Path(path)
+    if p.is_dir():
+        raise LoraKitError(f"{p}: is a folder; give the file to write")
     if p.exists() and not force:
         raise LoraKitError(f"{p}: already exists (use --force / force=True to overwrite)")
     parent = p.parent if str(p.parent) else Path(".")
@@ -117,6 +120,14 @@ def check_output(path: str | os.PathLike, force: bool = False) -> Path:
     return p
 
 
+def ordinary(path: str | os.PathLike) -> None:
+    """Give a file or folder made by mkstemp / mkdtemp (private to the owner) the permissions an ordinary one
+    gets from the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
 def serialize(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
     from safetensors.torch import save
 
@@ -124,19 +135,23 @@ def serialize(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:
-    """Write bytes to a temp file beside `path`, then rename: readers never see a partial file."""
+    """Write bytes to a temp file beside `path`, then rename: readers never see a partial file, and a failure (a
+    full disk) leaves nothing behind and says so in one line."""
     p = check_output(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        ordinary(tmp)
         os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as e:
+        raise LoraKitError(f"{p}: cannot write it ({e.strerror or e})") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
     return p
 
 

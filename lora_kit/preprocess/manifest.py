@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import LoraKitError
+from ..formats import files
 
 MANIFEST = "manifest.jsonl"
 REPORT = "report.json"
@@ -80,9 +81,7 @@ class Staging:
                 self._made.append(p)
             made = tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".ppim-tmp", dir=self.final.parent)
             self.path = Path(made)
-            umask = os.umask(0)
-            os.umask(umask)
-            self.path.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+            files.ordinary(made)  # mkdtemp makes it private; the output is an ordinary folder
         except OSError as e:
             self.__exit__(OSError, e, None)
             raise LoraKitError(f"{self.final}: cannot create the output folder ({e})") from None

@@ -1,0 +1,99 @@
+"""What every writer shares: all-or-nothing writes, a failure in one line, ordinary permissions, and a --force
+that never replaces what it should not."""
+
+import errno
+import os
+
+import click
+import pytest
+from click.testing import CliRunner
+from lora_kit.cli import merge
+from lora_kit.cli._common import friendly_errors
+
+from lora_kit.errors import LoraKitError
+from lora_kit.formats import files
+
+
+@pytest.fixture
+def umask():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_a_full_disk_leaves_nothing_and_says_so_in_one_line(tmp_path, monkeypatch):
+    out = tmp_path / "a.safetensors"
+    out.write_bytes(b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(LoraKitError, match="a.safetensors: cannot write it .No space left on device"):
+        files.write_atomic(out, b"new bytes", force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"] and out.read_bytes() == b"old"
+
+
+def test_written_files_get_the_umask_permissions(tmp_path, umask):
+    path = files.write_atomic(tmp_path / "a.safetensors", b"x")
+    assert path.stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0o600
+    os.umask(0o077)
+    assert files.write_atomic(tmp_path / "b.safetensors", b"x").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_folder_is_never_a_file_output(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(LoraKitError, match="is a folder"):
+        files.check_output(tmp_path / "d", force=True)
+
+
+def test_unexpected_os_errors_are_one_line_after_the_progress_bar_is_gone():
+    from tqdm import tqdm
+
+    @click.command()
+    @friendly_errors
+    def main():
+        bar = tqdm(total=3, desc="working", leave=False)
+        bar.update(1)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/x.png")
+
+    result = CliRunner().invoke(main, [])
+    assert result.exit_code == 2
+    assert result.output.rsplit("\r", 1)[-1].strip() == "error: out/x.png: No space left on device"
+    assert not list(tqdm._instances)
+
+
+@pytest.fixture(scope="module")
+def sd1_model(tmp_path_factory):
+    from conftest import build_pipeline
+
+    folder = tmp_path_factory.mktemp("sd1")
+    build_pipeline("sd1", str(folder / "tok")).save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def test_collapse_replaces_only_its_own_pipeline_folders(two_loras, sd1_model, tmp_path, monkeypatch, umask):
+    a, _ = two_loras
+    run = lambda *args: CliRunner().invoke(merge.main, [str(x) for x in args])  # noqa: E731
+
+    out = tmp_path / "merged"
+    assert run(sd1_model, a, "-o", out).exit_code == 0
+    assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's private 0o700
+    first = (out / "model_index.json").stat().st_mtime_ns
+    assert run(sd1_model, a, "--alpha", "0.5", "-o", out, "--force").exit_code == 0  # its own earlier output
+    assert (out / "model_index.json").stat().st_mtime_ns >= first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or set-aside folder left
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep")
+    result = run(sd1_model, a, "-o", other, "--force")
+    assert result.exit_code == 2 and "not a pipeline folder" in result.output
+    assert result.output.strip().count("\n") == 0, result.output  # no transformers notes around the error
+    assert (other / "precious.txt").read_text() == "keep"
+
+    (out / "lora.safetensors").write_bytes(a.read_bytes())  # a pipeline folder that holds the input
+    monkeypatch.chdir(out)
+    result = run(sd1_model, "lora.safetensors", "-o", ".", "--force")
+    assert result.exit_code == 2 and "holds the input lora.safetensors" in result.output, result.output
+    assert (out / "lora.safetensors").read_bytes() == a.read_bytes()
