@@ -22,7 +22,8 @@ from ._common import CONTEXT, friendly_errors, progress
     show_default=True,
     metavar="center|subject|random:N|none",
     help="center; subject (centred on the --mask, needs it); random:N (N crops per image, random "
-    "position and zoom up to 1.5x); none (keep the aspect ratio for lora-train's buckets).",
+    "position and zoom up to 1.5x); none (keep the aspect ratio for lora-train's buckets, at most 4:1: the "
+    "excess centre-cropped).",
 )
 @click.option(
     "--upscale/--no-upscale",

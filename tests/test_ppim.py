@@ -444,6 +444,8 @@ def test_crop_geometry():
             (n,) = crop.plan(size, target, "none")
             assert n.size[0] * n.size[1] <= max(target[0] * target[1], size[0] * size[1]) * 1.01
             assert abs(n.size[0] / n.size[1] - size[0] / size[1]) < 0.01
+    (n,) = crop.plan((20000, 300), (64, 64), "none")  # a panorama: the centre 4:1 of it, as lora-train buckets it
+    assert n.size == (128, 32) and n.box == (9400.0, 0.0, 10600.0, 300.0)
     img = Image.new("RGB", (640, 480))
     assert crop.apply(img, crop.plan((640, 480), (256, 256), "center")[0], "lanczos").size == (256, 256)
     with pytest.raises(Exception, match="too small"):

@@ -16,6 +16,7 @@ Box = tuple[float, float, float, float]
 
 # The most a random crop zooms in beyond the smallest window that covers the target (1.5 = up to 2/3 of a side).
 MAX_RANDOM_ZOOM = 1.5
+MAX_ASPECT = 4.0  # lora-train's buckets span 1:4..4:1 (train/data.py)
 
 
 @dataclass
@@ -31,11 +32,15 @@ def plan(size: tuple[int, int], target: tuple[int, int], mode: str, count: int =
     w, h = size
     tw, th = target
     if mode == "none":
-        # Keep the aspect ratio (lora-train buckets it) and about tw*th pixels; only enlarge when asked to.
-        s = math.sqrt(tw * th / (w * h))
+        # Keep the aspect ratio (lora-train buckets it) and about tw*th pixels; only enlarge when asked to. Beyond
+        # the buckets' 1:4..4:1 the excess is centre-cropped: lora-train would crop it anyway.
+        aspect = min(max(w / h, 1 / MAX_ASPECT), MAX_ASPECT)
+        cw, ch = min(w, h * aspect), min(h, w / aspect)
+        s = math.sqrt(tw * th / (cw * ch))
         if s > 1 and not upscale:
             s = 1.0
-        return [Crop((0.0, 0.0, float(w), float(h)), (max(1, round(w * s)), max(1, round(h * s))))]
+        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+        return [Crop(box, (max(1, round(cw * s)), max(1, round(ch * s))))]
     check_fits(size, target, mode, upscale)
     cover = max(tw / w, th / h)  # the scale at which the image just covers the target
     if mode in ("center", "subject"):
