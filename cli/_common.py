@@ -11,6 +11,34 @@ DTYPES = ("fp16", "bf16", "fp32")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+class _UsageError(click.UsageError):
+    """A bad flag or argument as one line, like every other error (click prints usage, a hint and the error)."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class Command(click.Command):
+    """Every lora_kit command: usage errors (a bad value, a missing option) in one line, exit code 2."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            raise _UsageError(e.format_message(), ctx) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:  # a BadParameter raised by the command body
+            raise _UsageError(e.format_message(), ctx) from None
+
+
+def command(**settings):
+    """`@command()`: a lora_kit command (see Command), with -h/--help."""
+    return click.command(cls=Command, context_settings=CONTEXT | settings)
+
+
 def friendly_errors(fn):
     """Run a command body; LoraKitError (or an OSError the body did not expect: a full disk, a vanished folder) ->
     one line 'error: ...' on stderr, after clearing any progress bar, and exit 2."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from ._common import CONTEXT, friendly_errors
+from ._common import command, friendly_errors
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.option(
     "--model", required=True, help="Base model: a diffusers folder, a hub id, or toy (the shipped toy world)."
 )
@@ -38,9 +38,10 @@ def main(model, loras, prompt, negative_prompt, steps, guidance, seed, size, cou
     each PNG carrying the prompt, seed, settings, adapters, weights and schedules in its text metadata."""
     from lora_kit import generate as gen
 
-    specs = [gen.parse_lora(text) for text in loras]
+    specs = gen.parse_loras(loras)
     settings = gen.Settings(prompt, negative_prompt, steps, guidance, seed, gen.parse_size(size) if size else None,
                             count, model)  # fmt: skip
+    device = gen.check_device(device)
     folder = gen.check_output(output, force)
 
     import torch
@@ -48,15 +49,13 @@ def main(model, loras, prompt, negative_prompt, steps, guidance, seed, size, cou
 
     from lora_kit.models import open_pipeline
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = open_pipeline(model, torch.float16 if device.startswith("cuda") else torch.float32)
+    pipe = open_pipeline(model, torch.float16 if device.type == "cuda" else torch.float32)
     pipe.to(device)
     total = count * (steps or gen.pipeline_default(pipe, "num_inference_steps")) * (2 if compare else 1)
-    with tqdm(total=total, desc="denoising", unit="step", leave=False) as bar:
-        before = gen.generate(pipe, settings, [], on_step=lambda: bar.update(1)) if compare else None
-        loaded = gen.apply_loras(pipe, specs)
-        pipe.to(device)
-        results = gen.generate(pipe, settings, loaded, on_step=lambda: bar.update(1))
+    # disable=None: no bar when stderr is not a terminal, so a log holds the error line alone; on a terminal the
+    # with-block closes the bar (leave=False clears its line) before an error is printed
+    with tqdm(total=total, desc="denoising", unit="step", leave=False, disable=None) as bar:
+        results, before = gen.render(pipe, settings, specs, compare, on_step=lambda: bar.update(1))
     paths = gen.write(results, folder, seed, before=before)
     click.echo(f"wrote {count} image(s) and " + " and ".join(str(p) for p in paths[count:]))
 

@@ -38,6 +38,13 @@ def _names(target) -> list[str]:
     return list(names)
 
 
+def default_name(path: str | os.PathLike) -> str:
+    """The adapter name `load` gives a file: its stem (a folder: its name), dots as underscores (module names
+    cannot hold dots)."""
+    p = Path(path)
+    return (p.name if p.is_dir() else p.stem).replace(".", "_")
+
+
 def load(
     target,
     path: str | os.PathLike,
@@ -57,7 +64,7 @@ def load(
     read only with allow_pickle (weights_only). Nothing changes on error. Returns the name.
     """
     p = Path(path)
-    name = name or (p.name if p.is_dir() else p.stem).replace(".", "_")  # module names cannot hold dots
+    name = name or default_name(p)
     if "." in name:
         raise LoraKitError(f"adapter name {name!r} contains '.', which torch module names cannot hold")
     if name in _names(target) and not replace:

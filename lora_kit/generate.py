@@ -8,10 +8,12 @@ a JSON `lora_kit` chunk with all of them, and an A1111-style `parameters` string
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +36,10 @@ def parse_lora(text: str) -> LoraSpec:
     rest, sched = text, None
     if not Path(text).exists() and "@" in text:
         rest, _, sched = text.rpartition("@")
-        schedule.parse(sched)  # a bad spec fails here, before any model is opened
+        try:
+            schedule.parse(sched)  # a bad spec fails here, before any model is opened
+        except LoraKitError as e:
+            raise LoraKitError(f"--lora {text!r}: {e}") from None
     path, weight = rest, 1.0
     head, sep, tail = rest.rpartition(":")
     if sep and head:
@@ -47,6 +52,27 @@ def parse_lora(text: str) -> LoraSpec:
     if not math.isfinite(weight):
         raise LoraKitError(f"--lora {text!r}: the weight must be a finite number")
     return LoraSpec(path, weight, sched)
+
+
+def parse_loras(texts: Sequence[str]) -> list[LoraSpec]:
+    """Every --lora, named: the file stem (dots as underscores, as lora_kit.load names it), made distinct with _2,
+    _3, ... when two files share a stem; the same file twice is an error."""
+    from . import api
+
+    specs, names, files = [], set(), {}
+    for text in texts:
+        spec = parse_lora(text)
+        file = Path(spec.path).resolve()
+        if file in files:
+            raise LoraKitError(f"--lora {text!r}: {spec.path} is given twice (also as --lora {files[file]!r})")
+        files[file] = text
+        stem = api.default_name(spec.path)
+        name, k = stem, 2
+        while name in names:
+            name, k = f"{stem}_{k}", k + 1
+        names.add(name)
+        specs.append(LoraSpec(spec.path, spec.weight, spec.schedule, name))
+    return specs
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -63,11 +89,34 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def check_device(name: str | None):
+    """--device as a torch.device (None: cuda when available, else cpu); one line if torch does not know it or the
+    machine does not have it."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LoraKitError(f"--device {name!r}: not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+    cuda_missing = device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    )
+    if cuda_missing or (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise LoraKitError(f"--device {name!r}: this machine or this torch build has no such device")
+    return device
+
+
 def apply_loras(pipe, specs: Sequence[LoraSpec]) -> list[LoraSpec]:
-    """Load each LoRA at its weight and schedule it; returns the specs with their adapter names."""
+    """Load each LoRA at its weight (as its spec's name, if it has one) and schedule it; returns the specs with their
+    adapter names."""
     from . import api, schedule
 
-    loaded = [LoraSpec(s.path, s.weight, s.schedule, api.load(pipe, s.path, weight=s.weight)) for s in specs]
+    loaded = [
+        LoraSpec(s.path, s.weight, s.schedule, api.load(pipe, s.path, name=s.name or None, weight=s.weight))
+        for s in specs
+    ]
     scheduled = {s.name: s.schedule for s in loaded if s.schedule}
     if scheduled:
         schedule.schedule(pipe, scheduled)
@@ -90,6 +139,10 @@ class Settings:
     size: tuple[int, int] | None = None  # (width, height); None: the model's native size
     n: int = 1
     model: str = ""
+
+    def __post_init__(self):
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise LoraKitError(f"--guidance {self.guidance}: the guidance scale must be a finite number >= 0")
 
 
 def generate(pipe, settings: Settings, loras: Sequence[LoraSpec], on_step: Callable[[], None] | None = None):
@@ -134,6 +187,19 @@ def generate(pipe, settings: Settings, loras: Sequence[LoraSpec], on_step: Calla
     return out
 
 
+def render(pipe, settings: Settings, specs: Sequence[LoraSpec], compare: bool = False, on_step=None):
+    """The images with the LoRAs and, with `compare`, the same seeds without them (None otherwise): (after, before).
+    Every LoRA is loaded, so checked against the model, before any denoising; for the baseline they are unloaded
+    again, which restores the model exactly (added tokens too), so it is the base model's image."""
+    from . import api
+
+    if compare:
+        for spec in apply_loras(pipe, specs):
+            api.unload(pipe, spec.name)
+    before = generate(pipe, settings, [], on_step) if compare else None
+    return generate(pipe, settings, apply_loras(pipe, specs), on_step), before
+
+
 def a1111_parameters(record: dict) -> str:
     """The `parameters` text A1111/Forge write: the prompt with <lora:name:weight> tags, then the settings."""
     tags = "".join(f" <lora:{s['name']}:{s['weight']:g}>" for s in record["loras"])
@@ -147,34 +213,63 @@ def a1111_parameters(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _missing(folder: Path) -> list[Path]:
+    """The folders that making `folder` would create, deepest first."""
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def _remove(files: Sequence[Path], folders: Sequence[Path]) -> None:
+    for path in files:
+        path.unlink(missing_ok=True)
+    for path in folders:  # deepest first; a folder someone else wrote into meanwhile stays
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
 def check_output(folder: str | os.PathLike, force: bool) -> Path:
+    """The output folder, checked before any work: a folder (not a file), empty unless `force`, and one where a file
+    can be created (tried with a temp file; folders made for the try are removed again, so nothing is left)."""
     out = Path(folder)
     if out.exists() and not out.is_dir():
         raise LoraKitError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise LoraKitError(f"{out}: the folder is not empty; pass --force to write into it")
+    made = _missing(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".lora_kit-"):
+            pass
+    except OSError as e:
+        raise LoraKitError(f"{out}: cannot write into this folder ({e.strerror or e})") from None
+    finally:
+        _remove([], made)
     return out
 
 
 def write(results, folder: Path, seed: int, before=None) -> list[Path]:
     """Each image as NNN-seedS.png, then grid.png (row-major, about square) and, given the same seeds rendered
-    without the LoRAs (`before`), compare.png: before on the top row, after below. Every file is written atomically."""
+    without the LoRAs (`before`), compare.png: before on the top row, after below. All or nothing: every file goes to
+    a temp file first and only then are they renamed into place; on an OSError (a full disk) the files of this run
+    are removed again, and what was in the folder before stays as it was."""
     from .train.callbacks import grid
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (image, info) in enumerate(results):
-        paths.append(_save(image, folder / f"{i:03d}-seed{seed + i}.png", info))
+    files = [(f"{i:03d}-seed{seed + i}.png", image, info) for i, (image, info) in enumerate(results)]
     columns = math.ceil(math.sqrt(len(results)))
-    paths.append(_save(grid([image for image, _ in results], columns=columns), folder / "grid.png", results[0][1]))
+    files.append(("grid.png", grid([image for image, _ in results], columns=columns), results[0][1]))
     if before is not None:
         images = [image for image, _ in before] + [image for image, _ in results]
-        paths.append(_save(grid(images, columns=len(results)), folder / "compare.png", results[0][1]))
+        files.append(("compare.png", grid(images, columns=len(results)), results[0][1]))
+    made, temps, paths = _missing(folder), [], []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, image, info in files:
+            temps.append(folder / f".{name}.tmp")
+            image.save(temps[-1], format="PNG", pnginfo=info)
+        for tmp, (name, _, _) in zip(temps, files, strict=True):
+            os.replace(tmp, folder / name)
+            paths.append(folder / name)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # the first error is the one to report
+            _remove(temps + paths, made)
+        raise LoraKitError(f"{folder}: cannot write the images, none written ({e.strerror or e})") from None
     return paths
-
-
-def _save(image, path: Path, info) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-    return path

@@ -1,7 +1,12 @@
 """lora-generate: PNGs and a grid whose metadata names the prompt, seed, adapters, weights and schedules, and whose
 pixels are what the Python API gives for the same settings; bad inputs exit 2 with one line and write nothing."""
 
+import builtins
+import errno
 import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +17,8 @@ from lora_kit.cli import generate
 from PIL import Image
 
 import lora_kit
+import lora_kit.generate as gen
+from lora_kit.errors import LoraKitError
 from lora_kit.generate import LoraSpec, parse_lora, parse_size
 from lora_kit.inject import inject_lora
 
@@ -32,6 +39,39 @@ def model_and_loras(tmp_path_factory):
     for path in files:
         lora_kit.save(pipe, path, name=path.stem)
     return folder / "model", files
+
+
+@pytest.fixture(scope="module")
+def xl_lora(tmp_path_factory):
+    """A LoRA for another architecture: it names no layer of the sd1 model."""
+    from conftest import build_pipeline
+
+    folder = tmp_path_factory.mktemp("xl")
+    other = build_pipeline("sdxl", str(folder / "tok"))
+    inject_lora(other.unet, "attn", rank=2)
+    lora_kit.save(other, folder / "xl.safetensors")
+    return folder / "xl.safetensors"
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The checks under test must come before the model is opened."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was opened")
+
+    monkeypatch.setattr("lora_kit.models.open_pipeline", refuse)
+
+
+def invoke(model, out, *extra):
+    args = ["--model", model, "--prompt", "a dog", "--steps", "1", "--size", "32", "-o", out, *extra]
+    return CliRunner().invoke(generate.main, [str(a) for a in args])
+
+
+def assert_one_error_line(result, message):
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr and result.stdout == "", result.output
 
 
 def test_writes_pngs_with_metadata_and_a_grid_equal_to_the_python_api(model_and_loras, tmp_path):
@@ -102,14 +142,9 @@ def test_compare_puts_the_base_above_the_lora_for_the_same_seeds(model_and_loras
         assert not np.array_equal(before, after)
 
 
-def test_bad_inputs_exit_2_with_one_line_and_write_nothing(model_and_loras, tmp_path):
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(model_and_loras, xl_lora, tmp_path):
     model, (subject, _) = model_and_loras
-    xl = tmp_path / "xl.safetensors"
-    from conftest import build_pipeline
-
-    other = build_pipeline("sdxl", str(tmp_path / "tok"))
-    inject_lora(other.unet, "attn", rank=2)
-    lora_kit.save(other, xl)
+    xl = xl_lora
     out = tmp_path / "out"
     full = tmp_path / "full"
     full.mkdir()
@@ -145,3 +180,143 @@ def test_lora_argument_and_size_parsing(tmp_path):
     assert parse_lora(str(f)) == LoraSpec(str(f), 1.0, None)  # an existing file is taken whole
     assert parse_lora(f"{f}:0.7@0:1") == LoraSpec(str(f), 0.7, "0:1")
     assert parse_size("512") == (512, 512) and parse_size("768x512") == (768, 512)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--guidance", "nan"], "--guidance nan: the guidance scale must be a finite number >= 0"),
+        (["--guidance", "inf"], "--guidance inf: the guidance scale must be a finite number >= 0"),
+        (["--guidance", "-5"], "--guidance -5.0: the guidance scale must be a finite number >= 0"),
+        (["--device", "bogus"], "--device 'bogus': not a device torch knows"),
+        (["--device", "cuda"], "--device 'cuda': this machine or this torch build has no such device"),
+        (["--device", "cuda:1"], "--device 'cuda:1': this machine or this torch build has no such device"),
+        (["--device", "mps"], "--device 'mps': this machine or this torch build has no such device"),
+        (["--lora", "{subject}@garbage"], "--lora '{subject}@garbage': schedule 'garbage': 'garbage' is not"),
+        (["--lora", "{subject}@0:1,0:0"], "--lora '{subject}@0:1,0:0': schedule '0:1,0:0': progress values"),
+        (["--lora", "{subject}", "--lora", "{subject}:0.5"], "--lora '{subject}:0.5': {subject} is given twice"),
+    ],
+)
+def test_bad_options_fail_in_one_line_before_the_model_opens(
+    model_and_loras, tmp_path, monkeypatch, no_model, extra, message
+):
+    model, (subject, _) = model_and_loras
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    out = tmp_path / "out"
+    result = invoke(model, out, *[a.format(subject=subject) for a in extra])
+    assert_one_error_line(result, message.format(subject=subject))
+    assert not out.exists()
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """Creating a file or a folder under `folder` fails as on a read-only filesystem (EROFS)."""
+
+    def guard(real, creates):
+        def call(path, *args, **kwargs):
+            under = isinstance(path, str | os.PathLike) and Path(path).absolute().is_relative_to(folder)
+            if under and creates(*args, **kwargs):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(
+        os, "open", guard(os.open, lambda flags, *_, **__: flags & (os.O_CREAT | os.O_RDWR | os.O_WRONLY))
+    )
+    monkeypatch.setattr(builtins, "open", guard(builtins.open, lambda mode="r", *_, **__: set(mode) & set("wax+")))
+    monkeypatch.setattr(os, "mkdir", guard(os.mkdir, lambda *_, **__: True))
+
+
+@pytest.mark.parametrize("sub", ["", "new/folder"])
+def test_an_unwritable_output_folder_fails_before_the_model_opens(
+    model_and_loras, tmp_path, monkeypatch, no_model, sub
+):
+    model, _ = model_and_loras
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    read_only(monkeypatch, folder)
+    out = folder / sub
+    assert_one_error_line(invoke(model, out), f"{out}: cannot write into this folder (Read-only file system)")
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("failing, existing", [(2, True), (4, False)])  # the second image; compare.png, the last
+def test_a_full_disk_writes_nothing_and_keeps_what_was_there(
+    model_and_loras, tmp_path, monkeypatch, failing, existing
+):
+    model, (subject, _) = model_and_loras
+    out = tmp_path / "out"
+    before = {"keep.txt": b"x", "000-seed0.png": b"an earlier run"} if existing else {}
+    if existing:
+        out.mkdir()
+        for name, data in before.items():
+            (out / name).write_bytes(data)
+    save, calls = Image.Image.save, []
+
+    def save_on_a_full_disk(image, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == failing:
+            Path(fp).write_bytes(b"")  # the file is created, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_on_a_full_disk)
+    result = invoke(model, out, "--lora", subject, "-n", "2", "--compare", "--force")
+    assert_one_error_line(result, f"{out}: cannot write the images, none written (No space left on device)")
+    assert len(calls) == failing
+    if existing:  # what was there before survives untouched, and nothing else is left
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    else:  # the folder this run made is gone again
+        assert not out.exists()
+
+
+def test_files_with_the_same_stem_get_distinct_adapter_names(model_and_loras, tmp_path):
+    model, (subject, style) = model_and_loras
+    first, second = tmp_path / "a" / "style.safetensors", tmp_path / "b" / "style.safetensors"
+    for source, copy in [(subject, first), (style, second)]:
+        copy.parent.mkdir()
+        shutil.copy(source, copy)
+    out = tmp_path / "out"
+    result = invoke(model, out, "--lora", f"{first}:0.5", "--lora", second)
+    assert result.exit_code == 0, result.output
+    loras = json.loads(Image.open(out / "000-seed0.png").text["loras"])
+    assert [(d["name"], d["path"], d["weight"]) for d in loras] == [
+        ("style", str(first), 0.5),
+        ("style_2", str(second), 1),
+    ]
+
+
+def test_a_bad_lora_fails_before_any_denoising_even_with_compare(model_and_loras, xl_lora, tmp_path, monkeypatch):
+    model, (subject, _) = model_and_loras
+    calls, real = [], gen.generate
+    monkeypatch.setattr(gen, "generate", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    out = tmp_path / "out"
+    assert_one_error_line(invoke(model, out, "--compare", "--lora", subject, "--lora", xl_lora), "name no layer")
+    assert calls == [] and not out.exists()
+
+
+def test_an_error_while_denoising_is_the_only_output(model_and_loras, tmp_path, monkeypatch):
+    model, (subject, _) = model_and_loras
+
+    def fail_after_a_step(pipe, settings, loras, on_step=None):
+        on_step()
+        raise LoraKitError("the pipeline failed")
+
+    monkeypatch.setattr(gen, "generate", fail_after_a_step)
+    result = invoke(model, tmp_path / "out", "--lora", subject)
+    assert result.exit_code == 2 and result.stderr == "error: the pipeline failed\n", result.stderr
+
+
+def test_adapter_names_come_from_the_file_stems_and_stay_distinct(tmp_path):
+    from lora_kit.generate import parse_loras
+
+    files = [tmp_path / "x.safetensors", tmp_path / "a" / "x.safetensors", tmp_path / "b" / "x.safetensors",
+             tmp_path / "c" / "x_2.safetensors", tmp_path / "my.style.safetensors"]  # fmt: skip
+    for f in files:
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"")
+    specs = parse_loras([f"{files[0]}:0.5", *map(str, files[1:])])
+    assert [(s.name, s.weight) for s in specs] == [("x", 0.5), ("x_2", 1), ("x_3", 1), ("x_2_2", 1), ("my_style", 1)]
+    with pytest.raises(LoraKitError, match="given twice"):
+        parse_loras([str(files[0]), str(tmp_path / "a" / ".." / "x.safetensors@0:1")])
