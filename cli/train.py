@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import CONTEXT, friendly_errors
+from ._common import command, friendly_errors
 
 HELP = {
     "model": "Base model: a diffusers folder or hub id.",
@@ -73,6 +73,10 @@ HELP = {
 }
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _options(fn):
     from dataclasses import MISSING
 
@@ -81,7 +85,7 @@ def _options(fn):
     for f in reversed(list(TrainConfig.__dataclass_fields__.values())):
         if f.name == "extra":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         default = f.default if f.default is not MISSING else None
         if isinstance(default, bool):
             fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=HELP[f.name])(fn)
@@ -94,7 +98,7 @@ def _options(fn):
     return fn
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A TOML file of these options.")
 @_options
 @friendly_errors
@@ -107,15 +111,19 @@ def main(config_file, **flags):
     Example: lora-train --model ./sd15 --data ./photos --mode dreambooth --class-prompt "a photo of a dog"
     --instance-prompt "a photo of sks dog" --steps 400 -o sks.safetensors
     """
-    from lora_kit.train.config import TrainConfig
+    from lora_kit.errors import LoraKitError
+    from lora_kit.train.config import ConfigError, TrainConfig, read_toml
     from lora_kit.train.loop import train
 
     given = {k: v for k, v in flags.items() if v is not None}
-    cfg = TrainConfig.from_toml(config_file, given) if config_file else TrainConfig.from_dict(given)
+    from_file = {k: v for k, v in (read_toml(config_file) if config_file else {}).items() if k not in given}
     for name in ("model", "data", "output"):
-        if not getattr(cfg, name):
-            raise click.UsageError(f"--{name} is required (as a flag or in --config)")
-    written = train(cfg)
+        if not (given | from_file).get(name):
+            raise click.UsageError(f"{_flag(name)} is required (as a flag or in --config)")
+    try:
+        written = train(TrainConfig(**from_file, **given))
+    except ConfigError as e:  # name the value as the user gave it: a key of the config file, else a flag
+        raise LoraKitError(e.explain(lambda n: f"{n} in {config_file}" if n in from_file else _flag(n))) from None
     for path in written:
         click.echo(f"wrote {path}")
 

@@ -342,10 +342,10 @@ def test_cli_bad_inputs(models, data, tmp_path):
         (["--data", str(empty)], "no images"),
         (["--data", str(orphan)], "caption file without an image"),
         (["--data", str(broken)], "none of the 1 images could be read"),
-        (["--data", str(data), "--mode", "dreambooth"], "needs class_prompt"),
+        (["--data", str(data), "--mode", "dreambooth"], "needs --class-prompt"),
         (["--data", str(data), "--mode", "dreambooth", "--class-prompt", " | "], "names no prompt"),
         (["--data", str(data), "--mode", "textual-inversion", "--token", "dog</w>"], "already exists"),
-        (["--data", str(data), "--mode", "bogus"], "mode='bogus'"),
+        (["--data", str(data), "--mode", "bogus"], "--mode is 'bogus'"),
         (["--data", str(data), "--resume", str(tmp_path)], "not a lora-train checkpoint"),
     ]
     for extra, message in cases:

@@ -16,7 +16,7 @@ Box = tuple[float, float, float, float]
 
 # The most a random crop zooms in beyond the smallest window that covers the target (1.5 = up to 2/3 of a side).
 MAX_RANDOM_ZOOM = 1.5
-MAX_ASPECT = 4.0  # lora-train's buckets span 1:4..4:1 (train/data.py)
+MAX_ASPECT = 4.0  # the widest aspect ratio lora-train's buckets take (train/data.py: bucket), 4:1 as kohya's
 
 
 @dataclass

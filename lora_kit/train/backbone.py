@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import LoraKitError
 from ..models import architecture
 from ..state import components
 from . import objective
+from .config import ConfigError
 
 FLOW = ("sd3", "flux")  # the architectures trained with flow matching
 # T5 tokens of the prompt, as the diffusers trainers use them (train_dreambooth_lora_sd3: 77, _flux: 512); capped
@@ -52,8 +52,8 @@ class Backbone:
     def _init_flow(self) -> None:
         pipe = self.pipe
         if self.clip_skip != 1:
-            raise LoraKitError(f"clip_skip={self.clip_skip} does not apply to {self.arch}: it conditions on the CLIP "
-                               "layers its pipeline uses (leave clip_skip at 1)")  # fmt: skip
+            raise ConfigError("clip_skip", self.clip_skip, f"it does not apply to {self.arch}: it conditions on the "
+                              "CLIP layers its pipeline uses (leave {clip_skip} at 1)")  # fmt: skip
         self.objective = "flow"
         self.main = pipe.transformer
         config = pipe.scheduler.config

@@ -28,8 +28,7 @@ class Validation:
     `<output stem>-samples/step-N.png`."""
 
     def __init__(self, cfg: TrainConfig, n: int = 4):
-        out = Path(cfg.output)
-        self.cfg, self.n, self.folder = cfg, n, out.with_name(out.stem + "-samples")
+        self.cfg, self.n, self.folder = cfg, n, cfg.samples_dir
 
     def __call__(self, step: int, loss: float, context: dict) -> None:
         cfg = self.cfg

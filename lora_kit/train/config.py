@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -21,6 +24,68 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 PRIOR_TARGETS = ("images", "base")
 INITS = ("kaiming", "gaussian")
+
+
+# lowest (or allowed) values of numeric fields; an unset (None) value is always fine
+BOUNDS = (
+    (("steps", "batch_size", "grad_accum", "resolution", "rank", "conv_rank", "num_vectors", "num_class_images",
+      "validation_steps", "clip_skip"), lambda v: v >= 1, "it must be at least 1"),
+    (("text_encoder_rank", "warmup_steps", "keep_tokens", "ti_steps", "save_every", "save_limit", "validate_every",
+      "seed", "weight_decay", "max_grad_norm", "noise_offset", "prior_loss_weight", "class_guidance"),
+     lambda v: v >= 0, "it must be 0 or more"),
+    (("alpha", "conv_alpha", "text_encoder_alpha", "lr", "text_encoder_lr", "ti_lr", "min_snr_gamma"),
+     lambda v: v > 0, "it must be above 0"),
+    (("dropout", "caption_dropout", "mask_floor"), lambda v: 0 <= v <= 1, "it must be in [0, 1]"),
+)  # fmt: skip
+KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "a table"}
+
+
+class ConfigError(LoraKitError):
+    """A bad value of one config field. `problem` names other fields as {field}; `explain` spells every field as the
+    user gave it (lora-train: a flag or a key of the config file), str() as the TrainConfig field it is."""
+
+    def __init__(self, name: str, value, problem: str):
+        self.name, self.value, self.problem = name, value, problem
+        super().__init__(self.explain(str))
+
+    def explain(self, spell: Callable[[str], str]) -> str:
+        names = {f.name: spell(f.name) for f in fields(TrainConfig)}
+        return f"{spell(self.name)} is {self.value!r}; {self.problem.format_map(names)}"
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of each field that takes a name."""
+    from ..targets import PRESETS  # imported here, not on top: `lora-train --help` must not load torch
+
+    clip = tuple(p for p in PRESETS if p.startswith("clip-"))
+    return {"mode": MODES, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS, "optimizer": OPTIMIZERS,
+            "save_dtype": SAVE_DTYPES, "prior_target": PRIOR_TARGETS, "init": INITS,
+            "targets": tuple(p for p in PRESETS if p not in clip), "text_encoder_targets": clip}  # fmt: skip
+
+
+def _is(value, kind) -> bool:
+    """isinstance, except that a bool is not a number (True is an int in Python, not in a config)."""
+    if kind in (int, float):
+        return isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    """The values of a --config file ('-' in keys read as '_'); one error naming the file for what is not a config."""
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise LoraKitError(f"{p}: no such config file")
+    try:
+        values = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise LoraKitError(f"{p}: not valid TOML ({e})") from None
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise LoraKitError(f"{p}: unknown keys {unknown}; the keys are lora-train's options (see lora-train --help)")
+    return values
 
 
 def split_prompts(text: str) -> list[str]:
@@ -99,64 +164,32 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # free-form notes saved in the file metadata
 
     def __post_init__(self):
-        def bad(name, allowed):
-            value = getattr(self, name)
-            raise LoraKitError(f"config {name}={value!r} is not allowed; {allowed}")
-
-        for name, allowed in (("mode", MODES), ("lr_scheduler", SCHEDULERS), ("mixed_precision", PRECISIONS),
-                              ("optimizer", OPTIMIZERS), ("save_dtype", SAVE_DTYPES),
-                              ("prior_target", PRIOR_TARGETS), ("init", INITS)):  # fmt: skip
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, kinds = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+            if not any(_is(value, kind) for kind in kinds):
+                wanted = " or ".join(KIND_NAMES[k] for k in kinds if k is not type(None))
+                raise ConfigError(f.name, value, f"it must be {wanted}")
+            if float in kinds and type(value) is int:  # TOML's `alpha = 4`: the same config (and fingerprint) as 4.0
+                setattr(self, f.name, float(value))
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f.name, value, "it must be a finite number")
+        for name, allowed in choices().items():
             if getattr(self, name) not in allowed:
-                bad(name, f"choose one of {', '.join(allowed)}")
-        for name in ("steps", "batch_size", "grad_accum", "resolution", "num_vectors"):
-            if getattr(self, name) < 1:
-                bad(name, "it must be at least 1")
-        for name in ("rank",):
-            if getattr(self, name) < 1:
-                bad(name, "it must be at least 1")
-        for name in ("text_encoder_rank", "save_every", "validate_every", "ti_steps", "warmup_steps", "save_limit"):
-            if getattr(self, name) < 0:
-                bad(name, "it must be 0 or more")
-        for name in ("caption_dropout", "dropout", "mask_floor"):
-            if not 0 <= getattr(self, name) <= 1:
-                bad(name, "it must be in [0, 1]")
-        if self.lr <= 0:
-            bad("lr", "it must be positive")
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            bad("min_snr_gamma", "it must be positive (or unset)")
+                raise ConfigError(name, getattr(self, name), f"choose one of {', '.join(allowed)}")
+        for names, ok, rule in BOUNDS:
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and not ok(value):
+                    raise ConfigError(name, value, rule)
         if self.mode in ("textual-inversion", "pivotal") and not self.token:
-            raise LoraKitError(f"config mode={self.mode!r} needs token (the new word to learn, e.g. '<sks>')")
-        if self.class_prompt and not split_prompts(self.class_prompt):
-            bad("class_prompt", "it names no prompt")
+            raise ConfigError("mode", self.mode, "it needs {token} (the new word to learn, e.g. '<sks>')")
+        if self.class_prompt is not None and not split_prompts(self.class_prompt):
+            raise ConfigError("class_prompt", self.class_prompt, "it names no prompt")
         if self.mode == "dreambooth" and not self.class_prompt:
-            raise LoraKitError("config mode='dreambooth' needs class_prompt (e.g. 'a photo of a dog')")
+            raise ConfigError("mode", self.mode, "it needs {class_prompt} (e.g. 'a photo of a dog')")
         if self.mode == "pivotal" and self.ti_steps >= self.steps:
-            bad("ti_steps", f"pivotal needs ti_steps < steps ({self.steps}) so LoRA trains too")
-        if self.clip_skip < 1:
-            bad("clip_skip", "it must be at least 1 (1 = last layer)")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise LoraKitError(f"unknown config keys {unknown}; see lora-train --help")
-        return cls(**values)
-
-    @classmethod
-    def from_toml(cls, path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
-        import tomllib
-
-        p = Path(path)
-        if not p.is_file():
-            raise LoraKitError(f"{p}: no such config file")
-        try:
-            values = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise LoraKitError(f"{p}: not valid TOML ({e})") from None
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        values.update(overrides or {})
-        return cls.from_dict(values)
+            raise ConfigError("ti_steps", self.ti_steps, "pivotal needs it below {steps} so that LoRA trains too")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,7 +210,15 @@ class TrainConfig:
         kept = {k: v for k, v in self.to_dict().items() if k not in loose}
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
+    def beside_output(self, suffix: str) -> Path:
+        """A path next to the output named after it: `x.safetensors` -> `x<suffix>`."""
+        out = Path(self.output)
+        return out.with_name(out.stem + suffix)
+
     @property
     def checkpoint_dir(self) -> Path:
-        out = Path(self.output)
-        return out.with_name(out.stem + "-checkpoints")
+        return self.beside_output("-checkpoints")
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.beside_output("-samples")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraKitError
+from ..preprocess.crop import MAX_ASPECT
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _REPEATS = re.compile(r"^(\d+)_(.+)$")
@@ -56,6 +57,8 @@ def _size(path: Path) -> tuple[int, int] | None:
 def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[Example], int]:
     """(usable examples, number of unreadable images skipped) in `folder`; errors for what cannot train at all."""
     root = Path(folder)
+    if root.is_file():
+        raise LoraKitError(f"{root}: is a file; the data must be a folder of images (or a lora-ppim output folder)")
     if not root.is_dir():
         raise LoraKitError(f"{root}: no such data folder")
     manifest = root / "manifest.jsonl"
@@ -104,7 +107,7 @@ def bucket(size: tuple[int, int], resolution: int, step: int, enabled: bool = Tr
     if not enabled:
         return resolution, resolution
     w, h = size
-    aspect = min(max(w / h, 0.25), 4.0)
+    aspect = min(max(w / h, 1 / MAX_ASPECT), MAX_ASPECT)
     bw = max(step, round(resolution * aspect**0.5 / step) * step)
     bh = max(step, round(resolution / aspect**0.5 / step) * step)
     return bw, bh

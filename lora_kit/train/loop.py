@@ -24,9 +24,9 @@ from ..inject import lora_disabled
 from . import objective
 from .backbone import Backbone
 from .callbacks import default_callbacks
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import Example, Plan, load, rng, scan, torch_generator
-from .recipes import Recipe, build, checkpoint_tensors, restore_tensors, save_outputs
+from .recipes import Recipe, build, checkpoint_tensors, output_files, restore_tensors, save_outputs
 
 
 class Batcher:
@@ -134,12 +134,13 @@ def for_architecture(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
     if backbone.objective != "flow":
         return cfg
     if cfg.mode in ("textual-inversion", "pivotal"):
-        raise LoraKitError(f"mode {cfg.mode!r} is not supported for {arch} yet; {arch} trains in lora and dreambooth")
+        raise ConfigError("mode", cfg.mode, f"it is not supported for {arch} yet; it trains in lora and dreambooth")
     if cfg.min_snr_gamma:
-        raise LoraKitError(f"min_snr_gamma does not apply to {arch}: it trains with flow matching, which has no "
-                           "SNR weighting; leave min_snr_gamma unset")  # fmt: skip
+        raise ConfigError("min_snr_gamma", cfg.min_snr_gamma, f"it does not apply to {arch}: it trains with flow "
+                          "matching, which has no SNR weighting; leave {min_snr_gamma} unset")  # fmt: skip
     if cfg.text_encoder_rank and arch == "flux":
-        raise LoraKitError("text_encoder_rank > 0 is not supported for flux yet; only its transformer trains")
+        raise ConfigError("text_encoder_rank", cfg.text_encoder_rank, "it is not supported for flux yet (only its "
+                          "transformer trains); leave it at 0")  # fmt: skip
     if cfg.targets in ("kohya", "locon"):
         print(f"{arch}: {cfg.targets!r} is a UNet preset; training the transformer with 'dit'", file=sys.stderr)
         cfg = replace(cfg, targets="dit")
@@ -170,20 +171,24 @@ def save_checkpoint(cfg, step, recipe, pipe, optimizer, scheduler) -> Path:
     return folder
 
 
-def load_checkpoint(cfg, recipe, pipe, optimizer, scheduler) -> int:
-    from ..formats import files
-
+def resume_folder(cfg: TrainConfig) -> Path:
+    """The checkpoint `cfg.resume` names ("latest" or a folder); an error if there is none."""
     if cfg.resume == "latest":
         found = _checkpoints(cfg)
         if not found:
             raise LoraKitError(f"{cfg.checkpoint_dir}: no checkpoint to resume from")
-        folder = found[-1]
-    else:
-        folder = Path(cfg.resume)
-    state_file = folder / "state.json"
-    if not state_file.is_file():
+        return found[-1]
+    folder = Path(cfg.resume)
+    if not (folder / "state.json").is_file():
         raise LoraKitError(f"{folder}: not a lora-train checkpoint (no state.json)")
-    state = json.loads(state_file.read_text())
+    return folder
+
+
+def load_checkpoint(cfg, recipe, pipe, optimizer, scheduler) -> int:
+    from ..formats import files
+
+    folder = resume_folder(cfg)
+    state = json.loads((folder / "state.json").read_text())
     if state["fingerprint"] != cfg.fingerprint():
         raise LoraKitError(f"{folder}: the checkpoint was made with a different model, data or training config")
     tensors, _ = files.load(folder / "trainable.safetensors")
@@ -192,6 +197,27 @@ def load_checkpoint(cfg, recipe, pipe, optimizer, scheduler) -> int:
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     return int(state["step"])
+
+
+def outputs(cfg: TrainConfig) -> list[Path]:
+    """The files a run writes when it ends: what the mode produces, and the resolved config beside it."""
+    return output_files(cfg) + [cfg.beside_output(".config.toml")]
+
+
+def check_before_loading(cfg: TrainConfig) -> None:
+    """Refuse now, before the model loads, what would fail or be lost later: an existing output (without force),
+    the checkpoints or samples of an earlier run (without force or resume), a missing checkpoint to resume from."""
+    from ..formats import files
+
+    for path in outputs(cfg):
+        files.check_output(path, cfg.force)
+    if cfg.resume:
+        resume_folder(cfg)
+        return
+    validates = cfg.validation_prompt and cfg.validate_every
+    for folder, used in ((cfg.checkpoint_dir, cfg.save_every), (cfg.samples_dir, validates)):
+        if used and not cfg.force and folder.is_dir() and any(folder.iterdir()):
+            raise LoraKitError(f"{folder}: holds an earlier run's files (use --force to overwrite, or --resume)")
 
 
 def make_optimizer(cfg: TrainConfig, recipe: Recipe):
@@ -210,11 +236,10 @@ def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) 
     from diffusers.optimization import get_scheduler
     from tqdm import tqdm
 
-    from ..formats import files
     from ..models import open_pipeline
     from .prior import class_examples
 
-    files.check_output(cfg.output, cfg.force)
+    check_before_loading(cfg)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
@@ -302,14 +327,19 @@ def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) 
 
 
 def write_outputs(cfg: TrainConfig, recipe: Recipe, pipe) -> list[Path]:
+    """Write outputs(cfg), all or none: if one fails, the ones this call created are removed."""
     from ..formats import files
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
     metadata = {"config": cfg.to_dict(), "targets": cfg.targets, "mode": cfg.mode}
     if cfg.token:
         metadata["trigger_words"] = [cfg.token]
-    written = save_outputs(cfg, recipe, pipe, dtype, metadata)
-    out = Path(cfg.output)
-    config_file = out.with_name(out.stem + ".config.toml")
-    written.append(files.write_atomic(config_file, cfg.to_toml().encode(), force=True))
-    return written
+    paths = outputs(cfg)
+    new = [p for p in paths if not p.exists()]
+    try:
+        written = save_outputs(cfg, recipe, pipe, dtype, metadata)
+        return written + [files.write_atomic(paths[-1], cfg.to_toml().encode(), force=cfg.force)]
+    except BaseException:
+        for p in new:
+            p.unlink(missing_ok=True)
+        raise

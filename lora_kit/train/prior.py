@@ -19,8 +19,7 @@ from .data import Example, scan
 def class_folder(cfg: TrainConfig) -> Path:
     if cfg.class_data:
         return Path(cfg.class_data)
-    out = Path(cfg.output)
-    return out.with_name(out.stem + "-class-images")
+    return cfg.beside_output("-class-images")
 
 
 def class_examples(cfg: TrainConfig, pipe, accelerator) -> list[Example]:

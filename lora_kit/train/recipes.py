@@ -138,16 +138,19 @@ def learned_embeddings(recipe: Recipe, pipe, token: str) -> dict[str, dict[str, 
     }
 
 
-def save_outputs(cfg: TrainConfig, recipe: Recipe, pipe, dtype, metadata: dict) -> list[Path]:
+def output_files(cfg: TrainConfig) -> list[Path]:
     """The files this mode produces: the LoRA (+ the pivotal sidecar), or the embedding file for textual inversion."""
+    return [Path(cfg.output), ti_files.sidecar(cfg.output)] if cfg.mode == "pivotal" else [Path(cfg.output)]
+
+
+def save_outputs(cfg: TrainConfig, recipe: Recipe, pipe, dtype, metadata: dict) -> list[Path]:
+    """Write output_files(cfg)."""
     from ..api import save
 
-    written = []
+    paths = output_files(cfg)
     if cfg.mode == "textual-inversion":
-        written.append(ti_files.write(cfg.output, learned_embeddings(recipe, pipe, cfg.token), force=cfg.force))
-        return written
-    written.append(save(pipe, cfg.output, name=ADAPTER, dtype=dtype, metadata=metadata, force=cfg.force))
+        return [ti_files.write(paths[0], learned_embeddings(recipe, pipe, cfg.token), force=cfg.force)]
+    written = [save(pipe, paths[0], name=ADAPTER, dtype=dtype, metadata=metadata, force=cfg.force)]
     if cfg.mode == "pivotal":
-        sidecar = ti_files.sidecar(cfg.output)
-        written.append(ti_files.write(sidecar, learned_embeddings(recipe, pipe, cfg.token), force=cfg.force))
+        written.append(ti_files.write(paths[1], learned_embeddings(recipe, pipe, cfg.token), force=cfg.force))
     return written
