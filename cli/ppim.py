@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from ._common import CONTEXT, friendly_errors, progress
+from ._common import command, friendly_errors, progress
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.argument("input_dir", type=click.Path())
 @click.argument("output_dir", type=click.Path())
 @click.option(
