@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from ._common import CONTEXT, friendly_errors, output_options, torch_dtype
+from ._common import command, friendly_errors, output_options, torch_dtype
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.argument("input", type=click.Path())
 @click.option("--to", "to", type=click.Choice(["kohya", "peft", "native"]), required=True, help="Format to write.")
 @click.option("--model", default=None,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import click
 
-from ._common import CONTEXT, friendly_errors, output_options, progress, torch_dtype
+from ._common import command, friendly_errors, output_options, progress, torch_dtype
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.argument("base")
 @click.argument("tuned")
-@click.option("--rank", type=int, default=16, show_default=True, help="Rank of linear and 1x1 conv modules.")
-@click.option("--conv-rank", type=int, default=None, help="Rank of convs larger than 1x1 (default: --rank).")
+@click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Rank of linear and 1x1 conv modules.")  # fmt: skip
+@click.option("--conv-rank", type=click.IntRange(min=1), default=None,
+              help="Rank of convs larger than 1x1 (default: --rank).")  # fmt: skip
 @click.option("--targets", default=None, help="Target preset of the UNet/transformer (default: locon / dit).")
 @click.option("--text-encoder", is_flag=True, help="Also extract the text encoders (skipped when unchanged).")
 @click.option("--exact", is_flag=True, help="Full SVD per module instead of the (much faster) randomized SVD.")

@@ -6,10 +6,10 @@ import json
 
 import click
 
-from ._common import friendly_errors
+from ._common import command, friendly_errors
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 @click.option("--metadata/--no-metadata", default=False, help="Also list every header metadata entry.")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
-from ._common import CONTEXT, friendly_errors, output_options, progress, torch_dtype
+from ._common import command, friendly_errors, output_options, progress, torch_dtype
 
 
 def _is_model(spec: str) -> bool:
@@ -21,23 +22,28 @@ def _weights(n: int, alpha: float | None, weights: str | None) -> list[float]:
         if alpha is not None:
             raise LoraKitError("give --alpha (two LoRAs) or --weights (any number), not both")
         try:
-            return [float(w) for w in weights.split(",")]
+            ws = [float(w) for w in weights.split(",")]
         except ValueError:
             raise LoraKitError(f"--weights {weights!r}: expected comma-separated numbers") from None
+        if not all(math.isfinite(w) for w in ws):
+            raise LoraKitError(f"--weights {weights!r}: every weight must be a finite number")
+        return ws
     if n == 2:
         a = 0.5 if alpha is None else alpha
         return [a, 1.0 - a]
     raise LoraKitError(f"{n} LoRAs: give --weights with {n} numbers")
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--alpha", type=float, default=None,
               help="Mixing ratio for two LoRAs: OUT = alpha*A + (1-alpha)*B (default 0.5). With a MODEL first: the "
                    "weight at which the LoRA is collapsed into it (default 1.0).")  # fmt: skip
 @click.option("--weights", default=None, help="Comma-separated weights for N LoRAs, taken as given: 0.5,0.3,0.2.")
-@click.option("--rank", type=int, default=None, help="Re-compress the merged LoRA to this rank by SVD.")
-@click.option("--conv-rank", type=int, default=None, help="Rank for convs larger than 1x1 with --rank.")
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="Re-compress the merged LoRA to this rank by SVD.")  # fmt: skip
+@click.option("--conv-rank", type=click.IntRange(min=1), default=None,
+              help="Rank for convs larger than 1x1 with --rank.")  # fmt: skip
 @output_options
 @friendly_errors
 def main(inputs, alpha, weights, rank, conv_rank, output, dtype, force):
@@ -53,6 +59,8 @@ def main(inputs, alpha, weights, rank, conv_rank, output, dtype, force):
 
     if len(inputs) < 2:
         raise LoraKitError("give at least two inputs: two or more LoRAs, or a MODEL and a LoRA")
+    if alpha is not None and not math.isfinite(alpha):
+        raise LoraKitError(f"--alpha {alpha}: must be a finite number")
     if _is_model(inputs[0]):
         if len(inputs) != 2 or weights:
             raise LoraKitError("with a MODEL first, give exactly one LoRA (and --alpha for its weight)")

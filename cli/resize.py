@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import click
 
-from ._common import CONTEXT, friendly_errors, output_options, progress, torch_dtype
+from ._common import command, friendly_errors, output_options, progress, torch_dtype
 
 
-def _dynamic(spec: str | None):
+def _dynamic(spec: str | None) -> tuple[str, float] | None:
+    """'sv_fro=0.9' -> ('sv_fro', 0.9), checked (ops.check_dynamic) before any file is read."""
     from lora_kit.errors import LoraKitError
+    from lora_kit.ops import check_dynamic
 
     if spec is None:
         return None
     method, _, value = spec.partition("=")
     try:
-        return method, float(value)
+        rule = method, float(value)
     except ValueError:
         raise LoraKitError(f"--dynamic {spec!r}: expected sv_ratio=N, sv_fro=F or sv_cumulative=F") from None
+    try:
+        check_dynamic(*rule)
+    except LoraKitError as e:
+        raise LoraKitError(f"--dynamic {spec!r}: {e}") from None
+    return rule
 
 
-@click.command(context_settings=CONTEXT)
+@command()
 @click.argument("input", type=click.Path(dir_okay=False))
-@click.option("--rank", type=int, default=None, help="New rank (with --dynamic: the largest rank allowed).")
-@click.option("--conv-rank", type=int, default=None, help="New rank for convs larger than 1x1 (default: --rank).")
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="New rank (with --dynamic: the largest rank allowed).")  # fmt: skip
+@click.option("--conv-rank", type=click.IntRange(min=1), default=None,
+              help="New rank for convs larger than 1x1 (default: --rank).")  # fmt: skip
 @click.option("--dynamic", default=None,
               help="sv_ratio=N (keep singular values > S0/N), sv_fro=F (keep F of the Frobenius norm) or "
                    "sv_cumulative=F (keep F of the sum of singular values), per module.")  # fmt: skip
@@ -33,7 +42,8 @@ def main(input, rank, conv_rank, dynamic, output, dtype, force):
     (alpha is rescaled), and the relative error of the truncation is printed."""
     from lora_kit import tools
 
-    report = tools.resize(input, output, rank=rank, dynamic=_dynamic(dynamic), conv_rank=conv_rank,
+    rule = _dynamic(dynamic)
+    report = tools.resize(input, output, rank=rank, dynamic=rule, conv_rank=conv_rank,
                           dtype=torch_dtype(dtype), force=force, progress=progress("resize"))  # fmt: skip
     click.echo(f"ranks: {', '.join(f'{r} x{n}' for r, n in sorted(report.ranks.items()))}")
     if report.errors:

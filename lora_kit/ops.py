@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Integral
 
 import torch
 
@@ -53,27 +54,40 @@ def delta(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return functional.delta(parts["up"], parts["down"], functional.lora_scale(alpha_of(parts), parts["down"].shape[0]))
 
 
-def merge(loras: Sequence[LoraDict], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+def _delta_shape(parts: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    return (parts["up"].shape[0], *parts["down"].shape[1:])
+
+
+def merge(
+    loras: Sequence[LoraDict], weights: Sequence[float], names: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
     """One LoRA whose delta is exactly sum_i weights[i] * delta_i for every module.
 
     Ranks are concatenated (down stacked, each up scaled by its weight and scale), so nothing is approximated;
     modules present in only some inputs take only those. Alpha = total rank (scale 1). Re-compress with `rerank`.
+    `names` (the files, say) name the inputs in errors.
     """
     if len(loras) != len(weights):
         raise LoraKitError(f"{len(loras)} LoRAs but {len(weights)} weights")
+    if not all(math.isfinite(w) for w in weights):
+        raise LoraKitError(f"merge weights must be finite numbers, got {list(weights)}")
+    names = names or [f"input {i + 1}" for i in range(len(loras))]
     all_mods = [modules(lora) for lora in loras]
     stems = list(dict.fromkeys(stem for mods in all_mods for stem in mods))
     out = {}
     for stem in stems:
-        downs, ups = [], []
-        for mods, w in zip(all_mods, weights, strict=True):
+        downs, ups, first = [], [], None
+        for mods, w, name in zip(all_mods, weights, names, strict=True):
             parts = mods.get(stem)
             if parts is None or w == 0:
                 continue
-            if downs and (parts["down"].shape[1:] != downs[0].shape[1:] or parts["up"].shape[0] != ups[0].shape[0]):
+            if first is None:
+                first = (name, _delta_shape(parts))
+            elif _delta_shape(parts) != first[1]:
+                shapes = f"({first[1]} vs {_delta_shape(parts)})"
                 raise LoraKitError(
-                    f"{stem}: the inputs disagree on its shape ({tuple(downs[0].shape)} vs "
-                    f"{tuple(parts['down'].shape)}) - are they for the same base model?"
+                    f"{stem}: {first[0]} and {name} disagree on its weight shape {shapes} - are they for the same "
+                    "base model?"
                 )
             scale = functional.lora_scale(alpha_of(parts), parts["down"].shape[0])
             downs.append(parts["down"].float())
@@ -122,27 +136,59 @@ def _is_kxk(d: torch.Tensor) -> bool:
     return d.dim() == 4 and tuple(d.shape[2:]) != (1, 1)
 
 
+def check_ranks(**ranks: int | None) -> None:
+    """Refuse a rank below 1 (None: not given), naming it: `check_ranks(rank=r, conv_rank=c)`."""
+    for name, value in ranks.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
+            raise LoraKitError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
 def rerank(state: LoraDict, rank: int, conv_rank: int | None = None, progress: Callable = _same):
     """Best rank-`rank` approximation of every module (convs larger than 1x1: `conv_rank` if given)."""
+    check_ranks(rank=rank, conv_rank=conv_rank)
     return _refactor(state, lambda d, s: conv_rank if conv_rank and _is_kxk(d) else rank, progress)
+
+
+DYNAMIC = {  # kohya resize_lora's rules -> (what the parameter may be, is it allowed)
+    "sv_ratio": ("a finite number >= 1", lambda p: 1 <= p < math.inf),
+    "sv_fro": ("in (0, 1]", lambda p: 0 < p <= 1),
+    "sv_cumulative": ("in (0, 1]", lambda p: 0 < p <= 1),
+}
+
+
+def check_dynamic(method: str, param: float) -> None:
+    """Refuse an unknown dynamic rule or a parameter outside its range (NaN included), before any work."""
+    if method not in DYNAMIC:
+        raise LoraKitError(f"dynamic method {method!r} is not one of {', '.join(DYNAMIC)}")
+    allowed, ok = DYNAMIC[method]
+    if not ok(param):
+        raise LoraKitError(f"{method} must be {allowed}, got {param:g}")
 
 
 def dynamic_rank(s: torch.Tensor, method: str, param: float) -> int:
     """kohya resize_lora's rules: sv_ratio keeps singular values above S[0]/param; sv_cumulative keeps the shortest
     prefix whose share of sum(S) reaches param; sv_fro the same for the Frobenius norm (sum S^2 reaching param^2).
     The result is clamped to [1, len(S) - 1]."""
+    check_dynamic(method, param)
     if method == "sv_ratio":
         index = int((s > s[0] / param).sum())
     elif method == "sv_cumulative":
         index = int(torch.searchsorted(torch.cumsum(s, 0) / s.sum(), param)) + 1
-    elif method == "sv_fro":
+    else:
         sq = s.square()
         index = int(torch.searchsorted(torch.cumsum(sq, 0) / sq.sum(), param**2)) + 1
-    else:
-        raise LoraKitError(f"dynamic method {method!r} is not one of sv_ratio, sv_fro, sv_cumulative")
     if s[0] <= 1e-6:
         return 1
     return max(1, min(index, len(s) - 1))
+
+
+def check_resize(rank: int | None, dynamic: tuple[str, float] | None, conv_rank: int | None) -> None:
+    """Refuse resize arguments that cannot work (no rule, a rank below 1, a dynamic rule out of range)."""
+    if rank is None and dynamic is None:
+        raise LoraKitError("give a rank, a dynamic rule, or both")
+    check_ranks(rank=rank, conv_rank=conv_rank)
+    if dynamic:
+        check_dynamic(*dynamic)
 
 
 def resize(
@@ -154,8 +200,7 @@ def resize(
 ):
     """Shrink every module to `rank` or by a dynamic rule (capped at `rank` when both are given), keeping each
     delta's strength. Returns (LoRA dict, per-module relative error, total relative error)."""
-    if rank is None and dynamic is None:
-        raise LoraKitError("give a rank, a dynamic rule, or both")
+    check_resize(rank, dynamic, conv_rank)
 
     def choose(d: torch.Tensor, s: torch.Tensor) -> int:
         cap = conv_rank if conv_rank and _is_kxk(d) else rank
@@ -173,19 +218,20 @@ def extract(
     fast: bool = True,
     progress: Callable = _same,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], float]:
-    """A LoRA approximating tuned - base for every stem in both ({stem: weight}), by SVD in fp32.
+    """A LoRA approximating tuned - base for every stem ({stem: weight}; both must have the same stems and shapes),
+    by SVD in fp32.
 
     `fast` uses the randomized SVD (functional.factorize_fast), whose error on real weight deltas is within ~0.5% of
     the full SVD's. Returns (LoRA dict with alpha = rank, per-module relative error, total relative error).
     """
+    check_ranks(rank=rank, conv_rank=conv_rank)
+    mismatch = shape_mismatch(base, tuned)
+    if mismatch:
+        raise LoraKitError(f"base and tuned {mismatch}")
     out, errors = {}, {}
     err2_total = norm2_total = 0.0
     for stem, w_base in progress(base.items()):
-        if stem not in tuned:
-            continue
         w_tuned = tuned[stem]
-        if w_tuned.shape != w_base.shape:
-            raise LoraKitError(f"{stem}: base {tuple(w_base.shape)} and tuned {tuple(w_tuned.shape)} differ in shape")
         d = w_tuned.float() - w_base.float()
         r = min(conv_rank if conv_rank and _is_kxk(d) else rank, *functional.flat(d).shape)
         up, down = (functional.factorize_fast if fast else functional.factorize)(d, r)
@@ -195,3 +241,14 @@ def extract(
         errors[stem] = _relative(err2, norm2)
         err2_total, norm2_total = err2_total + err2, norm2_total + norm2
     return flatten(out), errors, _relative(err2_total, norm2_total)
+
+
+def shape_mismatch(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor]) -> str | None:
+    """How two {stem: weight} dicts first differ ("differ at <stem>: ..."), or None when both have the same stems
+    with the same shapes."""
+    for stem in dict.fromkeys([*base, *tuned]):
+        if stem not in base or stem not in tuned:
+            return f"differ at {stem}: only {'tuned' if stem in tuned else 'base'} has it"
+        if base[stem].shape != tuned[stem].shape:
+            return f"differ at {stem}: {tuple(base[stem].shape)} vs {tuple(tuned[stem].shape)}"
+    return None

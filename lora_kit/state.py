@@ -136,6 +136,19 @@ def _check_group(component: str, path: str, parts: Mapping, layers: dict | None,
     return None
 
 
+def check_fits(target, state: Mapping[str, torch.Tensor], name: str = "", source: str = "state dict") -> dict:
+    """The state's modules grouped (see group), once every one names a Linear/Conv2d of `target` (a pipeline or a
+    module) whose weight its factors fit and that has no adapter `name` yet; else LoraKitError naming `source` and
+    the first mismatches."""
+    layers = {c: dict(_layers(m)) for c, m in components(target).items()}
+    groups = group(state)
+    problems = [p for (c, path), parts in groups.items() if (p := _check_group(c, path, parts, layers.get(c), name))]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise LoraKitError(f"{source} does not fit the model: {'; '.join(problems[:3])}{more}")
+    return groups
+
+
 def load_lora_state_dict(
     target, state: Mapping[str, torch.Tensor], name: str = "default", weight: float = 1.0, source: str = "state dict"
 ) -> list[str]:
@@ -145,12 +158,7 @@ def load_lora_state_dict(
     not fit raises LoraKitError naming `source` and the first mismatches, and leaves the model as it was.
     """
     comps = components(target)
-    layers = {c: dict(_layers(m)) for c, m in comps.items()}
-    groups = group(state)
-    problems = [p for (c, path), parts in groups.items() if (p := _check_group(c, path, parts, layers.get(c), name))]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise LoraKitError(f"{source} does not fit the model: {'; '.join(problems[:3])}{more}")
+    groups = check_fits(target, state, name, source)
     done = []
     for (component, path), parts in groups.items():
         down = parts["down"]

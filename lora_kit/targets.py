@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import LoraKitError
+
 KINDS = ("linear", "conv1x1", "conv")
 
 
@@ -86,7 +88,7 @@ def resolve(targets) -> tuple[Target, ...]:
     """A preset name, a Target, or a sequence of them -> a tuple of Targets."""
     if isinstance(targets, str):
         if targets not in PRESETS:
-            raise ValueError(f"unknown target preset {targets!r}; presets: {', '.join(PRESETS)}")
+            raise LoraKitError(f"unknown target preset {targets!r}; presets: {', '.join(PRESETS)}")
         return PRESETS[targets]
     if isinstance(targets, Target):
         return (targets,)
@@ -94,5 +96,5 @@ def resolve(targets) -> tuple[Target, ...]:
     for t in targets:
         out.extend(resolve(t))
     if not out:
-        raise ValueError("targets is empty")
+        raise LoraKitError("targets is empty")
     return tuple(out)

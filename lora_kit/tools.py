@@ -23,7 +23,8 @@ from .formats import embeddings as ti_files
 from .formats import files
 from .inject import find_targets
 from .models import architecture, open_pipeline
-from .state import components, modules
+from .state import check_fits, components, modules
+from .targets import resolve
 
 KEPT_METADATA = ("lora_kit.trigger_words", "lora_kit.targets", "lora_kit.config", "modelspec.trigger_phrase")
 
@@ -97,7 +98,8 @@ def merge(
     inputs = [Path(p) for p in inputs]
     if len(inputs) != len(weights):
         raise LoraKitError(f"{len(inputs)} LoRAs but {len(weights)} weights")
-    files.check_output(output, force)
+    ops.check_ranks(rank=rank, conv_rank=conv_rank)
+    files.check_output(output, force, inputs)
     loaded = [read_lora(p) for p in inputs]
     formats = {fmt for _, fmt, _ in loaded}
     if len(formats) > 1:
@@ -108,8 +110,8 @@ def merge(
         raise LoraKitError(f"the inputs are for different base models ({pairs})")
     tokens = _merge_sidecars(inputs)  # checked before anything is written
     if tokens:
-        files.check_output(ti_files.sidecar(output), force)
-    merged = ops.merge([state for state, _, _ in loaded], weights)
+        files.check_output(ti_files.sidecar(output), force, [ti_files.sidecar(p) for p in inputs])
+    merged = ops.merge([state for state, _, _ in loaded], weights, names=[str(p) for p in inputs])
     report = Report(Path(output))
     if rank is not None:
         merged, report.errors, report.total_error = ops.rerank(merged, rank, conv_rank, progress=progress)
@@ -137,7 +139,8 @@ def resize(
     """Shrink a LoRA file to `rank` or by a dynamic rule (`("sv_fro", 0.9)`), keeping each delta's strength."""
     from .formats.stored import architecture_of, read_lora, write_lora
 
-    files.check_output(output, force)
+    ops.check_resize(rank, dynamic, conv_rank)
+    files.check_output(output, force, [input])
     state, fmt, meta = read_lora(input)
     resized, errors, total = ops.resize(state, rank, dynamic, conv_rank, progress=progress)
     kept = {k: v for k, v in meta.items() if k in KEPT_METADATA}
@@ -163,17 +166,27 @@ def targeted_weights(pipe, targets: str | None, text_encoders: bool) -> dict[str
     return out
 
 
+def _flat(weights: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {stem: w for per_component in weights.values() for stem, w in per_component.items()}
+
+
 def extract_pipelines(
     base: str, tuned: str, rank: int, conv_rank: int | None = None, targets: str | None = None,
     text_encoders: bool = False, fast: bool = True, min_diff: float = 0.0, progress: Callable = lambda x: x,
 ):  # fmt: skip
     """(LoRA state, per-module errors, total error, skipped components, the base pipeline) for BASE -> TUNED."""
+    ops.check_ranks(rank=rank, conv_rank=conv_rank)
+    if targets is not None:
+        resolve(targets)  # an unknown preset: refused before any model is opened
     base_pipe, tuned_pipe = open_pipeline(base), open_pipeline(tuned)
     a, b = architecture(components(base_pipe)), architecture(components(tuned_pipe))
     if a != b:
         raise LoraKitError(f"{base} is {a} but {tuned} is {b}: extract needs two models of one architecture")
     base_w = targeted_weights(base_pipe, targets, text_encoders)
     tuned_w = targeted_weights(tuned_pipe, targets, text_encoders)
+    mismatch = ops.shape_mismatch(_flat(base_w), _flat(tuned_w))
+    if mismatch:
+        raise LoraKitError(f"{base} and {tuned} {mismatch}; extract needs two models of one architecture and size")
     merged_base, merged_tuned, skipped = {}, {}, []
     for comp, weights in base_w.items():
         diff = max(((tuned_w[comp][k].float() - w.float()).abs().max().item() for k, w in weights.items()), default=0)
@@ -229,23 +242,36 @@ def convert(
     """Rewrite a LoRA file (any supported format) as `to`; names are mapped through `model`'s modules, or through
     the real architecture the file is for, built on the meta device (models.meta_pipeline)."""
     from .formats import read, write
-    from .formats.stored import architecture_of, read_lora
+    from .formats.stored import architecture_of
     from .models import meta_pipeline
 
-    files.check_output(output, force)
-    if model is None:
-        if Path(input).suffix in files.PICKLES:
-            raise LoraKitError(f"{input}: a pickled legacy file has no names; pass --model")
-        state, _, meta = read_lora(input)
-        arch = architecture_of(meta, state)
+    files.check_output(output, force, [input])
+    stored = _read_named(input)  # the file checked as stored before any model is built
+    if model is not None:
+        pipe = open_pipeline(model)
+    elif stored is None:
+        raise LoraKitError(f"{input}: a pickled, cloneofsimo or PEFT-folder adapter names no base model; pass --model")
+    else:
+        arch = architecture_of(stored[2], stored[0])
         if arch is None:
             raise LoraKitError(f"{input}: the file does not say which base model it is for; pass --model")
         pipe = meta_pipeline(arch)
-    else:
-        pipe = open_pipeline(model)
     state, meta = read(input, pipe, allow_pickle=allow_pickle)
+    check_fits(pipe, state, source=str(input))
     kept = {k: v for k, v in meta.items() if k in KEPT_METADATA}
     return Report(write(output, state, pipe, format=to, dtype=dtype, metadata=kept, force=force))
+
+
+def _read_named(input: str | os.PathLike) -> tuple | None:
+    """read_lora(input) (checked) for a file whose keys name its modules; None for one that only a model can read:
+    a pickle, a cloneofsimo `.safetensors` (positional keys) or a PEFT standalone folder."""
+    from .formats import legacy, peft
+    from .formats.stored import read_lora
+
+    p = Path(input)
+    if p.suffix in files.PICKLES or peft.is_standalone(p) or legacy.is_legacy(files.read_header(p)[0]):
+        return None
+    return read_lora(p)
 
 
 def inspect(path: str | os.PathLike) -> dict:

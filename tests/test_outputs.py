@@ -97,3 +97,33 @@ def test_collapse_replaces_only_its_own_pipeline_folders(two_loras, sd1_model, t
     result = run(sd1_model, "lora.safetensors", "-o", ".", "--force")
     assert result.exit_code == 2 and "holds the input lora.safetensors" in result.output, result.output
     assert (out / "lora.safetensors").read_bytes() == a.read_bytes()
+
+
+def test_force_never_overwrites_an_input(two_loras, tmp_path):
+    from lora_kit.cli import convert, resize
+
+    a, b = two_loras
+    link = tmp_path / "same.safetensors"
+    os.link(a, link)  # another name for the same file
+    before = a.read_bytes()
+    for cmd, args in [
+        (resize, [a, "--rank", "2", "-o", a, "--force"]),
+        (merge, [a, b, "-o", b, "--force"]),
+        (merge, [a, b, "-o", link, "--force"]),
+        (convert, [a, "--to", "peft", "-o", a, "--force"]),
+    ]:
+        result = CliRunner().invoke(cmd.main, [str(x) for x in args])
+        assert result.exit_code == 2 and "is also an input" in result.output, (args, result.output)
+        assert result.output.strip().count("\n") == 0
+    assert a.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["convert", "extract", "generate", "inspect", "merge", "ppim", "resize", "train"])
+def test_usage_errors_are_one_line(name):
+    import importlib
+
+    cmd = importlib.import_module(f"lora_kit.cli.{name}").main
+    result = CliRunner().invoke(cmd, ["--no-such-flag"])
+    assert result.exit_code == 2 and result.output.startswith("error: No such option '--no-such-flag'"), result.output
+    assert result.output.strip().count("\n") == 0
+    assert CliRunner().invoke(cmd, ["--help"]).exit_code == 0

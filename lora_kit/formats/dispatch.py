@@ -14,16 +14,16 @@ from ..errors import LoraKitError
 from ..models import MODELSPEC_ARCHITECTURE, SS_BASE_MODEL_VERSION, architecture
 from ..ops import cast, uniform_alpha
 from ..state import COMPONENTS, components, modules
-from . import files, kohya, legacy, peft
+from . import check, files, kohya, legacy, peft
 
 FORMATS = ("kohya", "peft", "native")
 DEFAULT_FORMAT = {"sd1": "kohya", "sd2": "kohya", "sdxl": "kohya", "sd3": "peft", "flux": "kohya"}
 
 
 def sniff(keys, source: str = "file") -> str:
+    """kohya, legacy, native or peft; LoRA variants lora_kit does not read and other files are refused."""
     keys = list(keys)
-    if not keys:
-        raise LoraKitError(f"{source}: holds no tensors")
+    check.check_variants(keys, source)
     if kohya.is_kohya(keys):
         return "kohya"
     if legacy.is_legacy(keys):
@@ -32,7 +32,7 @@ def sniff(keys, source: str = "file") -> str:
         if all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys):
             return "native"
         return "peft"
-    raise LoraKitError(f"{source}: not a LoRA file lora_kit knows (keys such as {', '.join(keys[:3])})")
+    raise check.not_a_lora(source, keys)
 
 
 def read(path: str | os.PathLike, target, *, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
@@ -43,12 +43,12 @@ def read(path: str | os.PathLike, target, *, allow_pickle: bool = False) -> tupl
     comps = components(target)
     if peft.is_standalone(path):  # PEFT's save_pretrained folder: names one model, found by its module paths
         state, metadata = peft.read_standalone(path, comps, allow_pickle)
-        return _finite(state, path), metadata
+        return checked(state, path), metadata
     p = files.check_input(path)
     if p.suffix in files.PICKLES:
         obj = files.load_pickle(p, allow_pickle)
         if isinstance(obj, list):  # cloneofsimo's positional [up0, down0, up1, down1, ...]
-            return _finite(legacy.from_pt(obj, p, comps, allow_pickle), p), {}
+            return checked(legacy.from_pt(obj, p, comps, allow_pickle), p), {}
         tensors, metadata = files.tensor_dict(obj, p), {}
     else:
         tensors, metadata = files.load(p)
@@ -63,10 +63,14 @@ def read(path: str | os.PathLike, target, *, allow_pickle: bool = False) -> tupl
         state = peft.from_peft(tensors, metadata, comps, str(p))
     else:
         state = dict(tensors)
-    return _finite(state, p), metadata
+    return checked(state, p), metadata
 
 
-def _finite(state: dict, source) -> dict:
+def checked(state: dict, source) -> dict:
+    """A LoRA dict as read from `source`, once every module is well formed (check.module_problem: both factors,
+    agreeing ranks, the shapes of a linear or conv adapter, a scalar alpha) and every tensor finite."""
+    shapes = {stem: {part: tuple(t.shape) for part, t in parts.items()} for stem, parts in modules(state).items()}
+    check.check_modules(shapes, str(source))
     for key, t in state.items():
         if t.is_floating_point() and not t.isfinite().all():
             raise LoraKitError(f"{source}: tensor {key} holds NaN or inf")

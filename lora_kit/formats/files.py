@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import LoraKitError
 
 PICKLES = (".pt", ".ckpt", ".bin", ".pth")
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BITS = {  # every dtype safetensors 0.8 knows -> bits per element
+    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F6_E2M3": 6, "F6_E3M2": 6,
+    "F4": 4, "C64": 64, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8,
+}  # fmt: skip
 
 
 def check_input(path: str | os.PathLike) -> Path:
@@ -46,22 +51,37 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
         raise LoraKitError(f"{p}: not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise LoraKitError(f"{p}: not a safetensors file (its header is not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _metadata(header.pop("__metadata__", None), p)
     data_size = size - 8 - n
     for key, entry in header.items():
         try:
             start, end = entry["data_offsets"]
-            expected = _DTYPE_SIZES.get(entry["dtype"], 0)
-            numel = 1
-            for d in entry["shape"]:
-                numel *= d
+            dtype, shape = entry["dtype"], entry["shape"]
+            valid = isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= start <= end
         except (KeyError, TypeError, ValueError):
-            raise LoraKitError(f"{p}: corrupt safetensors header (entry {key!r})") from None
+            valid = False
+        if not valid:
+            raise LoraKitError(f"{p}: corrupt safetensors header (entry {key!r})")
+        if dtype not in _DTYPE_BITS:
+            raise LoraKitError(f"{p}: tensor {key!r} has dtype {dtype!r}, which safetensors does not know")
         if end > data_size:
             raise LoraKitError(f"{p}: truncated: tensor {key!r} ends at byte {end} but the data holds {data_size}")
-        if expected and end - start != numel * expected:
+        if end - start != (math.prod(shape) * _DTYPE_BITS[dtype] + 7) // 8:
             raise LoraKitError(f"{p}: corrupt safetensors header (tensor {key!r} has the wrong byte size)")
     return header, metadata
+
+
+def _metadata(metadata, p: Path) -> dict[str, str]:
+    """The `__metadata__` entry: safetensors allows only a {str: str} object there."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        kind = type(metadata).__name__
+        raise LoraKitError(f"{p}: corrupt safetensors header (__metadata__ is a {kind}, not a {{str: str}} object)")
+    bad = next((k for k, v in metadata.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise LoraKitError(f"{p}: corrupt safetensors header (__metadata__ entry {bad!r} is not a string)")
+    return metadata
 
 
 def load(path: str | os.PathLike):
@@ -104,14 +124,16 @@ def tensor_dict(obj, source) -> dict:
     return {str(k): t for k, t in obj.items()}
 
 
-def check_output(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse an existing output (unless force; a folder always), or an output folder that is missing or not
-    writable."""
+def check_output(path: str | os.PathLike, force: bool = False, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Refuse an existing output (unless force; a folder or one of `inputs` always), or an output folder that is
+    missing or not writable."""
     p = Path(path)
     if p.is_dir():
         raise LoraKitError(f"{p}: is a folder; give the file to write")
     if p.exists() and not force:
         raise LoraKitError(f"{p}: already exists (use --force / force=True to overwrite)")
+    if p.exists() and any(Path(i).exists() and os.path.samefile(p, i) for i in inputs):
+        raise LoraKitError(f"{p}: is also an input, which is never overwritten; write the result elsewhere")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise LoraKitError(f"{p}: the folder {parent} does not exist")

@@ -10,14 +10,41 @@ import re
 import struct
 from collections import Counter
 
+from . import check
 from .files import read_header
 
 _SCALAR = {"F32": "<f", "F16": "<e", "F64": "<d"}
-_STEM = re.compile(r"^(.*?)\.(lora_down\.weight|lora_up\.weight|alpha|lora_A\.weight|lora_B\.weight)$")
+_KEY = re.compile(  # <stem><separator><part>, in every spelling the readers take (kohya, peft/diffusers, legacy)
+    r"^(?P<stem>.+?)(?:[._](?P<down>lora_down|lora_A(?:\.default)?|lora(?:_linear_layer)?\.down)\.weight"
+    r"|[._](?P<up>lora_up|lora_B(?:\.default)?|lora(?:_linear_layer)?\.up)\.weight|(?P<alpha>\.alpha)"
+    r"|(?P<legacy>:\d+):(?P<legacy_part>up|down))$"
+)
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    """'x.lora_B.weight' -> ('x', 'up'); 'unet:3:down' -> ('unet:3', 'down'); None for a key that is no factor."""
+    m = _KEY.match(key)
+    if m is None:
+        return None
+    if m["legacy"]:
+        return m["stem"] + m["legacy"], m["legacy_part"]
+    return m["stem"], next(part for part in ("down", "up", "alpha") if m[part])
+
+
+def _format(stems) -> str:
+    if any(":" in s for s in stems):
+        return "legacy"
+    return "kohya" if any(s.startswith("lora_") for s in stems) else "peft"
+
+
+def _kind(down: tuple) -> str:
+    return "conv" if len(down) == 4 and down[2:] != (1, 1) else "linear"
 
 
 def _component(stem: str) -> str:
-    return stem.split("_")[1] if stem.startswith("lora_") else stem.split(".", 1)[0]  # lora_te1_x -> te1
+    if stem.startswith("lora_"):
+        return stem.split("_")[1]  # lora_te1_x -> te1
+    return re.split(r"[.:]", stem, maxsplit=1)[0]
 
 
 _CROSS_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}  # what attn2.to_k reads: the text encoder's width
@@ -46,43 +73,42 @@ def guess_architecture(stems: list[str], metadata: dict[str, str], in_features: 
 
 
 def describe(path: str | os.PathLike) -> dict:
+    """What lora-inspect prints. A file that is no LoRA, a variant lora_kit does not read or a malformed module
+    (check.module_problem, on the shapes in the header) is a LoraKitError, as in every other tool."""
     header, metadata = read_header(path)
-    n = struct.unpack("<Q", open(path, "rb").read(8))[0]
-    stems: dict[str, dict] = {}
-    widths: dict[str, int] = {}
-    other = []
+    check.check_variants(header, str(path))
+    parts = {key: split for key in header if (split := _split(key))}
+    if not parts:
+        raise check.not_a_lora(str(path), list(header))
+    shapes: dict[str, dict[str, tuple]] = {}
+    for key, (stem, part) in parts.items():
+        shapes.setdefault(stem, {})[part] = tuple(header[key]["shape"])
+    check.check_modules(shapes, str(path))
+    stems = {stem: {"rank": s["down"][0], "kind": _kind(s["down"])} for stem, s in shapes.items()}
     with open(path, "rb") as f:
-        for key, entry in header.items():
-            m = _STEM.match(key)
-            if not m:
-                other.append(key)
-                continue
-            stem, part = m.groups()
-            info = stems.setdefault(stem, {})
-            if part in ("lora_down.weight", "lora_A.weight"):
-                info["rank"] = entry["shape"][0]
-                widths[stem] = entry["shape"][1]
-                info["kind"] = "conv" if len(entry["shape"]) == 4 and entry["shape"][2:] != [1, 1] else "linear"
-                info["dtype"] = entry["dtype"]
-            elif part == "alpha" and entry["dtype"] in _SCALAR:
-                f.seek(8 + n + entry["data_offsets"][0])
-                info["alpha"] = struct.unpack(
-                    _SCALAR[entry["dtype"]], f.read(struct.calcsize(_SCALAR[entry["dtype"]]))
-                )[0]
-    fmt = "kohya" if any(s.startswith("lora_") for s in stems) else ("peft" if stems else "unknown")
-    ranks = Counter(i.get("rank") for i in stems.values() if "rank" in i)
+        (n,) = struct.unpack("<Q", f.read(8))
+        for key, (stem, part) in parts.items():
+            if part == "down":
+                stems[stem]["dtype"] = header[key]["dtype"]
+            elif part == "alpha" and header[key]["dtype"] in _SCALAR:
+                code = _SCALAR[header[key]["dtype"]]
+                f.seek(8 + n + header[key]["data_offsets"][0])
+                stems[stem]["alpha"] = struct.unpack(code, f.read(struct.calcsize(code)))[0]
+    widths = {stem: shapes[stem]["down"][1] for stem in shapes}
+    other = [key for key in header if key not in parts]
+    ranks = Counter(i["rank"] for i in stems.values())
     alphas = Counter(round(i["alpha"], 6) for i in stems.values() if "alpha" in i)
     components = Counter(_component(s) for s in stems)
     return {
         "file": str(path),
         "size_bytes": os.path.getsize(path),
-        "format": fmt,
+        "format": _format(stems),
         "architecture": guess_architecture(list(stems), metadata, widths),
         "modules": len(stems),
         "components": dict(components),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
-        "conv_modules": sum(1 for i in stems.values() if i.get("kind") == "conv"),
+        "conv_modules": sum(1 for i in stems.values() if i["kind"] == "conv"),
         "dtypes": sorted({i["dtype"] for i in stems.values() if "dtype" in i}),
         "trigger_words": metadata.get("lora_kit.trigger_words") or metadata.get("modelspec.trigger_phrase"),
         "other_keys": other[:10],

@@ -19,10 +19,6 @@ from ..state import group
 from . import kohya_flux
 
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
-VARIANTS = {  # key fragments of LoRA variants lora_kit does not read yet -> their names
-    "hada_": "LoHa", "lokr_": "LoKr", ".lora_mid.": "LoCon with a Tucker core (lora_mid)", ".dora_scale": "DoRA",
-    ".on_input": "IA3", ".diff": "full-weight diff", ".a1.weight": "GLoRA", "oft_": "OFT",
-}  # fmt: skip
 RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
               "conv_shortcut": "skip_connection"}  # fmt: skip
 
@@ -127,19 +123,10 @@ def is_kohya(keys) -> bool:
     return any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
 
 
-def check_variants(keys, source: str) -> None:
-    """Refuse LoRA variants lora_kit does not read yet, by name, instead of dropping their keys."""
-    for key in keys:
-        for fragment, variant in VARIANTS.items():
-            if fragment in key:
-                raise LoraKitError(f"{source}: {variant} adapters ({key}) are not supported yet")
-
-
 def from_kohya(
     tensors: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module], arch: str, source: str
 ) -> dict[str, torch.Tensor]:
-    """kohya keys -> canonical dict; every key must name a module of this model."""
-    check_variants(tensors, source)
+    """kohya keys -> canonical dict; every key must name a module of this model (variants are refused by sniff)."""
     out: dict[str, torch.Tensor] = {}
     if arch == "flux" and "transformer" in comps:  # BFL names first; diffusers-path names below still read
         out, tensors = kohya_flux.from_bfl(tensors, comps["transformer"], source)

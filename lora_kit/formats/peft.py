@@ -96,6 +96,8 @@ def normalize(
         examples = ", ".join(unknown[:3])
         raise LoraKitError(f"{source}: {len(unknown)} keys are not LoRA keys lora_kit knows, e.g. {examples}")
     for (component, path), parts in group(out).items():
+        if "down" not in parts:
+            continue  # a module missing a factor is reported by the reader's check (dispatch.checked)
         alpha = _alpha_for(path, parts["down"].shape[0], configs.get(component))
         if alpha is not None:
             out[f"{component}.{path}.alpha"] = torch.tensor(alpha)

@@ -15,28 +15,24 @@ import torch
 from ..errors import LoraKitError
 from ..ops import cast, uniform_alpha
 from ..state import SUFFIXES, modules
-from . import files, kohya, peft
-from .dispatch import metadata_for, sniff
+from . import files, peft
+from .dispatch import checked, metadata_for, sniff
 from .header import guess_architecture
 
 
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict[str, str]]:
-    """(LoRA dict keyed as stored, format, header metadata)."""
+    """(LoRA dict keyed as stored, format, header metadata), checked as every reader's (dispatch.checked)."""
     p = files.check_input(path)
     tensors, metadata = files.load(p)
     fmt = sniff(tensors, str(p))
     if fmt == "peft":
         state = peft.normalize(tensors, metadata, str(p))
     else:
-        kohya.check_variants(tensors, str(p))
         odd = [k for k in tensors if not k.endswith(tuple("." + s for s in SUFFIXES))]
         if odd:
             raise LoraKitError(f"{p}: keys that are not LoRA factors or alphas, e.g. {', '.join(odd[:3])}")
         state = dict(tensors)
-    for key, t in state.items():
-        if t.is_floating_point() and not t.isfinite().all():
-            raise LoraKitError(f"{p}: tensor {key} holds NaN or inf")
-    return state, fmt, metadata
+    return checked(state, p), fmt, metadata
 
 
 def architecture_of(metadata: Mapping[str, str], state: Mapping[str, torch.Tensor]) -> str | None:

@@ -1,0 +1,213 @@
+"""Bad inputs to the file tools: one line naming the file (or flag) and the problem, exit 2, nothing written, inputs
+untouched, and checked before any model is opened. Files are built from small tensors, not pipelines."""
+
+import json
+import struct
+
+import pytest
+import torch
+from click.testing import CliRunner
+from lora_kit.cli import convert, extract, inspect, merge, resize
+from safetensors.torch import save_file
+
+import lora_kit
+from lora_kit import LoraKitError, ops, tools
+
+Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # real SD1.5 module names and sizes
+K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # (its 768 input says: SD1.5)
+CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
+
+
+def _module(stem, down, up, alpha=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {f"{stem}.lora_down.weight": torch.randn(down, generator=g) * 0.1,
+           f"{stem}.lora_up.weight": torch.randn(up, generator=g) * 0.1}  # fmt: skip
+    if alpha is not None:
+        out[f"{stem}.alpha"] = torch.full(alpha, 2.0)
+    return out
+
+
+def _good():
+    return {**_module(Q, (4, 320), (320, 4)), **_module(K, (4, 768), (320, 4), seed=1),
+            **_module(CONV, (2, 320, 3, 3), (320, 2, 1, 1), seed=2)}  # fmt: skip
+
+
+def _without(key):
+    return {k: t for k, t in _good().items() if k != key}
+
+
+MALFORMED = {  # file -> (tensors, what the error says)
+    "no_up": (_without(f"{Q}.lora_up.weight"), f"{Q}: has lora_down and alpha but no lora_up"),
+    "no_down": (_without(f"{CONV}.lora_down.weight"), f"{CONV}: has lora_up and alpha but no lora_down"),
+    "ranks": ({**_good(), **_module(Q, (3, 320), (320, 4))}, f"{Q}: lora_up has rank 4 but lora_down has rank 3"),
+    "mixed": ({**_good(), **_module(Q, (4, 37), (32, 4, 1, 1))}, f"{Q}: lora_up has shape (32, 4, 1, 1)"),
+    "up_kxk": ({**_good(), **_module(CONV, (2, 320, 3, 3), (320, 2, 3, 3))}, f"{CONV}: lora_up has shape (320, 2, 3"),
+    "down_3d": ({**_good(), **_module(Q, (4, 320, 1), (320, 4))}, f"{Q}: lora_down has shape (4, 320, 1)"),
+    "alpha": ({**_good(), **_module(Q, (4, 320), (320, 4), alpha=(4,))}, f"{Q}: alpha has shape (4,)"),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """{name: path} of a good SD1.5 kohya file and of every malformed one."""
+    folder = tmp_path_factory.mktemp("loras")
+    out = {"good": folder / "good.safetensors"}
+    save_file(_good(), out["good"])
+    for name, (tensors, _) in MALFORMED.items():
+        out[name] = folder / f"{name}.safetensors"
+        save_file(tensors, out[name])
+    return out
+
+
+def _fails(cmd, args, *expected):
+    """Run a command that must refuse its input: exit 2, one line on stderr with every `expected` part, no stdout,
+    no output file, inputs unchanged."""
+    paths = [a for a in args if hasattr(a, "read_bytes") and a.is_file()]
+    before = {p: p.read_bytes() for p in paths}
+    result = CliRunner().invoke(cmd.main, [str(a) for a in args])
+    assert result.exit_code == 2, (args, result.output, result.exception)
+    assert result.stdout == "" and result.stderr.count("\n") == 1, (args, result.output)
+    assert result.stderr.startswith("error: ") and all(e in result.stderr for e in expected), (args, result.stderr)
+    assert all(p.read_bytes() == b for p, b in before.items())
+    return result.stderr
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_module_is_refused_by_every_tool(files, tmp_path, name):
+    bad, message = files[name], MALFORMED[name][1]
+    out = tmp_path / "out.safetensors"
+    _fails(resize, [bad, "--rank", "1", "-o", out], str(bad), message)
+    _fails(merge, [files["good"], bad, "-o", out], str(bad), message)
+    _fails(convert, [bad, "--to", "peft", "-o", out], str(bad), message)
+    _fails(inspect, [bad], str(bad), message)  # the same check, on the shapes in the header
+    assert not out.exists()
+
+
+def test_peft_file_missing_a_factor(make_pipe, tmp_path):
+    """A PEFT file whose module has lora_B but no lora_A (this crashed the PEFT reader with KeyError 'down')."""
+    path = tmp_path / "peft.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(32, 2)}, path)
+    with pytest.raises(LoraKitError, match=r"peft.safetensors: unet.down_blocks.0.attentions.0.proj_in: .* lora_down"):
+        lora_kit.load(make_pipe("sd1"), path)
+    _fails(merge, [path, path, "-o", tmp_path / "o.safetensors"], str(path), "no lora_down")
+
+
+def test_convert_checks_shapes_against_the_model(files, tmp_path):
+    """Well-formed factors that fit no layer of the model: the check lora_kit.load makes, with or without --model."""
+    path = tmp_path / "wrong.safetensors"
+    save_file({**_good(), **_module(Q, (4, 37), (320, 4))}, path)
+    out = tmp_path / "out.safetensors"
+    message = "down (4, 37) / up (320, 4) do not fit a layer with weight (320, 320)"
+    _fails(convert, [path, "--to", "peft", "-o", out], str(path), "transformer_blocks.0.attn1.to_q", message)
+    model = tmp_path / "model"
+    _fails(convert, [path, "--to", "peft", "--model", model, "-o", out], "no such folder")
+    assert CliRunner().invoke(convert.main, [str(files["good"]), "--to", "peft", "-o", str(out)]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "cmd, flag_args",
+    [(resize, ["--rank", "0"]), (resize, ["--rank", "-3"]), (resize, ["--rank", "2", "--conv-rank", "-1"]),
+     (merge, ["--rank", "0"]), (merge, ["--rank", "-3"]), (merge, ["--rank", "2", "--conv-rank", "0"]),
+     (extract, ["--rank", "0"]), (extract, ["--rank", "-3"]), (extract, ["--conv-rank", "-1"])],
+)  # fmt: skip
+def test_ranks_below_one_are_refused(files, tmp_path, cmd, flag_args):
+    inputs = {resize: [files["good"]], merge: [files["good"], files["good"]], extract: ["toy", "toy"]}[cmd]
+    flag = flag_args[-2]
+    _fails(cmd, [*inputs, *flag_args, "-o", tmp_path / "o.safetensors"], f"'{flag}'", "x>=1")
+
+
+def test_library_refuses_ranks_below_one():
+    for kwargs in ({"rank": 0}, {"rank": 2, "conv_rank": -1}, {"rank": True}):
+        with pytest.raises(LoraKitError, match=f"{next(reversed(kwargs))} must be a whole number >= 1"):
+            ops.check_ranks(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "rule, message",
+    [("sv_ratio=-1", "sv_ratio must be a finite number >= 1"), ("sv_ratio=0.5", "sv_ratio must be"),
+     ("sv_ratio=inf", "sv_ratio must be"), ("sv_fro=2", "sv_fro must be in (0, 1]"), ("sv_fro=nan", "got nan"),
+     ("sv_cumulative=0", "sv_cumulative must be in (0, 1]"), ("foo=1", "'foo' is not one of"),
+     ("sv_fro", "expected sv_ratio=N")],
+)  # fmt: skip
+def test_dynamic_rules_are_checked_before_any_work(files, tmp_path, rule, message):
+    err = _fails(resize, [files["good"], "--dynamic", rule, "-o", tmp_path / "o.safetensors"], f"--dynamic '{rule}'",
+                 message)  # fmt: skip
+    assert "resize" not in err  # no progress bar was started
+    with pytest.raises(LoraKitError, match="sv_fro must be"):  # the library checks too, before reading the file
+        tools.resize(tmp_path / "missing.safetensors", tmp_path / "o.safetensors", dynamic=("sv_fro", 2.0))
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [(["--alpha", "nan"], "--alpha"), (["--alpha", "inf"], "--alpha"), (["--weights", "nan,1"], "--weights"),
+     (["--weights", "inf,1"], "--weights"), (["--weights", "1,-inf"], "--weights")],
+)  # fmt: skip
+def test_merge_refuses_non_finite_weights(files, tmp_path, args, flag):
+    _fails(merge, [files["good"], files["good"], *args, "-o", tmp_path / "o.safetensors"], flag, "finite")
+    with pytest.raises(LoraKitError, match="finite"):
+        ops.merge([_good(), _good()], [float("nan"), 1.0])
+
+
+def test_merge_shape_clash_names_both_files(files, tmp_path):
+    other = tmp_path / "other.safetensors"
+    save_file({**_good(), **_module(Q, (4, 37), (320, 4))}, other)
+    _fails(merge, [files["good"], other, "-o", tmp_path / "o.safetensors"], Q, str(files["good"]), str(other),
+           "(320, 320) vs (320, 37)")  # fmt: skip
+
+
+def test_extract_refuses_an_unknown_preset_before_opening_models(tmp_path):
+    missing = tmp_path / "no_model"  # never opened: the preset is checked first
+    _fails(extract, [missing, missing, "--targets", "bogus", "-o", tmp_path / "o.safetensors"], "'bogus'", "presets:")
+
+
+def test_extract_models_of_different_sizes(tmp_path):
+    from conftest import UNET_SD1, build_pipeline
+    from diffusers import UNet2DConditionModel
+
+    small = build_pipeline("sd1", str(tmp_path / "tok"))
+    small.save_pretrained(tmp_path / "small")
+    big = build_pipeline("sd1", str(tmp_path / "tok"))
+    big.unet = UNet2DConditionModel(**dict(UNET_SD1, block_out_channels=(64, 64)))
+    big.save_pretrained(tmp_path / "big")
+    expected = "differ at unet.down_blocks.0.attentions.0.proj_in: (32, 32, 1, 1) vs (64, 64, 1, 1)"
+    args = [tmp_path / "small", tmp_path / "big", "-o", tmp_path / "o.safetensors"]
+    _fails(extract, args, str(tmp_path / "small"), str(tmp_path / "big"), expected)
+
+
+def _raw(path, header, data=b"\0" * 4):
+    """A safetensors file written by hand (for headers the library would refuse to write)."""
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def test_inspect_refuses_what_the_other_tools_refuse(tmp_path):
+    alpha = {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}
+    plain, empty, loha = tmp_path / "plain.safetensors", tmp_path / "empty.safetensors", tmp_path / "loha.safetensors"
+    save_file({"conv.weight": torch.zeros(3, 3)}, plain)
+    save_file({}, empty)
+    save_file({f"{Q}.hada_w1_a": torch.zeros(2, 2), f"{Q}.alpha": torch.tensor(1.0)}, loha)
+    cases = [
+        (plain, "not a LoRA file lora_kit knows (keys such as conv.weight)"),
+        (empty, "not a LoRA file lora_kit knows (it holds no tensors)"),
+        (loha, "LoHa adapters"),
+        (_raw(tmp_path / "q9.safetensors", {f"{Q}.alpha": dict(alpha, dtype="Q9")}), "dtype 'Q9'"),
+        (_raw(tmp_path / "m1.safetensors", {"__metadata__": "hi", f"{Q}.alpha": alpha}), "__metadata__ is a str"),
+        (_raw(tmp_path / "m2.safetensors", {"__metadata__": {"a": "x", "b": 3}, f"{Q}.alpha": alpha}), "'b' is not"),
+    ]
+    for path, message in cases:
+        _fails(inspect, [path, "--metadata"], str(path), message)
+    for path, message in cases[1:3]:  # and the readers say the same
+        _fails(merge, [path, path, "-o", tmp_path / "o.safetensors"], str(path), message)
+
+
+def test_inspect_reads_legacy_and_peft_keys(tmp_path):
+    legacy = tmp_path / "legacy.safetensors"
+    save_file({"unet:0:up": torch.zeros(32, 2), "unet:0:down": torch.zeros(2, 32)}, legacy,
+              metadata={"unet": json.dumps(["Attention"])})  # fmt: skip
+    info = lora_kit.inspect(legacy)
+    assert info["format"] == "legacy" and info["modules"] == 1 and info["components"] == {"unet": 1}
+    peft = tmp_path / "peft.safetensors"
+    save_file({"unet.a.lora_A.weight": torch.zeros(2, 32), "unet.a.lora_B.weight": torch.zeros(32, 2)}, peft)
+    info = lora_kit.inspect(peft)
+    assert info["format"] == "peft" and info["ranks"] == {"2": 1}
