@@ -85,7 +85,8 @@ def output_options(fn):
 
 
 def progress(desc: str):
-    """A tqdm wrapper for long loops (stderr, disappears when done)."""
+    """A tqdm wrapper for long loops (stderr, disappears when done; none where stderr is not a terminal, so a log
+    holds what the command printed and nothing of the bar)."""
     from tqdm import tqdm
 
-    return lambda items: tqdm(list(items), desc=desc, leave=False, file=sys.stderr)
+    return lambda items: tqdm(list(items), desc=desc, leave=False, file=sys.stderr, disable=None)

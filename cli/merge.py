@@ -27,6 +27,8 @@ def _weights(n: int, alpha: float | None, weights: str | None) -> list[float]:
             raise LoraKitError(f"--weights {weights!r}: expected comma-separated numbers") from None
         if not all(math.isfinite(w) for w in ws):
             raise LoraKitError(f"--weights {weights!r}: every weight must be a finite number")
+        if len(ws) != n:
+            raise LoraKitError(f"--weights {weights!r}: {len(ws)} weight(s) for {n} LoRAs")
         return ws
     if n == 2:
         a = 0.5 if alpha is None else alpha

@@ -121,7 +121,7 @@ def main(config_file, **flags):
         if not (given | from_file).get(name):
             raise click.UsageError(f"{_flag(name)} is required (as a flag or in --config)")
     try:
-        written = train(TrainConfig(**from_file, **given))
+        written = train(TrainConfig(**from_file, **given), inputs=[config_file] if config_file else [])
     except ConfigError as e:  # name the value as the user gave it: a key of the config file, else a flag
         raise LoraKitError(e.explain(lambda n: f"{n} in {config_file}" if n in from_file else _flag(n))) from None
     for path in written:

@@ -43,6 +43,14 @@ def toy_model() -> str:
     return str(Path(__file__).resolve().parent / "assets" / "toyworld" / "model")
 
 
+def local_path(spec: str):
+    """The folder a --model names on this machine (`toy`: the shipped model), or None for a hub id."""
+    from pathlib import Path
+
+    path = Path(toy_model() if spec == TOY else spec)
+    return path if path.exists() else None
+
+
 def open_pipeline(spec: str, dtype=None):
     """A diffusers pipeline from a local folder or a hub id (the same code path), or `toy` for the shipped toy-world
     model; one clear error otherwise."""

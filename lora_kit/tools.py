@@ -22,7 +22,7 @@ from .errors import LoraKitError
 from .formats import embeddings as ti_files
 from .formats import files
 from .inject import find_targets
-from .models import architecture, open_pipeline
+from .models import architecture, local_path, open_pipeline
 from .state import check_fits, components, modules
 from .targets import resolve
 
@@ -117,12 +117,20 @@ def merge(
         merged, report.errors, report.total_error = ops.rerank(merged, rank, conv_rank, progress=progress)
     meta = {"merged_from": [str(p) for p in inputs], "merge_weights": list(weights)}
     arch = next((a for a in archs if a), None)
+    dtype = dtype or given_dtype(*(state for state, _, _ in loaded))
     write_lora(output, merged, formats.pop(), arch, dtype=dtype, metadata=meta, force=force)
     if tokens:
         sidecar = ti_files.write(ti_files.sidecar(output), tokens, force=force)
         report.notes.append(f"embeddings merged into {sidecar}")
     report.ranks = dict(Counter(p["down"].shape[0] for p in modules(merged).values()))
     return report
+
+
+def given_dtype(*states: dict) -> torch.dtype | None:
+    """The dtype the inputs store their factors in, when they share one: what merge and resize write unless told
+    (their maths runs in fp32); None (fp32) for inputs in several dtypes."""
+    found = {t.dtype for s in states for k, t in s.items() if not k.endswith("alpha") and t.is_floating_point()}
+    return found.pop() if len(found) == 1 else None
 
 
 def resize(
@@ -144,6 +152,7 @@ def resize(
     state, fmt, meta = read_lora(input)
     resized, errors, total = ops.resize(state, rank, dynamic, conv_rank, progress=progress)
     kept = {k: v for k, v in meta.items() if k in KEPT_METADATA}
+    dtype = dtype or given_dtype(state)
     path = write_lora(output, resized, fmt, architecture_of(meta, state), dtype=dtype, metadata=kept, force=force)
     ranks = dict(Counter(p["down"].shape[0] for p in modules(resized).values()))
     return Report(path, total, errors, ranks)
@@ -219,7 +228,7 @@ def extract(
     """A LoRA file from two pipelines (folders or hub ids): SVD of every targeted weight difference, in fp32."""
     from .formats import write
 
-    files.check_output(output, force)
+    files.check_output(output, force, [p for p in map(local_path, (base, tuned)) if p])
     state, errors, total, skipped, base_pipe = extract_pipelines(
         base, tuned, rank, conv_rank, targets, text_encoders, fast=fast, progress=progress
     )
@@ -245,19 +254,23 @@ def convert(
     from .formats.stored import architecture_of
     from .models import meta_pipeline
 
-    files.check_output(output, force, [input])
+    files.check_output(output, force, [input, *([local_path(model)] if model and local_path(model) else [])])
     stored = _read_named(input)  # the file checked as stored before any model is built
     if model is not None:
         pipe = open_pipeline(model)
     elif stored is None:
-        raise LoraKitError(f"{input}: a pickled, cloneofsimo or PEFT-folder adapter names no base model; pass --model")
+        raise LoraKitError(
+            f"{input}: a pickled, cloneofsimo or PEFT-folder adapter names no base model; pass --model (and "
+            "--allow-pickle for a pickle)"
+        )
     else:
         arch = architecture_of(stored[2], stored[0])
         if arch is None:
             raise LoraKitError(f"{input}: the file does not say which base model it is for; pass --model")
         pipe = meta_pipeline(arch)
     state, meta = read(input, pipe, allow_pickle=allow_pickle)
-    check_fits(pipe, state, source=str(input))
+    if model is not None:  # (without one, the shipped architecture maps names only: a smaller model's files pass)
+        check_fits(pipe, state, source=str(input))
     kept = {k: v for k, v in meta.items() if k in KEPT_METADATA}
     return Report(write(output, state, pipe, format=to, dtype=dtype, metadata=kept, force=force))
 
@@ -297,19 +310,22 @@ def collapse_into_model(
     collapse(pipe)
     if dtype is not None:
         pipe.to(dtype)
+    from safetensors import SafetensorError
+
     tmp = old = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.", dir=parent))
-        files.ordinary(tmp)
         pipe.save_pretrained(tmp)
+        for path in (tmp, *tmp.rglob("*")):  # mkdtemp and safetensors make them private; this is an ordinary model
+            files.ordinary(path)
         if out.exists():  # moved aside, not deleted, until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.", suffix=".old", dir=parent))
             os.replace(out, old / "x")
         os.replace(tmp, out)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         if old is not None and (old / "x").exists() and not out.exists():
             os.replace(old / "x", out)
-        raise LoraKitError(f"{out}: cannot write the model ({e.strerror or e})") from None
+        raise LoraKitError(f"{out}: cannot write the model ({getattr(e, 'strerror', None) or e})") from None
     finally:
         for folder in (tmp, old):
             if folder is not None and folder.exists():

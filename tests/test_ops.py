@@ -160,7 +160,7 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(two_loras, make_pipe, tmp_path)
         (merge, [a, peft_file, "-o", out], "different formats"),
         (merge, [a, b, a, "-o", out], "give --weights"),
         (merge, [a, b, "--alpha", "0.5", "--weights", "1,2", "-o", out], "not both"),
-        (merge, [a, b, "-o", a], "already exists"),
+        (merge, [a, b, "-o", a], "is the input"),
         (resize, [a, "--dynamic", "sv_magic=2", "-o", out], "sv_magic"),
         (resize, [a, "-o", out], "give a rank"),
         (extract, [tmp_path / "missing_model", tmp_path / "other", "-o", out], "no such folder"),

@@ -79,6 +79,7 @@ def test_collapse_replaces_only_its_own_pipeline_folders(two_loras, sd1_model, t
     out = tmp_path / "merged"
     assert run(sd1_model, a, "-o", out).exit_code == 0
     assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's private 0o700
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*.safetensors")} == {0o644}  # safetensors makes 0o600
     first = (out / "model_index.json").stat().st_mtime_ns
     assert run(sd1_model, a, "--alpha", "0.5", "-o", out, "--force").exit_code == 0  # its own earlier output
     assert (out / "model_index.json").stat().st_mtime_ns >= first
@@ -113,7 +114,7 @@ def test_force_never_overwrites_an_input(two_loras, tmp_path):
         (convert, [a, "--to", "peft", "-o", a, "--force"]),
     ]:
         result = CliRunner().invoke(cmd.main, [str(x) for x in args])
-        assert result.exit_code == 2 and "is also an input" in result.output, (args, result.output)
+        assert result.exit_code == 2 and "is the input" in result.output, (args, result.output)
         assert result.output.strip().count("\n") == 0
     assert a.read_bytes() == before
 
@@ -127,3 +128,52 @@ def test_usage_errors_are_one_line(name):
     assert result.exit_code == 2 and result.output.startswith("error: No such option '--no-such-flag'"), result.output
     assert result.output.strip().count("\n") == 0
     assert CliRunner().invoke(cmd, ["--help"]).exit_code == 0
+
+
+def test_force_never_writes_into_an_input_folder(two_loras, sd1_model, tmp_path):
+    """A model or dataset folder is an input as a whole: no output may land in it, even with --force."""
+    from lora_kit.cli import convert, extract, train
+
+    a, _ = two_loras
+    weights = sd1_model / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.txt").write_text("a caption")
+    config = tmp_path / "run.config.toml"
+    config.write_text(f'model = "{sd1_model}"\ndata = "{data}"\n')
+    for cmd, args in [
+        (extract, [sd1_model, sd1_model, "-o", weights, "--force"]),
+        (convert, [a, "--to", "peft", "--model", sd1_model, "-o", weights, "--force"]),
+        (train, ["--model", sd1_model, "--data", data, "-o", data / "x.txt", "--force"]),
+        (train, ["--config", config, "-o", tmp_path / "run.safetensors", "--force"]),  # would rewrite run.config.toml
+    ]:
+        result = CliRunner().invoke(cmd.main, [str(x) for x in args])
+        assert result.exit_code == 2 and "the input" in result.output, (args, result.output)
+        assert result.output.strip().count("\n") == 0
+    assert weights.read_bytes() == before and (data / "x.txt").read_text() == "a caption"
+    assert config.read_text().startswith("model = ")
+
+
+def test_merge_and_resize_write_the_dtype_they_were_given(two_loras, tmp_path):
+    from lora_kit.cli import resize
+    from safetensors.torch import load_file, save_file
+
+    from lora_kit.formats.files import read_header
+
+    def half(path):
+        out = tmp_path / f"{path.stem}16.safetensors"
+        save_file({k: t.half() for k, t in load_file(path).items()}, out, metadata=read_header(path)[1])
+        return out
+
+    a, b = map(half, two_loras)
+    dtypes = lambda path: {v["dtype"] for k, v in read_header(path)[0].items() if ".lora_" in k}  # noqa: E731
+    given = dtypes(a)
+    assert given == {"F16"} and dtypes(b) == given
+    for cmd, args in [(resize, [a, "--rank", "2"]), (merge, [a, b])]:
+        out = tmp_path / f"{cmd.__name__.rsplit('.', 1)[-1]}.safetensors"
+        assert CliRunner().invoke(cmd.main, [*map(str, args), "-o", str(out)]).exit_code == 0
+        assert dtypes(out) == given
+        out32 = out.with_suffix(".fp32.safetensors")
+        assert CliRunner().invoke(cmd.main, [*map(str, args), "--dtype", "fp32", "-o", str(out32)]).exit_code == 0
+        assert dtypes(out32) == {"F32"}

@@ -140,3 +140,15 @@ def test_a_failed_write_leaves_no_output(make_pipe, data, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         loop.train(cfg, pipe=make_pipe("sd1"))
     assert sorted(Path(tmp_path).iterdir()) == []
+
+
+def test_unreadable_images_are_named(tmp_path):
+    """An unreadable image is skipped, by name (lora-train prints the names), not only counted."""
+    from PIL import Image
+
+    from lora_kit.train.data import scan
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    examples, skipped = scan(tmp_path, "a photo")
+    assert [ex.image.name for ex in examples] == ["good.png"] and skipped == [tmp_path / "broken.png"]

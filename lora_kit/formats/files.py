@@ -12,6 +12,7 @@ import math
 import os
 import struct
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,9 +110,11 @@ def load_pickle(path: str | os.PathLike, allow_pickle: bool = False):
             "with torch.load(weights_only=True), or convert it to safetensors"
         )
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on odd pickles: the error below says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise LoraKitError(f"{p}: cannot load this pickle with weights_only=True ({first})") from None
 
 
@@ -125,15 +128,18 @@ def tensor_dict(obj, source) -> dict:
 
 
 def check_output(path: str | os.PathLike, force: bool = False, inputs: Sequence[str | os.PathLike] = ()) -> Path:
-    """Refuse an existing output (unless force; a folder or one of `inputs` always), or an output folder that is
-    missing or not writable."""
+    """Refuse an existing output (unless force), a folder, an output that is one of the `inputs` or lies in one
+    that is a folder (a model, a dataset: never overwritten, even with force), or an output folder that is missing
+    or not writable."""
     p = Path(path)
     if p.is_dir():
         raise LoraKitError(f"{p}: is a folder; give the file to write")
+    for i in map(Path, inputs):
+        inside = i.is_dir() and i.resolve() in p.resolve().parents
+        if inside or (p.exists() and i.exists() and os.path.samefile(p, i)):
+            raise LoraKitError(f"{p}: is {'in ' if inside else ''}the input {i}, never overwritten; write elsewhere")
     if p.exists() and not force:
         raise LoraKitError(f"{p}: already exists (use --force / force=True to overwrite)")
-    if p.exists() and any(Path(i).exists() and os.path.samefile(p, i) for i in inputs):
-        raise LoraKitError(f"{p}: is also an input, which is never overwritten; write the result elsewhere")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise LoraKitError(f"{p}: the folder {parent} does not exist")

@@ -14,6 +14,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
+def _flag(name: str) -> str:
+    """A field as the lora-ppim flag that sets it: min_size -> --min-size."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclass
 class PreprocessConfig:
     input_dir: str = ""
@@ -49,7 +54,7 @@ class PreprocessConfig:
 
     def __post_init__(self):
         def bad(name, allowed):
-            raise LoraKitError(f"config {name}={getattr(self, name)!r} is not allowed; {allowed}")
+            raise LoraKitError(f"{_flag(name)} {getattr(self, name)!r} is not allowed; {allowed}")
 
         for name, allowed in (("caption", CAPTIONS), ("resample", RESAMPLES), ("device", DEVICES),
                               ("dtype", DTYPES)):  # fmt: skip
@@ -88,19 +93,19 @@ class PreprocessConfig:
             except (KeyError, IndexError, ValueError):
                 bad("template", "only {token} and {filename} may appear in braces")
         if self.caption == "clip-tags" and not self.clip_model:
-            raise LoraKitError("config caption='clip-tags' needs clip_model (a local CLIP model folder)")
+            raise LoraKitError("--caption clip-tags needs --clip-model (a local CLIP model folder)")
         if self.caption == "model" and not self.caption_model:
-            raise LoraKitError("config caption='model' needs caption_model (a local image-to-text model folder)")
+            raise LoraKitError("--caption model needs --caption-model (a local image-to-text model folder)")
         if self.mask is not None and not self.mask.strip():
             bad("mask", "give a text prompt such as 'face'")
         if self.mask and not self.mask_model:
-            raise LoraKitError(f"config mask={self.mask!r} needs mask_model (a local CLIPSeg model folder)")
+            raise LoraKitError(f"--mask {self.mask!r} needs --mask-model (a local CLIPSeg model folder)")
         if self.crop_mode == "subject" and not self.mask:
-            raise LoraKitError("config crop='subject' needs mask (the subject's text prompt) and mask_model")
+            raise LoraKitError("--crop subject needs --mask (the subject's text prompt) and --mask-model")
         if self.replace is not None and not self.replace_words:
             bad("replace", "give comma-separated words")
         if self.replace and not self.token:
-            raise LoraKitError(f"config replace={self.replace!r} needs token (what the words are replaced by)")
+            raise LoraKitError(f"--replace {self.replace!r} needs --token (what the words are replaced by)")
 
     @property
     def size(self) -> tuple[int, int]:

@@ -54,8 +54,8 @@ def _size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[Example], int]:
-    """(usable examples, number of unreadable images skipped) in `folder`; errors for what cannot train at all."""
+def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[Example], list[Path]]:
+    """(usable examples, the unreadable images skipped) in `folder`; errors for what cannot train at all."""
     root = Path(folder)
     if root.is_file():
         raise LoraKitError(f"{root}: is a file; the data must be a folder of images (or a lora-ppim output folder)")
@@ -87,11 +87,11 @@ def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[E
             candidates.append(Example(p, caption, None, repeats=int(match.group(1)) if match else 1))
     if not candidates:
         raise LoraKitError(f"{root}: no images (jpg, png, webp) found")
-    examples, skipped = [], 0
+    examples, skipped = [], []
     for ex in candidates:
         size = _size(ex.image) if ex.image.is_file() else None
         if size is None:
-            skipped += 1
+            skipped.append(ex.image)
             continue
         if not ex.caption:
             raise LoraKitError(f"{ex.image}: no caption (.txt, manifest) and no --instance-prompt")

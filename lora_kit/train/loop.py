@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -204,13 +205,16 @@ def outputs(cfg: TrainConfig) -> list[Path]:
     return output_files(cfg) + [cfg.beside_output(".config.toml")]
 
 
-def check_before_loading(cfg: TrainConfig) -> None:
-    """Refuse now, before the model loads, what would fail or be lost later: an existing output (without force),
-    the checkpoints or samples of an earlier run (without force or resume), a missing checkpoint to resume from."""
+def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse now, before the model loads, what would fail or be lost later: an existing output (without force), an
+    output that is or lies in an input (the data, a local model, `inputs`: always), the checkpoints or samples of an
+    earlier run (without force or resume), a missing checkpoint to resume from."""
     from ..formats import files
+    from ..models import local_path
 
+    model = local_path(cfg.model)
     for path in outputs(cfg):
-        files.check_output(path, cfg.force)
+        files.check_output(path, cfg.force, [cfg.data, *inputs, *([model] if model else [])])
     if cfg.resume:
         resume_folder(cfg)
         return
@@ -230,8 +234,11 @@ def make_optimizer(cfg: TrainConfig, recipe: Recipe):
     return torch.optim.AdamW(recipe.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) -> list[Path]:
-    """Run one training job; returns the files written. `callbacks` are called as cb(step, loss, context)."""
+def train(
+    cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None, inputs: Sequence[str | os.PathLike] = ()
+) -> list[Path]:
+    """Run one training job; returns the files written. `callbacks` are called as cb(step, loss, context);
+    `inputs`: other files the job reads, never overwritten (lora-train's --config)."""
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from tqdm import tqdm
@@ -239,7 +246,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) 
     from ..models import open_pipeline
     from .prior import class_examples
 
-    check_before_loading(cfg)
+    check_before_loading(cfg, inputs)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
@@ -274,7 +281,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable] | None = None, pipe=None) 
     context = {"cfg": cfg, "pipe": pipe, "accelerator": accelerator, "skipped": skipped, "optimizer": optimizer}
     callbacks = default_callbacks(cfg) + list(callbacks or [])
     if accelerator.is_main_process:
-        note = f", {skipped} unreadable images skipped" if skipped else ""
+        names = ", ".join(str(p) for p in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        note = f"; skipped {len(skipped)} unreadable image(s): {names}" if skipped else ""
         print(f"training {cfg.mode} on {len(examples)} images in {world} processes{note}", file=sys.stderr)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.mode, file=sys.stderr,
                disable=not accelerator.is_main_process)  # fmt: skip
