@@ -52,3 +52,14 @@ def test_help_needs_no_torch():
         capture_output=True, text=True,
     )  # fmt: skip
     assert mods.stdout.strip() == "False"  # --help and header reads never import torch (~2 s saved)
+
+
+def test_inspect_refuses_a_nan_alpha(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "nan.safetensors"
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{stem}.lora_down.weight": torch.ones(2, 8), f"{stem}.lora_up.weight": torch.ones(8, 2),
+               f"{stem}.alpha": torch.tensor(float("nan"))}, path)  # fmt: skip
+    result = CliRunner().invoke(main, [str(path)])
+    assert result.exit_code == 2 and f"{stem}.alpha holds NaN or inf" in result.output, result.output

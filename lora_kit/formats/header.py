@@ -5,11 +5,13 @@ Alphas are 0-d tensors; they are read by offset, so even a multi-GB file is desc
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
 from collections import Counter
 
+from ..errors import LoraKitError
 from . import check
 from .files import read_header
 
@@ -93,7 +95,9 @@ def describe(path: str | os.PathLike) -> dict:
             elif part == "alpha" and header[key]["dtype"] in _SCALAR:
                 code = _SCALAR[header[key]["dtype"]]
                 f.seek(8 + n + header[key]["data_offsets"][0])
-                stems[stem]["alpha"] = struct.unpack(code, f.read(struct.calcsize(code)))[0]
+                stems[stem]["alpha"] = alpha = struct.unpack(code, f.read(struct.calcsize(code)))[0]
+                if not math.isfinite(alpha):
+                    raise LoraKitError(f"{path}: tensor {key} holds NaN or inf")
     widths = {stem: shapes[stem]["down"][1] for stem in shapes}
     other = [key for key in header if key not in parts]
     ranks = Counter(i["rank"] for i in stems.values())
