@@ -100,7 +100,10 @@ def check_device(name: str | None):
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise LoraKitError(f"--device {name!r}: not a device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(device.type)
     try:  # a tiny computation brought back: what generating needs of the device
+        if backend is not None and not backend.is_available():
+            raise RuntimeError(device.type)
         (torch.ones(1, device=device) + 1).cpu()
     except Exception:  # each backend fails its own way (AssertionError, RuntimeError, NotImplementedError)
         raise LoraKitError(f"--device {name!r}: this machine or this torch build cannot compute on it") from None
