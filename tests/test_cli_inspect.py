@@ -63,3 +63,18 @@ def test_inspect_refuses_a_nan_alpha(tmp_path):
                f"{stem}.alpha": torch.tensor(float("nan"))}, path)  # fmt: skip
     result = CliRunner().invoke(main, [str(path)])
     assert result.exit_code == 2 and f"{stem}.alpha holds NaN or inf" in result.output, result.output
+
+
+def test_inspect_reads_a_peft_file_alphas_from_its_lora_config(make_pipe, tmp_path):
+    """PEFT files keep alpha in the `lora_adapter_metadata` header, not in tensors: inspect reads it there."""
+    pipe = make_pipe("sd1")
+    inject_lora(pipe.unet, "attn", rank=4, alpha=2.0)
+    inject_lora(pipe.text_encoder, "clip-attn", rank=2, alpha=8.0)
+    randomize_adapters(pipe)
+    path = lora_kit.save(pipe, tmp_path / "p.safetensors", format="peft")
+    info = json.loads(CliRunner().invoke(main, [str(path), "--json"]).output)
+    n_unet = len(lora_kit.find_targets(pipe.unet, "attn"))
+    from lora_kit.formats.files import read_header
+
+    assert not [k for k in read_header(path)[0] if k.endswith("alpha")]  # no alpha tensors in a PEFT file
+    assert info["format"] == "peft" and info["alphas"] == {"2": n_unet + 8}  # one alpha per file (see README)

@@ -12,7 +12,7 @@ import struct
 from collections import Counter
 
 from ..errors import LoraKitError
-from . import check
+from . import check, peft_config
 from .files import read_header
 
 _SCALAR = {"F32": "<f", "F16": "<e", "F64": "<d"}
@@ -98,6 +98,11 @@ def describe(path: str | os.PathLike) -> dict:
                 stems[stem]["alpha"] = alpha = struct.unpack(code, f.read(struct.calcsize(code)))[0]
                 if not math.isfinite(alpha):
                     raise LoraKitError(f"{path}: tensor {key} holds NaN or inf")
+    configs = peft_config.configs_of(metadata, str(path))  # a PEFT file's alphas live in its LoraConfig
+    for stem, info in stems.items():
+        component, _, module = stem.partition(".")
+        if "alpha" not in info and (alpha := peft_config.alpha_for(module, info["rank"], configs.get(component))):
+            info["alpha"] = alpha
     widths = {stem: shapes[stem]["down"][1] for stem in shapes}
     other = [key for key in header if key not in parts]
     ranks = Counter(i["rank"] for i in stems.values())

@@ -12,7 +12,6 @@ Also read: PEFT's own standalone adapters (`save_pretrained`: a folder with `ada
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -24,8 +23,8 @@ from torch import nn
 from ..errors import LoraKitError
 from ..inject import _layers
 from ..state import COMPONENTS, group, split_key
+from .peft_config import METADATA_KEY, alpha_for, configs_of
 
-METADATA_KEY = "lora_adapter_metadata"
 _SPELLINGS = [  # (regex on the key after the component, replacement giving "path.down" / "path.up")
     (r"(.+)\.lora_A(?:\.default)?\.weight", r"\1.down"),
     (r"(.+)\.lora_B(?:\.default)?\.weight", r"\1.up"),
@@ -49,39 +48,12 @@ def _resolve(path: str, layers: set[str]) -> str | None:
     return None
 
 
-def _alpha_for(path: str, rank: int, config: Mapping | None) -> float | None:
-    if config is None:
-        return None
-    alpha = float(config.get("lora_alpha", config.get("r", rank)))
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", path):  # peft.utils.other.get_pattern_key: the first match wins
-            alpha = float(value)
-            break
-    if config.get("use_rslora"):  # scale alpha / sqrt(r) == (alpha * sqrt(r)) / r
-        alpha *= math.sqrt(rank)
-    return alpha
-
-
-def _configs(metadata: Mapping[str, str], source: str) -> dict[str, dict]:
-    """{component: LoraConfig fields} from the `lora_adapter_metadata` header, if any."""
-    configs: dict[str, dict] = {}
-    if metadata.get(METADATA_KEY):
-        try:
-            flat = json.loads(metadata[METADATA_KEY])
-        except json.JSONDecodeError:
-            raise LoraKitError(f"{source}: its {METADATA_KEY} header is not JSON") from None
-        for key, value in flat.items():
-            component, _, field = key.partition(".")
-            configs.setdefault(component, {})[field] = value
-    return configs
-
-
 def normalize(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str
 ) -> dict[str, torch.Tensor]:
     """PEFT/diffusers keys -> `{component}.{path as stored}.lora_down.weight/.lora_up.weight/.alpha`, alphas from
     the metadata (no model needed; `from_peft` then maps the paths onto a model)."""
-    configs = _configs(metadata, source)
+    configs = configs_of(metadata, source)
     out, unknown = {}, []
     for key, tensor in tensors.items():
         component, _, rest = key.partition(".")
@@ -98,7 +70,7 @@ def normalize(
     for (component, path), parts in group(out).items():
         if "down" not in parts:
             continue  # a module missing a factor is reported by the reader's check (dispatch.checked)
-        alpha = _alpha_for(path, parts["down"].shape[0], configs.get(component))
+        alpha = alpha_for(path, parts["down"].shape[0], configs.get(component))
         if alpha is not None:
             out[f"{component}.{path}.alpha"] = torch.tensor(alpha)
     return out
@@ -221,5 +193,5 @@ def read_standalone(
         prefix = f"{component}.{resolved[path]}."
         out[prefix + "lora_down.weight"] = parts["down"]
         out[prefix + "lora_up.weight"] = parts["up"]
-        out[prefix + "alpha"] = torch.tensor(_alpha_for(path, parts["down"].shape[0], config))
+        out[prefix + "alpha"] = torch.tensor(alpha_for(path, parts["down"].shape[0], config))
     return out, metadata
