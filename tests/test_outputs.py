@@ -45,6 +45,8 @@ def test_a_folder_is_never_a_file_output(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(LoraKitError, match="is a folder"):
         files.check_output(tmp_path / "d", force=True)
+    with pytest.raises(LoraKitError, match="is a folder"):  # a new folder's path: Path() would drop the slash
+        files.check_output(f"{tmp_path}/new/", force=True)
 
 
 def test_unexpected_os_errors_are_one_line_after_the_progress_bar_is_gone():

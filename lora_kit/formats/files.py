@@ -132,8 +132,8 @@ def check_output(path: str | os.PathLike, force: bool = False, inputs: Sequence[
     that is a folder (a model, a dataset: never overwritten, even with force), or an output folder that is missing
     or not writable."""
     p = Path(path)
-    if p.is_dir():
-        raise LoraKitError(f"{p}: is a folder; give the file to write")
+    if p.is_dir() or str(path).endswith(("/", os.sep)):
+        raise LoraKitError(f"{path}: is a folder; give the file to write")
     for i in map(Path, inputs):
         inside = i.is_dir() and i.resolve() in p.resolve().parents
         if inside or (p.exists() and i.exists() and os.path.samefile(p, i)):
