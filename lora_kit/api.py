@@ -11,10 +11,10 @@ from torch import nn
 
 from . import embeddings, formats
 from . import schedule as schedules
-from .errors import LoraKitError
+from .errors import LoraKitError, finite
 from .formats import embeddings as ti_files
 from .inject import adapter_names, collapse_lora, lora_modules, remove_lora
-from .state import components, load_lora_state_dict, lora_state_dict
+from .state import check_fits, components, load_lora_state_dict, lora_state_dict
 
 BLOCKS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
 FUSED = "_lora_kit_fused"  # on a component module: lora_kit.fuse was called, so adapters loaded later fuse too
@@ -64,7 +64,7 @@ def load(
     read only with allow_pickle (weights_only). Nothing changes on error. Returns the name.
     """
     p = Path(path)
-    name = name or default_name(p)
+    name, weight = name or default_name(p), finite(weight, "weight")
     if "." in name:
         raise LoraKitError(f"adapter name {name!r} contains '.', which torch module names cannot hold")
     if name in _names(target) and not replace:
@@ -74,7 +74,9 @@ def load(
     else:
         state, _ = formats.read(path, target, allow_pickle=allow_pickle)
         embeds = ti_files.read_bundled(path, target, token=token, allow_pickle=allow_pickle)
-    if name in _names(target):
+    if name in _names(target):  # replace: the new file must fit before the old adapter goes
+        if state:
+            check_fits(target, state, source=str(path))
         unload(target, name)
     pairs = ti_files.encoders(target)
     for component, tokens in embeds.items():  # before the model changes: every token must be new
@@ -149,7 +151,9 @@ def set_weights(target, weights: Mapping[str, float | Mapping[str, float] | Sequ
       (SDXL: BASE, IN04, IN05, IN07, IN08, M00, OUT00-OUT05) name the attention blocks only, the others get 1, as
       do modules outside every block (time embedding, conv_out). lora_kit.schedule.block_id maps a module path.
     """
-    comps = components(target)
+    if not isinstance(weights, Mapping):
+        raise LoraKitError(f"weights {weights!r}: give a dict {{adapter name: weight}}")
+    comps, settings = components(target), []  # (adapter, weight): all checked before any is set
     for name, w in weights.items():
         if name not in _names(target):
             raise LoraKitError(f"no adapter named {name!r}; loaded: {_names(target)}")
@@ -157,7 +161,7 @@ def set_weights(target, weights: Mapping[str, float | Mapping[str, float] | Sequ
             for component, paths in schedules.block_vector(comps, w).items():
                 for path, wrapper in lora_modules(comps[component]):
                     if name in wrapper.adapters:
-                        wrapper.adapters[name].weight = paths[path]
+                        settings.append((wrapper.adapters[name], paths[path]))
             continue
         spec = w if isinstance(w, Mapping) else {c: w for c in comps}
         for key, value in spec.items():
@@ -169,9 +173,10 @@ def set_weights(target, weights: Mapping[str, float | Mapping[str, float] | Sequ
                 raise LoraKitError(
                     f"weight key {key!r} is neither a component {list(comps)} nor a block {list(BLOCKS)}"
                 )
-            for _, wrapper in pairs:
-                if name in wrapper.adapters:
-                    wrapper.adapters[name].weight = float(value)
+            value = finite(value, f"weight of {name!r} ({key})")
+            settings += [(wrapper.adapters[name], value) for _, wrapper in pairs if name in wrapper.adapters]
+    for adapter, value in settings:
+        adapter.weight = value
 
 
 def _set_fused(module: nn.Module, fused: bool) -> None:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import LoraKitError
+from .errors import LoraKitError, finite
 from .layers import LoraAdapter, LoraWrapper, wrap
 from .targets import Target, layer_kind, resolve
 
@@ -91,9 +91,15 @@ def inject_lora(
         if wrapper is not None and name in wrapper.adapters:
             raise LoraKitError(f"{path} already has an adapter named {name!r}")
         limit = wrapper.max_rank if wrapper else min(layer.weight.shape[0], layer.weight[0].numel())
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise LoraKitError(f"rank {r!r} of {path}: give a whole number >= 1")
         if r > limit:
             raise LoraKitError(f"rank {r} is larger than min(in, out) = {limit} of {path}")
+        if a is not None and finite(a, f"alpha of {path}") <= 0:
+            raise LoraKitError(f"alpha {a!r} of {path}: it must be above 0")
         plan.append((path, layer, r, a))
+    if not 0 <= finite(dropout, "dropout") < 1:
+        raise LoraKitError(f"dropout {dropout!r}: it must be in [0, 1)")
     for path, _, r, a in plan:  # everything validated: now change the model
         attach_adapter(model, path, name, r, a, dropout=dropout, init=init)
     return list(paths)
@@ -170,11 +176,11 @@ def collapse_lora(model: nn.Module, name: str | None = None) -> list[str]:
 
 def set_weight(model: nn.Module, name: str, weight: float, paths: Sequence[str] | None = None) -> int:
     """Set the user weight of adapter `name` (on `paths` only, when given); returns how many modules changed."""
-    wanted = set(paths) if paths is not None else None
+    wanted, weight = set(paths) if paths is not None else None, finite(weight, "weight")
     n = 0
     for path, wrapper in lora_modules(model):
         if name in wrapper.adapters and (wanted is None or path in wanted):
-            wrapper.adapters[name].weight = float(weight)
+            wrapper.adapters[name].weight = weight
             n += 1
     if n == 0:
         raise LoraKitError(f"no adapter named {name!r} in {type(model).__name__}; adapters: {adapter_names(model)}")
@@ -183,9 +189,10 @@ def set_weight(model: nn.Module, name: str, weight: float, paths: Sequence[str] 
 
 def tune_lora_scale(model: nn.Module, weight: float) -> None:
     """cloneofsimo-compatible alias: set the user weight of every adapter."""
+    weight = finite(weight, "weight")
     for _, wrapper in lora_modules(model):
         for adapter in wrapper.adapters.values():
-            adapter.weight = float(weight)
+            adapter.weight = weight
 
 
 def enable_lora(model: nn.Module, name: str | None = None, enabled: bool = True) -> None:

@@ -59,7 +59,9 @@ def open_pipeline(spec: str, dtype=None):
     from .errors import LoraKitError
 
     if spec == TOY:
-        spec = toy_model()
+        import torch
+
+        spec, dtype = toy_model(), dtype or torch.float32  # its files hold fp16 and fp32 parts
         if not Path(spec, "model_index.json").is_file():
             raise LoraKitError(f"toy: the toy-world model is missing from this install ({spec})")
     path = Path(spec)

@@ -42,10 +42,16 @@ def uniform_alpha(state: LoraDict, alpha: float | None = None) -> dict[str, torc
     return flatten(out)
 
 
-def cast(state: LoraDict, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Factors in `dtype` (alphas stay fp32 scalars)."""
+WRITABLE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+def cast(state: LoraDict, dtype: torch.dtype | str | None) -> dict[str, torch.Tensor]:
+    """Factors in `dtype` (a torch float dtype or its name: "fp16", "bf16", "fp32"); alphas stay fp32 scalars."""
     if dtype is None:
         return dict(state)
+    dtype = WRITABLE.get(dtype, getattr(torch, dtype, None)) if isinstance(dtype, str) else dtype
+    if dtype not in WRITABLE.values():
+        raise LoraKitError(f"dtype {dtype!r}: LoRA factors are written as fp16, bf16, fp32 or fp64")
     return {k: t if k.endswith(".alpha") else t.to(dtype) for k, t in state.items()}
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import LoraKitError
+from .errors import LoraKitError, finite
 from .formats import kohya
 from .inject import lora_modules
 from .layers import FactorBatch, LoraAdapter, LoraWrapper
@@ -167,7 +167,8 @@ class Scheduled:
         )
         steps, t = len(timesteps), timesteps[step]
         progress = step / (steps - 1) if steps > 1 else 0.0
-        factors = {name: float(fn(progress, step, t)) for name, fn in self.fns.items()}
+        factors = {name: finite(fn(progress, step, t), f"the schedule of {name!r} at step {step}: it gave")
+                   for name, fn in self.fns.items()}  # fmt: skip
         changed = {name: s for name, s in factors.items() if self.last.get(name) != s}
         if changed:
             if self.batch is None:
@@ -309,7 +310,7 @@ def block_vector(comps: Mapping[str, nn.Module], vector: Sequence[float] | str) 
             f"a block-weight vector for this UNet has {len(full)} entries ({', '.join(full)})"
             + (f" or the short {short[0]}" if short else "") + f", got {len(vector)}"
         )  # fmt: skip
-    by_id = dict.fromkeys(full, 1.0) | {i: float(v) for i, v in zip(ids, vector, strict=True)}
+    by_id = dict.fromkeys(full, 1.0) | {i: finite(v, f"block weight {i}") for i, v in zip(ids, vector, strict=True)}
     table = kohya.sgm_blocks(unet.config)
     out: dict[str, dict[str, float]] = {}
     for component, module in comps.items():

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .errors import LoraKitError
+from .errors import LoraKitError, finite
 from .inject import _layers, adapter_names, attach_adapter, lora_modules
 from .layers import LoraWrapper
 
@@ -157,7 +157,7 @@ def load_lora_state_dict(
     Everything is checked before the model is touched: an unknown module, a missing factor or a shape that does
     not fit raises LoraKitError naming `source` and the first mismatches, and leaves the model as it was.
     """
-    comps = components(target)
+    comps, weight = components(target), finite(weight, "weight")
     groups = check_fits(target, state, name, source)
     done = []
     for (component, path), parts in groups.items():
@@ -167,6 +167,6 @@ def load_lora_state_dict(
         with torch.no_grad():
             adapter.down.copy_(down.reshape(adapter.down.shape).float())
             adapter.up.copy_(parts["up"].reshape(adapter.up.shape).float())
-        adapter.weight = float(weight)
+        adapter.weight = weight
         done.append(f"{component}.{path}")
     return done

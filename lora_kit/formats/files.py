@@ -134,6 +134,8 @@ def check_output(path: str | os.PathLike, force: bool = False, inputs: Sequence[
     p = Path(path)
     if p.is_dir() or str(path).endswith(("/", os.sep)):
         raise LoraKitError(f"{path}: is a folder; give the file to write")
+    if p.suffix in PICKLES:
+        raise LoraKitError(f"{p}: lora_kit writes safetensors, which loaders refuse under a pickle name ({p.suffix})")
     for i in map(Path, inputs):
         inside = i.is_dir() and i.resolve() in p.resolve().parents
         if inside or (p.exists() and i.exists() and os.path.samefile(p, i)):

@@ -1,0 +1,108 @@
+"""The Python API on bad input: one LoraKitError naming the argument, and the pipeline exactly as it was."""
+
+import pytest
+import torch
+from conftest import forward_main, randomize_adapters
+from safetensors.torch import load_file, save_file
+
+import lora_kit
+from lora_kit.errors import LoraKitError
+from lora_kit.inject import adapter_names, inject_lora
+
+
+def _state(pipe) -> dict:
+    """Every adapter's weight and the UNet's output: what a failed call must leave unchanged."""
+    weights = {
+        (p, n): a.weight for p, w in lora_kit.lora_modules(pipe.unet) for n, a in w.adapters.items()
+    }  # fmt: skip
+    return {"weights": weights, "names": adapter_names(pipe.unet), "out": forward_main(pipe.unet)}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a["weights"] == b["weights"] and a["names"] == b["names"]
+    assert torch.equal(a["out"], b["out"])
+
+
+def test_replace_with_a_bad_file_keeps_the_old_adapter(make_pipe, two_loras, tmp_path):
+    a, _ = two_loras
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe, a, name="x")
+    before = _state(pipe)
+    tensors = load_file(a)
+    key = next(k for k in tensors if k.startswith("lora_unet") and k.endswith("lora_up.weight"))
+    tensors[key] = torch.cat([tensors[key], tensors[key][:1]])  # one output row too many
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, bad)
+    with pytest.raises(LoraKitError, match="does not fit the model"):
+        lora_kit.load(pipe, bad, name="x", replace=True)
+    _same(before, _state(pipe))
+
+
+@pytest.mark.parametrize("weight", ["abc", None, float("nan"), float("inf")])
+def test_a_bad_load_weight_changes_nothing(make_pipe, two_loras, weight):
+    a, _ = two_loras
+    pipe = make_pipe("sd1")
+    before = _state(pipe)
+    with pytest.raises(LoraKitError, match="weight"):
+        lora_kit.load(pipe, a, name="w", weight=weight)
+    _same(before, _state(pipe))
+
+
+@pytest.mark.parametrize(
+    "weights", [{"a": 0.3, "zzz": 1.0}, {"a": {"unet": 0.2, "unte": 1.0}}, {"a": float("nan")}, {"a": "0.5,x"}, None]
+)
+def test_set_weights_sets_all_or_nothing(make_pipe, two_loras, weights):
+    a, _ = two_loras
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe, a, name="a")
+    before = _state(pipe)
+    with pytest.raises(LoraKitError):
+        lora_kit.set_weights(pipe, weights)
+    _same(before, _state(pipe))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"targets": "locon", "rank": 2, "conv_rank": 0}, "give a whole number >= 1"),
+        ({"rank": 2.5}, "give a whole number >= 1"),
+        ({"rank": 2, "alpha": float("nan")}, "not a finite number"),
+        ({"rank": 2, "alpha": -1.0}, "it must be above 0"),
+        ({"rank": 2, "dropout": 2.0}, "it must be in"),
+    ],
+)
+def test_inject_checks_everything_before_it_wraps_a_layer(make_pipe, kwargs, message):
+    pipe = make_pipe("sd1")
+    with pytest.raises(LoraKitError, match=message):
+        inject_lora(pipe.unet, **kwargs)
+    assert not list(lora_kit.lora_modules(pipe.unet))
+
+
+def test_a_schedule_giving_nan_stops_the_call_naming_the_adapter(make_pipe, two_loras):
+    a, _ = two_loras
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe, a, name="a")
+    lora_kit.schedule(pipe, {"a": lambda progress, step, t: float("nan") if step == 1 else 1.0})
+    with pytest.raises(LoraKitError, match="the schedule of 'a' at step 1"):
+        pipe("a photo", num_inference_steps=3, output_type="latent")
+
+
+def test_save_takes_dtype_names_and_refuses_what_it_cannot_write(make_pipe, tmp_path):
+    pipe = make_pipe("sd1")
+    inject_lora(pipe.unet, "attn", rank=2)
+    randomize_adapters(pipe)
+    path = lora_kit.save(pipe, tmp_path / "a.safetensors", dtype="fp16")
+    assert {t.dtype for k, t in load_file(path).items() if "lora_" in k and not k.endswith("alpha")} == {torch.float16}
+    for dtype in (torch.int8, "bogus"):
+        with pytest.raises(LoraKitError, match="fp16, bf16, fp32"):
+            lora_kit.save(pipe, tmp_path / "b.safetensors", dtype=dtype)
+    with pytest.raises(LoraKitError, match="writes safetensors"):
+        lora_kit.save(pipe, tmp_path / "c.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_the_toy_model_opens_in_one_dtype():
+    from lora_kit.models import open_pipeline
+
+    pipe = open_pipeline("toy")
+    assert {p.dtype for c in (pipe.unet, pipe.text_encoder, pipe.vae) for p in c.parameters()} == {torch.float32}
