@@ -22,6 +22,7 @@ _EXPORTS = {
     "errors": ["LoraKitError"],
     "tools": ["merge", "resize", "extract", "convert", "inspect"],
     "models": ["open_pipeline", "toy_model"],
+    "train": ["train", "TrainConfig"],
 }  # fmt: skip
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE) + ["__version__"]
@@ -30,7 +31,7 @@ __all__ = sorted(_WHERE) + ["__version__"]
 def __getattr__(name: str):
     if name in _WHERE:
         module = importlib.import_module(f".{_WHERE[name]}", __name__)
-        # `schedule` is a submodule and its function: importing it made the package attribute the (callable) module
+        # `schedule` and `train` are submodules and functions: the package attribute is the (callable) module
         return module if _WHERE[name] == name else getattr(module, name)
     raise AttributeError(f"module 'lora_kit' has no attribute {name!r}")
 

@@ -21,14 +21,13 @@ from __future__ import annotations
 import bisect
 import math
 import re
-import sys
-import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ._callable import callable_module
 from .errors import LoraKitError, finite
 from .formats import kohya
 from .inject import lora_modules
@@ -325,12 +324,4 @@ def block_vector(comps: Mapping[str, nn.Module], vector: Sequence[float] | str) 
     return out
 
 
-class _CallableModule(types.ModuleType):
-    """`lora_kit.schedule` names both this module and its function (the public API): importing the submodule makes
-    the package attribute the module, so the module answers schedule(pipe, {...}) itself."""
-
-    def __call__(self, pipe, schedules: Mapping[str, Callable | str]) -> None:
-        return schedule(pipe, schedules)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+callable_module(__name__, "schedule")  # lora_kit.schedule(pipe, {...}): see _callable

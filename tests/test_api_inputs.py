@@ -106,3 +106,11 @@ def test_the_toy_model_opens_in_one_dtype():
 
     pipe = open_pipeline("toy")
     assert {p.dtype for c in (pipe.unet, pipe.text_encoder, pipe.vae) for p in c.parameters()} == {torch.float32}
+
+
+def test_train_is_exported_as_contracted(tmp_path):
+    """CONTRACTS: train(config) is exported from lora_kit, like schedule, although both also name a submodule."""
+    cfg = lora_kit.TrainConfig(model="toy", data=str(tmp_path / "missing"), output=str(tmp_path / "x.safetensors"))
+    with pytest.raises(LoraKitError, match="no such data folder"):
+        lora_kit.train(cfg)
+    assert not (tmp_path / "x.safetensors").exists()
