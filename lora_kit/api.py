@@ -130,6 +130,8 @@ def save(
 
 def collapse(target, name: str | None = None) -> None:
     """Bake adapter `name` (every enabled adapter when None) at its weight into the base weights."""
+    if name is not None and name not in _names(target):
+        raise LoraKitError(f"no adapter named {name!r}; loaded: {_names(target)}")
     scheduled = [n for n in schedules.scheduled_names(target) if name is None or n == name]
     if scheduled:
         raise LoraKitError(f"adapters {scheduled} have a step schedule, which cannot be baked in: unschedule first")

@@ -28,8 +28,19 @@ def _base(layer: nn.Module) -> nn.Module:
     return layer.base if isinstance(layer, LoraWrapper) else layer
 
 
+def a_module(model) -> nn.Module:
+    """`model` if it is a torch module; else LoraKitError (a pipeline passed where one of its models is meant)."""
+    if not isinstance(model, nn.Module):
+        raise LoraKitError(
+            f"{type(model).__name__} is not a torch module: pass one of a pipeline's models (pipe.unet, "
+            "pipe.text_encoder); load, save, set_weights, fuse and collapse take the whole pipeline"
+        )
+    return model
+
+
 def find_targets(model: nn.Module, targets: str | Target | Sequence) -> list[str]:
     """Paths of the layers of `model` that `targets` selects, in module order."""
+    a_module(model)
     selected: dict[str, None] = {}
     for target in resolve(targets):
         pattern = re.compile(target.children) if target.children else None
@@ -78,6 +89,7 @@ def inject_lora(
     alpha defaults to rank (scale 1). Convs with kernels larger than 1x1 use conv_rank/conv_alpha when given (kohya's
     conv_dim/conv_alpha). A layer that is already wrapped gets the new adapter in its existing wrapper.
     """
+    a_module(model)
     if paths is None:
         paths = find_targets(model, targets)
         if not paths:
@@ -127,6 +139,7 @@ def attach_adapter(
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraWrapper]]:
     """(path, wrapper) for every wrapped layer."""
+    a_module(model)
     for path, layer in _layers(model):
         if isinstance(layer, LoraWrapper):
             yield path, layer

@@ -167,6 +167,8 @@ def check_dynamic(method: str, param: float) -> None:
     if method not in DYNAMIC:
         raise LoraKitError(f"dynamic method {method!r} is not one of {', '.join(DYNAMIC)}")
     allowed, ok = DYNAMIC[method]
+    if isinstance(param, bool) or not isinstance(param, int | float):
+        raise LoraKitError(f"{method} must be a number ({allowed}), got {param!r}")
     if not ok(param):
         raise LoraKitError(f"{method} must be {allowed}, got {param:g}")
 
@@ -194,6 +196,8 @@ def check_resize(rank: int | None, dynamic: tuple[str, float] | None, conv_rank:
         raise LoraKitError("give a rank, a dynamic rule, or both")
     check_ranks(rank=rank, conv_rank=conv_rank)
     if dynamic:
+        if not (isinstance(dynamic, tuple | list) and len(dynamic) == 2):
+            raise LoraKitError(f"dynamic {dynamic!r}: give (method, number), e.g. ('sv_fro', 0.9)")
         check_dynamic(*dynamic)
 
 

@@ -227,6 +227,8 @@ def schedule(pipe, schedules: Mapping[str, Callable | str]) -> None:
 def unschedule(pipe, name: str | None = None) -> None:
     """Remove the schedule of adapter `name` (every schedule when None): its factor is 1 again."""
     model, hook = _hook(pipe)
+    if name is not None and name not in (hook.fns if hook is not None else {}):
+        raise LoraKitError(f"no schedule for an adapter named {name!r}; scheduled: {scheduled_names(pipe)}")
     if hook is None:
         return
     for n in list(hook.fns) if name is None else [name]:

@@ -96,6 +96,8 @@ def merge(
     from .formats.stored import architecture_of, read_lora, write_lora
 
     inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise LoraKitError("merge needs at least one LoRA file")
     if len(inputs) != len(weights):
         raise LoraKitError(f"{len(inputs)} LoRAs but {len(weights)} weights")
     ops.check_ranks(rank=rank, conv_rank=conv_rank)

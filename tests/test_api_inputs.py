@@ -114,3 +114,28 @@ def test_train_is_exported_as_contracted(tmp_path):
     with pytest.raises(LoraKitError, match="no such data folder"):
         lora_kit.train(cfg)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_more_bad_arguments_are_one_error_each(make_pipe, two_loras, tmp_path):
+    a, _ = two_loras
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe, a, name="a")
+    before, out = _state(pipe), tmp_path / "out"
+    out.mkdir()
+    calls = [
+        (lambda: list(lora_kit.lora_parameters(pipe)), "is not a torch module"),  # a pipeline for a module
+        (lambda: lora_kit.remove_lora(pipe), "is not a torch module"),
+        (lambda: inject_lora(pipe, "attn", rank=2), "is not a torch module"),
+        (lambda: lora_kit.merge([], out / "m.safetensors", []), "at least one"),
+        (lambda: lora_kit.resize(a, out / "r.safetensors", dynamic=("sv_fro", "0.5")), "must be a number"),
+        (lambda: lora_kit.resize(a, out / "r.safetensors", dynamic=("sv_fro",)), "give \\(method, number\\)"),
+        (lambda: lora_kit.save(pipe, out / "s.safetensors", metadata="x"), "give a dict"),
+        (lambda: lora_kit.save(pipe, out / "s.safetensors", metadata={"k": object()}), "neither text nor"),
+        (lambda: lora_kit.collapse(pipe, "zzz"), "no adapter named 'zzz'"),
+        (lambda: lora_kit.unschedule(pipe, "zzz"), "no schedule for an adapter named 'zzz'"),
+    ]
+    for call, message in calls:
+        with pytest.raises(LoraKitError, match=message):
+            call()
+    _same(before, _state(pipe))
+    assert not list(out.iterdir())

@@ -110,10 +110,14 @@ def metadata_for(state: Mapping, arch: str | None, extra: Mapping[str, object] |
         meta["ss_base_model_version"] = SS_BASE_MODEL_VERSION[arch]
         meta["modelspec.architecture"] = MODELSPEC_ARCHITECTURE[arch]
         meta["lora_kit.architecture"] = arch
+    if extra is not None and not isinstance(extra, Mapping):
+        raise LoraKitError(f"metadata {extra!r}: give a dict {{key: value}}")
     for key, value in (extra or {}).items():
-        meta[key if "." in key or key.startswith("ss_") else f"lora_kit.{key}"] = (
-            value if isinstance(value, str) else json.dumps(value)
-        )
+        try:
+            text = value if isinstance(value, str) else json.dumps(value)
+        except TypeError:
+            raise LoraKitError(f"metadata {key!r}: {type(value).__name__} is neither text nor JSON") from None
+        meta[key if "." in str(key) or str(key).startswith("ss_") else f"lora_kit.{key}"] = text
     return meta
 
 
