@@ -139,3 +139,9 @@ def test_more_bad_arguments_are_one_error_each(make_pipe, two_loras, tmp_path):
             call()
     _same(before, _state(pipe))
     assert not list(out.iterdir())
+
+
+def test_train_requires_model_data_and_output(tmp_path):
+    cfg = lora_kit.TrainConfig(model="toy", data=str(tmp_path), output="")
+    with pytest.raises(LoraKitError, match="output is ''; it is required"):
+        lora_kit.train(cfg)

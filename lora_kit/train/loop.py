@@ -212,6 +212,9 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
     from ..formats import files
     from ..models import local_path
 
+    for name in ("model", "data", "output"):
+        if not getattr(cfg, name):
+            raise ConfigError(name, getattr(cfg, name), "it is required (a path)")
     model = local_path(cfg.model)
     for path in outputs(cfg):
         files.check_output(path, cfg.force, [cfg.data, *inputs, *([model] if model else [])])
