@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from lora_kit.errors import flag
+
 from ._common import command, friendly_errors
 
 HELP = {
@@ -73,10 +75,6 @@ HELP = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _options(fn):
     from dataclasses import MISSING
 
@@ -85,16 +83,16 @@ def _options(fn):
     for f in reversed(list(TrainConfig.__dataclass_fields__.values())):
         if f.name == "extra":
             continue
-        flag = _flag(f.name)
+        option = flag(f.name)
         default = f.default if f.default is not MISSING else None
         if isinstance(default, bool):
-            fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=HELP[f.name])(fn)
+            fn = click.option(f"{option}/--no-{option[2:]}", f.name, default=None, help=HELP[f.name])(fn)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         if f.name == "output":
-            fn = click.option("-o", flag, f.name, type=str, default=None, help=HELP[f.name])(fn)
+            fn = click.option("-o", option, f.name, type=str, default=None, help=HELP[f.name])(fn)
         else:
-            fn = click.option(flag, f.name, type=kind, default=None, help=HELP[f.name])(fn)
+            fn = click.option(option, f.name, type=kind, default=None, help=HELP[f.name])(fn)
     return fn
 
 
@@ -119,11 +117,11 @@ def main(config_file, **flags):
     from_file = {k: v for k, v in (read_toml(config_file) if config_file else {}).items() if k not in given}
     for name in ("model", "data", "output"):
         if not (given | from_file).get(name):
-            raise click.UsageError(f"{_flag(name)} is required (as a flag or in --config)")
+            raise click.UsageError(f"{flag(name)} is required (as a flag or in --config)")
     try:
         written = train(TrainConfig(**from_file, **given), inputs=[config_file] if config_file else [])
     except ConfigError as e:  # name the value as the user gave it: a key of the config file, else a flag
-        raise LoraKitError(e.explain(lambda n: f"{n} in {config_file}" if n in from_file else _flag(n))) from None
+        raise LoraKitError(e.explain(lambda n: f"{n} in {config_file}" if n in from_file else flag(n))) from None
     for path in written:
         click.echo(f"wrote {path}")
 

@@ -8,6 +8,11 @@ class LoraKitError(ValueError):
     """A bad input (file, model, shape, option): the message names the thing and the problem."""
 
 
+def flag(name: str) -> str:
+    """A config field as the command-line flag that sets it: min_size -> --min-size."""
+    return "--" + name.replace("_", "-")
+
+
 def finite(value, what: str) -> float:
     """`value` as a float, or LoraKitError naming `what` when it is not a finite number (NaN would silently turn
     every output into NaN)."""

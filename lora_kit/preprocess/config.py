@@ -5,18 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import LoraKitError
+from ..errors import LoraKitError, flag
 
 CROPS = ("center", "subject", "random:N", "none")
 CAPTIONS = ("template", "clip-tags", "model")
 RESAMPLES = ("lanczos", "bicubic", "bilinear", "box")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
-
-
-def _flag(name: str) -> str:
-    """A field as the lora-ppim flag that sets it: min_size -> --min-size."""
-    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -54,7 +49,7 @@ class PreprocessConfig:
 
     def __post_init__(self):
         def bad(name, allowed):
-            raise LoraKitError(f"{_flag(name)} {getattr(self, name)!r} is not allowed; {allowed}")
+            raise LoraKitError(f"{flag(name)} {getattr(self, name)!r} is not allowed; {allowed}")
 
         for name, allowed in (("caption", CAPTIONS), ("resample", RESAMPLES), ("device", DEVICES),
                               ("dtype", DTYPES)):  # fmt: skip
