@@ -391,7 +391,7 @@ class LoraWrapper(nn.Module):
                 weight, base = self._fused_weight(active), self.base
                 bias = base.bias
                 run = lambda m, x: m._base_with(x, weight, bias)  # noqa: E731
-                self._keep_plan(x, kind, autocast, active, run, (base, base.weight, bias, False))
+                self._keep_plan(x, kind, autocast, active, run, (base, base.weight, bias, False), base.weight)
                 return run(self, x)
             # inference: whatever the number of adapters, one cached down/up pair in the compute dtype (no fp32
             # copies of the activations), the strengths folded into up, and up's product added to the base output
@@ -456,14 +456,13 @@ class LoraWrapper(nn.Module):
                 return m._add_up(m.base(x), m._down(x, down), up, True)
 
             return hooked, False
-        above, weight, bias = self._compose_above(), self.base.weight, self.base.bias
+        return self._direct(self.base.weight, self.base.bias, down, up, self._compose_above()), True
 
-        def run(m: LoraWrapper, x: torch.Tensor) -> torch.Tensor:
-            if x.numel() > above:
-                return m._base_with(x, functional.compose(weight, up, down), bias)
-            return m._add_up(m._base_with(x, weight, bias), m._down(x, down), up, True)
-
-        return run, True
+    def _direct(self, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor, above):
+        """The plan's function for a plain base: its op on `weight`/`bias` (read at each call: the same objects
+        while the plan holds) and the pair, or the composed weight for inputs above `above` elements. Written out
+        per wrapper class with every shape fixed in advance: it runs once per wrapped layer and call."""
+        raise NotImplementedError
 
     def _composable(self, x: torch.Tensor) -> bool:
         """Whether the base op may run on a transient weight instead of the base module: the weight in x's dtype
@@ -483,14 +482,14 @@ class LoraWrapper(nn.Module):
         """Whether an unfused inference forward on `x` runs through a transient composed weight (see _inference)."""
         return self._composable(x) and x.numel() > self._compose_above()
 
-    def _keep_plan(self, x, kind: str, autocast: bool, active: list, run, direct: tuple | None) -> None:
+    def _keep_plan(self, x, kind: str, autocast: bool, active: list, run, direct: tuple | None, *watched) -> None:
         """Keep `run` as the fast path of later inference forwards (see _plan). `direct`: (base module, its weight,
         its bias, whether it must stay plain) where `run` calls the base's op on those tensors itself: valid while
-        the module holds the same ones (see _unchanged)."""
+        the module holds the same ones (see _unchanged); it reads them at each call, so a write into them needs no
+        rebuild. `watched`: base tensors that `run` holds something computed from (fused: the base weight)."""
         if torch.is_grad_enabled() or self.training:
             return
-        extra = [t for t in direct[1:3] if t is not None] if direct else []
-        tensors = (*extra, *(t for a in active for t in (a.down, a.up, a.alpha)))
+        tensors = (*watched, *(t for a in active for t in (a.down, a.up, a.alpha)))
         try:
             snapshot = _snapshot(tensors)
         except RuntimeError:  # a tensor created under inference_mode keeps no version counter: no fast path
@@ -525,6 +524,20 @@ class LoraInjectedLinear(LoraWrapper):
     def _base_with(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
+    def _direct(self, weight, bias, down, up, above):
+        up_t, out, rank = up.t(), up.shape[0], up.shape[1]  # (a view: sees set_factors' in-place rewrites of up)
+
+        def run(m: LoraWrapper, x: torch.Tensor) -> torch.Tensor:
+            if x.numel() > above:
+                return F.linear(x, torch.addmm(weight, up, down), bias)
+            y = F.linear(x, weight, bias)
+            if not y.is_contiguous():
+                return m._add_up(y, F.linear(x, down), up, True)
+            y.view(-1, out).addmm_(F.linear(x, down).reshape(-1, rank), up_t)
+            return y
+
+        return run
+
 
 class LoraInjectedConv2d(LoraWrapper):
     """nn.Conv2d + named adapters: `down` is a conv with the base's kernel/stride/padding/dilation, `up` is 1x1."""
@@ -556,6 +569,22 @@ class LoraInjectedConv2d(LoraWrapper):
 
     def _base_with(self, x, weight, bias):
         return self.base._conv_forward(x, weight, bias)
+
+    def _direct(self, weight, bias, down, up, above):
+        conv, out, shape = self.base._conv_forward, up.shape[0], weight.shape
+        up2, down2, up3 = up.flatten(1), down.flatten(1), up.view(1, out, -1)  # views: see in-place rewrites of up
+
+        def run(m: LoraWrapper, x: torch.Tensor) -> torch.Tensor:
+            if x.numel() > above:
+                return conv(x, torch.addmm(weight.flatten(1), up2, down2).view(shape), bias)
+            y, h = conv(x, weight, bias), conv(x, down, None)
+            if y.dim() != 4 or not (y.is_contiguous() and h.is_contiguous()):
+                return m._add_up(y, h, up, True)
+            n = y.shape[0]
+            y.view(n, out, -1).baddbmm_(up3.expand(n, -1, -1), h.view(n, h.shape[1], -1))
+            return y
+
+        return run
 
 
 class FactorBatch:

@@ -192,6 +192,9 @@ def test_inference_fast_path_sees_every_change(fused):
     with torch.no_grad():
         w.base.bias.add_(1)
     check()
+    with torch.no_grad():
+        w.base.weight.mul_(0.5)  # in place (as collapsing another LoRA into the base does)
+    check()
     w.fused = not fused
     check()
     w.to(torch.float64)  # new storage and dtype

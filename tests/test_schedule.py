@@ -318,10 +318,14 @@ def test_inference_path_equals_the_training_path(kind, adapters):
 
 def test_inference_path_on_unbatched_and_channels_last_convolutions():
     wrapper, x = _layer("conv")
+    wrapper.eval()  # the kept plan too: each layout through the plan kept by the one before
     with torch.no_grad():
         expected = _formula(wrapper, x)
-        torch.testing.assert_close(wrapper(x.contiguous(memory_format=torch.channels_last)), expected)
-        torch.testing.assert_close(wrapper(x[0]), expected[0])
+        for _ in range(2):
+            torch.testing.assert_close(wrapper(x.contiguous(memory_format=torch.channels_last)), expected)
+            torch.testing.assert_close(wrapper(x[0]), expected[0])
+            torch.testing.assert_close(wrapper(x), expected)
+    assert wrapper._plan is not None
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
