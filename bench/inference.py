@@ -9,7 +9,9 @@ configurations take turns, round by round in alternating order, and a ratio is t
 round's ratio: a machine whose speed drifts by a few percent over minutes (a shared VM) favours none of them. The
 first step of every loop is timed apart: it builds the caches (the concatenated pairs, the fused weights). Beside
 each time stands what the configuration must compute over the base (FLOPs: the adapters' GEMMs counted per layer),
-the floor on compute-bound hardware.
+the floor on compute-bound hardware. Then, layer by layer on each wrapped layer's own input, what the unfused forward
+adds by route (the one each layer picks, the pair alone, the composed weight alone, the faster of the two measured):
+where the picked route lags the faster one, the rule that picks it wants tuning on that hardware.
 Targets (issue 6): two unfused adapters <= 1.05x the base step on a GPU, scheduling overhead <= 1%.
 
     python bench/inference.py            # SD1.5-sized UNet from config (random weights), kohya-preset adapters of
@@ -192,33 +194,74 @@ def flop_ratios(pipe: Pipe, latent: int, width: int, device, dtype) -> dict[str,
     return {c: ratios[c] for c in CONFIGS}
 
 
-def layer_cost(pipe: Pipe, latent: int, width: int, device, dtype, repeats: int = 9) -> float:
-    """Seconds two unfused adapters add to one guided UNet call, measured layer by layer: every wrapped layer's own
-    input (recorded in one call), timed through the base layer alone and through the wrapper, alternating call by
-    call; the sum over layers of the median differences. A machine whose speed drifts over seconds or minutes shifts
-    both sides of each pair alike, which whole-step timings of one configuration after another cannot offer."""
+def layer_inputs(pipe: Pipe, latent: int, width: int, device, dtype) -> list[tuple[LoraWrapper, torch.Tensor]]:
+    """Every wrapped layer with the input it sees in one guided UNet call (the call keeps each layer's plan)."""
     x = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
     context = torch.randn(2, 77, width, device=device, dtype=dtype)
     inputs = {}
     wrappers = [w for _, w in lora_modules(pipe.unet)]
     hooks = [w.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for w in wrappers]
     with torch.no_grad():
-        pipe.unet(x, 500, encoder_hidden_states=context)  # (and keeps each layer's plan)
-        for hook in hooks:
-            hook.remove()
+        pipe.unet(x, 500, encoder_hidden_states=context)
+    for hook in hooks:
+        hook.remove()
+    return [(w, inputs[w]) for w in wrappers]
 
-        def timed(fn, arg) -> float:
-            start = time.perf_counter()
-            fn(arg)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - start
 
-        extra = 0.0
-        for wrapper in wrappers:
-            arg = inputs[wrapper]
-            pairs = [(timed(wrapper.base, arg), timed(wrapper, arg)) for _ in range(repeats)]
+def _timed(fn, arg, device, calls: int = 1) -> float:
+    """Seconds per call of `calls` calls back to back (on a GPU: until the last one's kernels are done, so a layer
+    costs the longer of its launches and its kernels)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(arg)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls
+
+
+def layer_cost(pipe: Pipe, latent: int, width: int, device, dtype, repeats: int = 9) -> float:
+    """Seconds two unfused adapters add to one guided UNet call, measured layer by layer: every wrapped layer's own
+    input (recorded in one call), timed through the base layer alone and through the wrapper, alternating call by
+    call; the sum over layers of the median differences. A machine whose speed drifts over seconds or minutes shifts
+    both sides of each pair alike, which whole-step timings of one configuration after another cannot offer."""
+    extra = 0.0
+    with torch.no_grad():
+        for wrapper, arg in layer_inputs(pipe, latent, width, device, dtype):
+            pairs = [(_timed(wrapper.base, arg, device), _timed(wrapper, arg, device)) for _ in range(repeats)]
             extra += statistics.median(w - b for b, w in pairs)
+    return extra
+
+
+ROUTES = ("lora_kit's choice", "pair only", "composed only", "the faster of the two")
+
+
+def route_costs(pipe: Pipe, latent: int, width: int, device, dtype, repeats: int = 5, calls: int = 4) -> dict:
+    """Seconds two unfused adapters add to one guided UNet call, layer by layer, by the route each layer's unfused
+    forward takes: its own choice (LoraWrapper.composes: the route computing fewer FLOPs), always the pair on the
+    activations, always a transient composed weight, or the faster of those two as measured. Each layer runs every
+    route and the base layer in turn, `calls` calls back to back per timing, median of `repeats`. Where the last
+    row is well below the first, the choice is what to tune on this hardware."""
+    extra = dict.fromkeys(ROUTES, 0.0)
+    with torch.no_grad():
+        for wrapper, arg in layer_inputs(pipe, latent, width, device, dtype):
+            down, up = wrapper._caches["pair"][1]  # the concatenated pair the plan kept
+            base, w = wrapper.base, wrapper.base.weight
+            runs = {  # the kept plan's function with the threshold set to force one route
+                "pair only": wrapper._direct(w, base.bias, down, up, arg.numel()),
+                "composed only": wrapper._direct(w, base.bias, down, up, -1),
+            }
+            times = {name: [] for name in (*runs, "base")}
+            for _ in range(repeats):
+                times["base"].append(_timed(base, arg, device, calls))
+                for name, run in runs.items():
+                    times[name].append(_timed(lambda x, run=run, w=wrapper: run(w, x), arg, device, calls))
+            cost = {name: statistics.median(t) - statistics.median(times["base"]) for name, t in times.items()}
+            extra["pair only"] += cost["pair only"]
+            extra["composed only"] += cost["composed only"]
+            extra["lora_kit's choice"] += cost["composed only" if wrapper.composes(arg) else "pair only"]
+            extra["the faster of the two"] += min(cost["pair only"], cost["composed only"])
     return extra
 
 
@@ -308,6 +351,7 @@ def main(argv=None) -> int:
     overhead = paired("2 scheduled", "2 adapters")
     gpu = kernel_times(pipe, latent, width, device, dtype, configs) if device.type == "cuda" else {}
     layers = None if device.type == "cuda" or args.compile else layer_cost(pipe, latent, width, device, dtype)
+    routes = None if args.compile else route_costs(pipe, latent, width, device, dtype)
     for c in configs:
         print(
             f"{c:>17}: {median[c] * 1000:9.1f} ms/step  {ratios[c]:.3f}x base  (FLOPs {flops[c]:.3f}x; first step "
@@ -318,7 +362,10 @@ def main(argv=None) -> int:
     print(f"lora_kit / diffusers+peft, two adapters: {peer:.3f}x")
     if layers is not None:
         print(f"layer by layer: two unfused adapters add {layers * 1000:.1f} ms: {1 + layers / median['base']:.3f}x")
+    for route, cost in (routes or {}).items():
+        print(f"routes: {route:>22} adds {cost * 1000:.2f} ms per UNet call: {1 + cost / median['base']:.3f}x")
     figures = dict(median=median, ratios=ratios, overhead=overhead, peer=peer, first=first, flops=flops, gpu=gpu)
+    figures["routes"] = routes
     write_results(args, steps, rounds, latent, device, dtype, figures, layers)
     return 0
 
@@ -380,6 +427,18 @@ def write_results(args, steps, rounds, latent, device, dtype, figures: dict, lay
             "nothing waits on the CPU; the scheduled row puts a new factor on every layer before each call. By that "
             f"measure two unfused adapters cost **{gpu['2 adapters'] / gpu['base']:.3f}x** the base and scheduling "
             f"**{gpu['2 scheduled'] / gpu['2 adapters']:.3f}x** two unfused adapters.",
+            "",
+        ]
+    if figures["routes"]:
+        lines += [
+            "Routes of the unfused forward, layer by layer (every wrapped layer on its own input; each route and the "
+            "base layer in turn, 4 calls back to back per timing"
+            + (", until their kernels are done" if device.type == "cuda" else "")
+            + "; the extra time summed over layers, per UNet call, and over the base step):",
+            "",
+            "| route | adds (ms) | x base step |",
+            "|---|---|---|",
+            *[f"| {r} | {c * 1000:.2f} | {1 + c / median['base']:.3f} |" for r, c in figures["routes"].items()],
             "",
         ]
     _results.write_section(args.results, lines)

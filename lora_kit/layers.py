@@ -15,15 +15,16 @@ Paths (all compute base(x) + sum weight * factor * scale * up(down(x)), up to ro
   (`functional.compose`: one GEMM, freed after the call; see `LoraWrapper._inference`);
 - fused (`wrapper.fused`, set by lora_kit.fuse): base.weight + the deltas, composed once, through the base's op.
 The concatenated pair and the fused weight are cached and rebuilt when a weight, factor, enabled flag or tensor
-changes (tensor changes are seen through torch's in-place version counters and storage pointers: code that writes
-through `.data` must call `invalidate()`). Caches are used only when no gradient has to reach the adapters and no
-dropout is active; training always takes the per-adapter loop.
+changes (tensor changes are seen through torch's in-place version counters, new Parameters and moves or casts
+through `.to()`: code that writes through `.data`, or assigns it, must call `invalidate()`). Caches are used only
+when no gradient has to reach the adapters and no dropout is active; training always takes the per-adapter loop.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,18 @@ def _bump() -> None:
     _GENERATION[0] += 1
 
 
-def _snapshot(tensors: tuple[torch.Tensor, ...]) -> list:
-    return [(t.data_ptr(), t._version) for t in tensors]  # (a list comprehension: twice as fast as tuple(generator))
+_VERSION = attrgetter("_version")
+
+
+def _snapshot(tensors: tuple[torch.Tensor, ...], moved: tuple[torch.Tensor, ...]) -> list:
+    """The in-place version counter of each of `tensors`, then the storage pointer of each of `moved`: what a kept
+    plan checks at every call. Versions see every in-place write; new storage is seen by `_apply` (`.to()`, `.half()`
+    of the pipeline, a wrapper or an adapter: a generation bump), by `__setattr__` (a new Parameter) or, for the
+    tensors whose storage a plan depends on, by their pointers (reading one costs twice a version's)."""
+    versions = list(map(_VERSION, tensors))
+    if moved:
+        versions += [t.data_ptr() for t in moved]
+    return versions
 
 
 def _unchanged(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, plain: bool) -> bool:
@@ -156,6 +167,11 @@ class LoraAdapter(nn.Module):
             if name in ("down", "up", "alpha"):
                 self.__dict__["_tensor_epoch"] = next(_SERIALS)
             _bump()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        _bump()  # new storage for down/up/alpha (moved or cast): the layers' kept plans do not read pointers
+        return out
 
     @property
     def rank(self) -> int:
@@ -277,7 +293,7 @@ class LoraWrapper(nn.Module):
         return total
 
     def invalidate(self) -> None:
-        """Drop the cached pair / fused weight (needed only after writing adapter tensors through `.data`)."""
+        """Drop the cached pair / fused weight (needed only after writing or assigning adapter tensors' `.data`)."""
         self._caches.clear()
         self._plan = None
 
@@ -376,7 +392,7 @@ class LoraWrapper(nn.Module):
             and not (torch.is_grad_enabled() or self.training)
             and x.dtype == plan[1]
             and torch.is_autocast_enabled(plan[2]) == plan[3]
-            and _snapshot(plan[4]) == plan[5]
+            and _snapshot(*plan[4]) == plan[5]
             and (plan[7] is None or _unchanged(*plan[7]))
         ):
             return plan[6](self, x)
@@ -489,9 +505,9 @@ class LoraWrapper(nn.Module):
         rebuild. `watched`: base tensors that `run` holds something computed from (fused: the base weight)."""
         if torch.is_grad_enabled() or self.training:
             return
-        tensors = (*watched, *(t for a in active for t in (a.down, a.up, a.alpha)))
+        tensors = ((*watched, *(t for a in active for t in (a.down, a.up, a.alpha))), watched)
         try:
-            snapshot = _snapshot(tensors)
+            snapshot = _snapshot(*tensors)
         except RuntimeError:  # a tensor created under inference_mode keeps no version counter: no fast path
             return
         self._plan = (_GENERATION[0], x.dtype, kind, autocast, tensors, snapshot, run, direct)
@@ -589,9 +605,11 @@ class LoraInjectedConv2d(LoraWrapper):
 
 class FactorBatch:
     """Step factors for many wrappers in a few ops: what a step schedule does at every step once each layer keeps
-    its inference plan. Holds every layer's weighted up as one flat buffer, computed per step as the fp32 stack x
-    (weight x scale, fixed at build) x the factor of the column's adapter (one gather and one multiply), then copied
-    into the layers' own tensors by one multi-tensor copy: no Python per layer besides setting each adapter's factor.
+    its inference plan. The layers whose pairs have the same columns (the same active adapters and ranks, in the same
+    order: usually all of them) share one buffer, rows = every layer's up rows: per step it is the fp32 stack x
+    (weight x scale, fixed at build) x a row vector of each column's adapter factor (one broadcast multiply, no
+    per-element index), then copied into the layers' own tensors by one multi-tensor copy for all groups: no Python
+    per layer besides setting each adapter's factor.
 
     Built only when every wrapper is unfused with a kept plan, all in one dtype and device; valid while nothing else
     changes (no generation bump, every plan the one seen at build). `apply` returns False when it cannot serve a step
@@ -599,9 +617,8 @@ class FactorBatch:
 
     def __init__(self, wrappers: list[LoraWrapper], names: list[str]):
         self.names, self.generation = list(names), _GENERATION[0]
-        self.plans, self.outs, self.adapters = [], [], []
+        self.plans, self.outs, self.views, self.adapters = [], [], [], []
         slot = {name: i for i, name in enumerate(self.names)}  # the factor vector: scheduled names, then a 1
-        prescaled, index = [], []
         for w in wrappers:  # checks first (cheap: the schedule hook tries a build after every call until one holds)
             scheduled = [(n, a) for n, a in w.adapters._modules.items() if n in slot]
             if any(a.enabled and a.weight != 0 and a.factor == 0 for _, a in scheduled):
@@ -612,6 +629,7 @@ class FactorBatch:
             ):
                 raise ValueError("an adapted layer without a kept unfused plan")
             self.adapters += [(a, n) for n, a in scheduled]
+        groups: dict[tuple[int, ...], list] = {}  # each column's slot -> [(prescaled rows, the layer's pair up)]
         for w in wrappers:
             columns, idx = [], []
             for n, a in w.adapters._modules.items():  # the active adapters in the pair's column order
@@ -622,19 +640,22 @@ class FactorBatch:
             if not columns:
                 continue
             raw, out = w._caches["stack"][1][1], w._caches["pair"][1][1]
-            shape = (-1, *[1] * (raw.dim() - 2))
-            prescaled.append((raw * torch.tensor(columns, device=raw.device).view(shape)).flatten())
-            index.append(torch.tensor(idx, device=raw.device).view(shape).expand_as(raw).flatten())
+            rows = raw.reshape(raw.shape[0], -1) * torch.tensor(columns, device=raw.device)  # (out, R) fp32
+            groups.setdefault(tuple(idx), []).append((rows, out))
             self.plans.append((w, w._plan))
             self.outs.append(out)
         if len({(o.dtype, o.device) for o in self.outs}) != 1:
             raise ValueError("no adapted layer, or layers in several dtypes or devices")
-        self.prescaled, self.index = torch.cat(prescaled), torch.cat(index).to(torch.int32)
-        self.flat = torch.empty_like(self.prescaled, dtype=self.outs[0].dtype)
-        self.views, offset = [], 0
-        for out in self.outs:
-            self.views.append(self.flat[offset : offset + out.numel()].view(out.shape))
-            offset += out.numel()
+        self.groups = []  # (prescaled (rows, R) fp32, column slots (R,), buffer (rows, R) in the layers' dtype)
+        for idx, members in groups.items():
+            prescaled = torch.cat([rows for rows, _ in members])
+            buffer = torch.empty_like(prescaled, dtype=self.outs[0].dtype)
+            self.groups.append((prescaled, torch.tensor(idx, device=prescaled.device), buffer))
+            offset = 0
+            for rows, out in members:
+                self.views.append(buffer[offset : offset + len(rows)].view(out.shape))
+                offset += len(rows)
+        self.outs = [out for members in groups.values() for _, out in members]  # in the views' order
 
     def apply(self, factors: dict[str, float]) -> bool:
         """Set every scheduled adapter's factor to factors[name] (all names of the batch) in one go."""
@@ -642,8 +663,9 @@ class FactorBatch:
             return False
         if any(factors[n] == 0 for n in self.names):
             return False  # an adapter switching off changes the layers' active sets: a rebuild
-        vector = device_vector([factors[n] for n in self.names] + [1.0], self.flat.device)
-        torch.mul(self.prescaled, vector[self.index], out=self.flat)
+        vector = device_vector([factors[n] for n in self.names] + [1.0], self.outs[0].device)
+        for prescaled, idx, buffer in self.groups:
+            torch.mul(prescaled, vector[idx], out=buffer)
         torch._foreach_copy_(self.outs, self.views)
         for adapter, name in self.adapters:
             _set_factor_quietly(adapter, factors[name])

@@ -83,6 +83,8 @@ def test_inference_bench_quick(tmp_path):
     assert bench.main(["--quick", "--steps", "2", "--rounds", "1", "--results", str(results)]) == 0
     assert results.read_text().count("## bench/inference.py (quick)") == 1
     assert "Layer by layer" in section  # (CPU runs only)
+    routes = {r: float(section.split(f"| {r} | ")[1].split(" |")[0]) for r in bench.ROUTES}
+    assert routes["the faster of the two"] <= min(routes["pair only"], routes["composed only"]) + 0.01  # (rounded)
     with pytest.raises(SystemExit) as exit_:  # an unknown compile mode: one line, exit 2, before any work
         bench.main(["--quick", "--compile", "fast", "--results", str(results)])
     assert exit_.value.code == 2

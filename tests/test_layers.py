@@ -187,6 +187,8 @@ def test_inference_fast_path_sees_every_change(fused):
     with torch.no_grad():
         w.adapters["c"].alpha.fill_(4.0)
     check()
+    w.adapters["c"].to(torch.bfloat16)  # one adapter cast by itself: new storage, rounded values
+    check()
     w.base.weight = nn.Parameter(w.base.weight * 2)  # a new base parameter (also as fused: the cache recomposes)
     check()
     with torch.no_grad():

@@ -375,9 +375,11 @@ def test_step_factors_reweight_the_kept_plan_in_place(kind):
 
 def test_factor_batch_sets_every_layer_as_set_factors_does():
     """FactorBatch (what the schedule hook uses once every layer keeps its plan): each layer gives the formula with
-    the new factors and keeps its plan; any other change since the build makes it refuse, never serve stale tensors."""
-    layers = [_layer("linear"), _layer("conv", seed=1)]
+    the new factors and keeps its plan; any other change since the build makes it refuse, never serve stale tensors.
+    Layers with the same columns share a buffer: linear and conv here, while a third layer without "b" has its own."""
+    layers = [_layer("linear"), _layer("conv", seed=1), _layer("linear", seed=2)]
     wrappers = [w.eval() for w, _ in layers]
+    wrappers[2].adapters["b"].enabled = False
 
     def check():
         for w, x in layers:
@@ -387,6 +389,7 @@ def test_factor_batch_sets_every_layer_as_set_factors_does():
         check()
         plans = [w._plan for w in wrappers]
         batch = FactorBatch(wrappers, ["a", "b"])
+        assert len(batch.groups) == 2
         for factors in ({"a": 0.5, "b": 2.0}, {"a": -1.0, "b": 0.25}):
             assert batch.apply(factors)
             assert all(w.adapters[n].factor == f for w in wrappers for n, f in factors.items())
