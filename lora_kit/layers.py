@@ -243,6 +243,13 @@ class LoraWrapper(nn.Module):
         _bump()  # new storage, perhaps a new dtype: nothing cached stays valid
         return out
 
+    def __getstate__(self):
+        """A copy (copy.deepcopy, pickle, torch.save of the module) starts without the plan and caches: the plan's
+        function holds the original's tensors, which the copy's checks cannot see."""
+        state = dict(super().__getstate__())
+        state["_plan"], state["_caches"] = None, {}
+        return state
+
     # The subclass says how its adapter factors are shaped and applied, and how the base op runs on another weight.
     def _factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         raise NotImplementedError

@@ -203,6 +203,37 @@ def test_inference_fast_path_sees_every_change(fused):
     check()
 
 
+@pytest.mark.parametrize("copy_with", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_copy_runs_its_own_tensors(kind, copy_with):
+    """A copy of a wrapper that kept a plan (copy.deepcopy, torch.save of the module) computes with its own tensors:
+    the original's plan holds the original's base weight and pair, and the copy's tensors can carry the very version
+    counters the original's plan saw (new Parameters, a buffer written once: the case here)."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    linear = kind == "linear"
+    base, x = (nn.Linear(8, 5), torch.randn(3, 8)) if linear else (nn.Conv2d(4, 5, 3), torch.randn(2, 4, 6, 6))
+    w = (LoraInjectedLinear if linear else LoraInjectedConv2d)(base).eval()
+    a = w.add_adapter("a", 2)
+    a.down, a.up = nn.Parameter(torch.randn(a.down.shape)), nn.Parameter(torch.randn(a.up.shape))  # versions 0
+    with torch.no_grad():
+        a.alpha.fill_(3.0)  # version 1, as a copied buffer's
+        w(x), w(x)
+        if copy_with == "deepcopy":
+            c = copy.deepcopy(w)
+        else:
+            buffer = io.BytesIO()
+            torch.save(w, buffer)
+            c = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+        c.base.weight.mul_(0.0)  # the copy's own base (read directly by the plan's function)
+        torch.testing.assert_close(c(x), c.base(x) + 1.5 * w._up(w._down(x, a.down), a.up), atol=1e-5, rtol=1e-5)
+        c.adapters["a"].up.mul_(2.0)
+        torch.testing.assert_close(c(x), c.base(x) + 3.0 * w._up(w._down(x, a.down), a.up), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(w(x), w.base(x) + 1.5 * w._up(w._down(x, a.down), a.up), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_inference_plan_keeps_no_reference_cycle(fused):
     """A wrapper whose plan is kept is freed by reference counting alone (GPU memory returns at `del pipe`)."""
