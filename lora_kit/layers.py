@@ -16,8 +16,9 @@ Paths (all compute base(x) + sum weight * factor * scale * up(down(x)), up to ro
 - fused (`wrapper.fused`, set by lora_kit.fuse): base.weight + the deltas, composed once, through the base's op.
 The concatenated pair and the fused weight are cached and rebuilt when a weight, factor, enabled flag or tensor
 changes (tensor changes are seen through torch's in-place version counters, new Parameters and moves or casts
-through `.to()`: code that writes through `.data`, or assigns it, must call `invalidate()`). Caches are used only
-when no gradient has to reach the adapters and no dropout is active; training always takes the per-adapter loop.
+through `.to()`: code that writes through `.data`, or assigns it, must call `invalidate()`, as must code that writes
+in place into tensors created under torch.inference_mode, which keep no version counter). Caches are used only when
+no gradient has to reach the adapters and no dropout is active; training always takes the per-adapter loop.
 """
 
 from __future__ import annotations
@@ -39,11 +40,9 @@ _WATCHED = _PLAIN | {"down", "up", "alpha"}  # what LoraAdapter.state_key follow
 
 
 def tensor_key(t: torch.Tensor) -> tuple:
-    """(storage pointer, in-place version counter): changes when `t` is written in place or given new storage."""
-    try:
-        return t.data_ptr(), t._version
-    except RuntimeError:  # a tensor created under inference_mode keeps no version counter
-        return t.data_ptr(), None
+    """(storage pointer, in-place version counter): changes when `t` is written in place or given new storage. A
+    tensor created under torch.inference_mode keeps no version counter: its writes in place go unseen."""
+    return t.data_ptr(), None if t.is_inference() else t._version
 
 
 _GENERATION = [0]  # bumped by every change a wrapper's fast path cannot see in tensor versions (see LoraWrapper._plan)
@@ -197,7 +196,7 @@ class LoraAdapter(nn.Module):
 
     def tensors_key(self) -> tuple:
         """Changes whenever down, up or alpha does: set anew (the tensor epoch), moved (storage pointer) or written
-        in place (version counter). Runs on every forward of every wrapped layer, so it reads the tensors from
+        in place (version counter). Runs on every forward that rebuilds a layer's plan, so it reads the tensors from
         nn.Module's own tables rather than through its attribute lookup."""
         d, u, a = self._parameters["down"], self._parameters["up"], self._buffers["alpha"]
         try:
@@ -512,11 +511,9 @@ class LoraWrapper(nn.Module):
         rebuild. `watched`: base tensors that `run` holds something computed from (fused: the base weight)."""
         if torch.is_grad_enabled() or self.training:
             return
-        tensors = ((*watched, *(t for a in active for t in (a.down, a.up, a.alpha))), watched)
-        try:
-            snapshot = _snapshot(*tensors)
-        except RuntimeError:  # a tensor created under inference_mode keeps no version counter: no fast path
-            return
+        every = (*watched, *(t for a in active for t in (a.down, a.up, a.alpha)))
+        tensors = (tuple(t for t in every if not t.is_inference()), watched)  # (see tensor_key)
+        snapshot = _snapshot(*tensors)
         self._plan = (_GENERATION[0], x.dtype, kind, autocast, tensors, snapshot, run, direct)
 
 

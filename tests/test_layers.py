@@ -142,6 +142,20 @@ def test_functional_delta_and_factorize_roundtrip():
     torch.testing.assert_close(functional.delta(cu, cd), full, atol=1e-4, rtol=1e-4)
 
 
+def _check_twice(w, x):
+    """w(x) twice equals the formula in float64 from the live tensors: the first call sees the last change, the second
+    runs the plan the first kept."""
+    x = x.to(w.base.weight.dtype)
+    first, again = w(x), w(x)
+    y = F.linear(x.double(), w.base.weight.double(), w.base.bias.double())
+    for a in w.adapters.values():
+        if a.enabled:
+            h = F.linear(F.linear(x.double(), a.down.double()), a.up.double())
+            y = y + a.weight * a.factor * a.alpha.item() / a.rank * h
+    torch.testing.assert_close(first.double(), y, atol=1e-5, rtol=1e-6)
+    assert torch.equal(first, again) and w._plan is not None
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_inference_fast_path_sees_every_change(fused):
     """The wrapper keeps its last inference forward as a ready function: each kind of change must reach the output
@@ -154,20 +168,9 @@ def test_inference_fast_path_sees_every_change(fused):
     w.fused = fused
     x = torch.randn(4, 8)
 
-    def expected(x):  # the formula in float64, from the live tensors (reading them changes nothing)
-        y = F.linear(x.double(), w.base.weight.double(), w.base.bias.double())
-        for a in w.adapters.values():
-            if a.enabled:
-                h = F.linear(F.linear(x.double(), a.down.double()), a.up.double())
-                y = y + a.weight * a.factor * a.alpha.item() / a.rank * h
-        return y
-
     def check():
-        xx = x.to(w.base.weight.dtype)
         with torch.no_grad():
-            first, again = w(xx), w(xx)  # the first sees the change; the second runs the kept plan
-        torch.testing.assert_close(first.double(), expected(xx), atol=1e-5, rtol=1e-6)
-        assert torch.equal(first, again)
+            _check_twice(w, x)
 
     check()
     with torch.no_grad():
@@ -201,6 +204,37 @@ def test_inference_fast_path_sees_every_change(fused):
     check()
     w.to(torch.float64)  # new storage and dtype
     check()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adapters_made_under_inference_mode_keep_a_plan_too(fused):
+    """Tensors created under torch.inference_mode keep no version counter: the plan is kept all the same (it checked
+    for one by raising an error before: about ten times the cost of a kept plan, on every call of every layer), and
+    sees every setting, new Parameter, move and cast; writes in place into such tensors need invalidate()."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        w = LoraInjectedLinear(nn.Linear(8, 5)).eval()
+        for name, rank, seed in (("a", 2, 1), ("b", 3, 2)):
+            _random(w.add_adapter(name, rank, alpha=1.5), seed)
+        assert w.adapters["a"].up.is_inference()
+        w.fused = fused
+        x = torch.randn(4, 8)
+        _check_twice(w, x)
+        w.adapters["b"].weight = 0.3
+        _check_twice(w, x)
+        w.adapters["a"].up = nn.Parameter(torch.randn(5, 2))
+        _check_twice(w, x)
+        w.adapters["b"].down.mul_(2)  # unseen by version counters: the documented call
+        w.invalidate()
+        _check_twice(w, x)
+        w.base.weight.mul_(0.5)  # a base written in place: read live unfused; fused must be told as well
+        if fused:
+            w.invalidate()
+        _check_twice(w, x)
+        w.fused = not fused
+        _check_twice(w, x)
+        w.to(torch.float64)
+        _check_twice(w, x)
 
 
 @pytest.mark.parametrize("copy_with", ["deepcopy", "torch.save"])
