@@ -126,6 +126,12 @@ def device_vector(values: list[float], device: torch.device) -> torch.Tensor:
     return vector.to(device)
 
 
+def writable(t: torch.Tensor) -> bool:
+    """Whether `t` may be written in place here: not a tensor made under torch.inference_mode while outside it (a
+    pipeline called under inference_mode leaves its caches so; a later call without it rebuilds them instead)."""
+    return not t.is_inference() or torch.is_inference_mode_enabled()
+
+
 def _set_factor_quietly(adapter: LoraAdapter, factor: float) -> None:
     """As `adapter.factor = factor`, less the generation bump: for callers that keep the layers' plans valid
     themselves. The new epoch leaves the cached pair's key stale, so a later rebuild starts afresh."""
@@ -349,6 +355,7 @@ class LoraWrapper(nn.Module):
             and stack is not None
             and not self.fused
             and all(a.factor != 0 and f != 0 for a, f in changed)
+            and writable(pair[1][1])
         )  # (an adapter tensor written in place since: the next forward sees it in the plan's snapshot and rebuilds)
         if not quiet:
             for adapter, f in changed:
@@ -660,6 +667,7 @@ class FactorBatch:
                 self.views.append(buffer[offset : offset + len(rows)].view(out.shape))
                 offset += len(rows)
         self.outs = [out for members in groups.values() for _, out in members]  # in the views' order
+        self.inference = any(t.is_inference() for t in (*self.outs, *(group[2] for group in self.groups)))
 
     def apply(self, factors: dict[str, float]) -> bool:
         """Set every scheduled adapter's factor to factors[name] (all names of the batch) in one go."""
@@ -667,6 +675,8 @@ class FactorBatch:
             return False
         if any(factors[n] == 0 for n in self.names):
             return False  # an adapter switching off changes the layers' active sets: a rebuild
+        if self.inference and not torch.is_inference_mode_enabled():
+            return False  # tensors made under inference_mode, now outside it: the layers rebuild theirs
         vector = device_vector([factors[n] for n in self.names] + [1.0], self.outs[0].device)
         for prescaled, idx, buffer in self.groups:
             torch.mul(prescaled, vector[idx], out=buffer)

@@ -125,6 +125,20 @@ class SeenWeights:
             self.seen.append(torch.linalg.lstsq(u, r[:, None]).solution.flatten().tolist())
 
 
+def test_a_schedule_after_a_call_under_inference_mode(make_pipe):
+    """A pipeline called under torch.inference_mode leaves caches that may not be written outside it: a later call
+    without it (pipelines run under no_grad) rebuilds them instead of failing, and both calls give the same output."""
+    pipe = make_pipe("sd1")
+    _two_adapters(pipe, "sd1")
+    lora_kit.schedule(pipe, {"a": "0:1,1:0.2", "b": "0:0.3,1:1"})
+    with torch.inference_mode():
+        first = _denoise(pipe, "sd1", steps=4)
+    again = _denoise(pipe, "sd1", steps=4)
+    with torch.inference_mode():
+        third = _denoise(pipe, "sd1", steps=4)
+    assert torch.equal(first, again) and torch.equal(first, third)
+
+
 @pytest.mark.parametrize("arch", ["sd1", "sdxl", "sd3", "flux"])
 def test_the_model_sees_the_schedule_at_every_step(make_pipe, arch, monkeypatch):
     applied, apply = [], FactorBatch.apply
