@@ -232,8 +232,9 @@ class LoraWrapper(nn.Module):
         self._caches: dict[str, tuple[tuple, object]] = {}  # kind -> (key, tensors): see _cached
         # The last inference forward as a ready function, kept while nothing it used changed: the generation (any
         # adapter's strength, flag or tensor set, adapters added or removed, fuse/unfuse, a move between devices or
-        # dtypes, a new base module), the input dtype, autocast, the storage and version of every tensor it read,
-        # and, where it calls the base's op itself, the base's own weight and bias and its hooks (see _unchanged).
+        # dtypes, a new base module), the input dtype, autocast and its dtype, the storage and version of every
+        # tensor it read, and, where it calls the base's op itself, the base's own weight and bias and its hooks
+        # (see _unchanged).
         # Checking that costs a fraction of rebuilding the keys, which matters where a GPU waits on the CPU for
         # every layer.
         self._plan: tuple | None = None
@@ -404,7 +405,7 @@ class LoraWrapper(nn.Module):
             and plan[0] == _GENERATION[0]
             and not (torch.is_grad_enabled() or self.training)
             and x.dtype == plan[1]
-            and torch.is_autocast_enabled(plan[2]) == plan[3]
+            and (torch.get_autocast_dtype(plan[2]) if torch.is_autocast_enabled(plan[2]) else None) == plan[3]
             and _snapshot(*plan[4]) == plan[5]
             and (plan[7] is None or _unchanged(*plan[7]))
         ):
@@ -416,22 +417,24 @@ class LoraWrapper(nn.Module):
         if self._cacheable(active):
             kind = x.device.type
             autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+            dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype  # the compute dtype
+            casting = dtype if autocast else None
             if self.fused:
                 weight, base = self._fused_weight(active), self.base
                 bias = base.bias
                 run = lambda m, x: m._base_with(x, weight, bias)  # noqa: E731
-                self._keep_plan(x, kind, autocast, active, run, (base, base.weight, bias, False), base.weight)
+                self._keep_plan(x, kind, casting, active, run, (base, base.weight, bias, False), base.weight)
                 return run(self, x)
             # inference: whatever the number of adapters, one cached down/up pair in the compute dtype (no fp32
             # copies of the activations), the strengths folded into up, and up's product added to the base output
             # in the same kernel
-            dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
             down, up = self._concatenated(active, dtype)
-            if x.dtype == dtype and not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() and (x.dtype == dtype or autocast and x.dtype == torch.float32):
+                # (under autocast the ops take an fp32 input to the compute dtype themselves)
                 run, direct = self._inference(x, down, up)
                 base = self.base
                 held = (base, base.weight, base.bias, True) if direct else None
-                self._keep_plan(x, kind, autocast, active, run, held)
+                self._keep_plan(x, kind, casting, active, run, held)
                 return run(self, x)
             y = self.base(x)
             h = self._down(x if x.dtype == dtype else x.to(dtype), down)
@@ -482,7 +485,10 @@ class LoraWrapper(nn.Module):
         if not self._composable(x):
 
             def hooked(m: LoraWrapper, x: torch.Tensor) -> torch.Tensor:
-                return m._add_up(m.base(x), m._down(x, down), up, True)
+                y, h = m.base(x), m._down(x, down)
+                if y.dtype != h.dtype:  # a base module that returns another dtype (under autocast, or its own)
+                    return y + m._up(h, up).to(y.dtype)
+                return m._add_up(y, h, up, True)
 
             return hooked, False
         return self._direct(self.base.weight, self.base.bias, down, up, self._compose_above()), True
@@ -511,17 +517,18 @@ class LoraWrapper(nn.Module):
         """Whether an unfused inference forward on `x` runs through a transient composed weight (see _inference)."""
         return self._composable(x) and x.numel() > self._compose_above()
 
-    def _keep_plan(self, x, kind: str, autocast: bool, active: list, run, direct: tuple | None, *watched) -> None:
-        """Keep `run` as the fast path of later inference forwards (see _plan). `direct`: (base module, its weight,
-        its bias, whether it must stay plain) where `run` calls the base's op on those tensors itself: valid while
-        the module holds the same ones (see _unchanged); it reads them at each call, so a write into them needs no
-        rebuild. `watched`: base tensors that `run` holds something computed from (fused: the base weight)."""
+    def _keep_plan(self, x, kind: str, casting, active: list, run, direct: tuple | None, *watched) -> None:
+        """Keep `run` as the fast path of later inference forwards (see _plan): for inputs of x's dtype on a `kind`
+        device, under autocast to `casting` (None: autocast off). `direct`: (base module, its weight, its bias,
+        whether it must stay plain) where `run` calls the base's op on those tensors itself: valid while the module
+        holds the same ones (see _unchanged); it reads them at each call, so a write into them needs no rebuild.
+        `watched`: base tensors that `run` holds something computed from (fused: the base weight)."""
         if torch.is_grad_enabled() or self.training:
             return
         every = (*watched, *(t for a in active for t in (a.down, a.up, a.alpha)))
         tensors = (tuple(t for t in every if not t.is_inference()), watched)  # (see tensor_key)
         snapshot = _snapshot(*tensors)
-        self._plan = (_GENERATION[0], x.dtype, kind, autocast, tensors, snapshot, run, direct)
+        self._plan = (_GENERATION[0], x.dtype, kind, casting, tensors, snapshot, run, direct)
 
 
 class LoraInjectedLinear(LoraWrapper):
