@@ -563,7 +563,7 @@ class LoraInjectedLinear(LoraWrapper):
 
         def run(m: LoraWrapper, x: torch.Tensor) -> torch.Tensor:
             if x.numel() > above:
-                return F.linear(x, torch.addmm(weight, up, down), bias)
+                return F.linear(x, functional.compose(weight, up, down), bias)
             y = F.linear(x, weight, bias)
             if not y.is_contiguous():
                 return m._add_up(y, F.linear(x, down), up, True)
@@ -605,12 +605,12 @@ class LoraInjectedConv2d(LoraWrapper):
         return self.base._conv_forward(x, weight, bias)
 
     def _direct(self, weight, bias, down, up, above):
-        conv, out, shape = self.base._conv_forward, up.shape[0], weight.shape
-        up2, down2, up3 = up.flatten(1), down.flatten(1), up.view(1, out, -1)  # views: see in-place rewrites of up
+        conv, out = self.base._conv_forward, up.shape[0]
+        up3 = up.view(1, out, -1)  # (a view: sees set_factors' in-place rewrites of up)
 
         def run(m: LoraWrapper, x: torch.Tensor) -> torch.Tensor:
             if x.numel() > above:
-                return conv(x, torch.addmm(weight.flatten(1), up2, down2).view(shape), bias)
+                return conv(x, functional.compose(weight, up, down), bias)
             y, h = conv(x, weight, bias), conv(x, down, None)
             if y.dim() != 4 or not (y.is_contiguous() and h.is_contiguous()):
                 return m._add_up(y, h, up, True)
