@@ -46,6 +46,7 @@ def tensor_key(t: torch.Tensor) -> tuple:
 
 
 _GENERATION = [0]  # bumped by every change a wrapper's fast path cannot see in tensor versions (see LoraWrapper._plan)
+_QUIET = [0]  # bumped by every factor set that keeps the plans (LoraWrapper.set_factors): a FactorBatch rebuilds
 
 
 def _bump() -> None:
@@ -98,6 +99,18 @@ class _Adapters(nn.ModuleDict):
 
     def clear(self) -> None:
         super().clear()
+        _bump()
+
+    def add_module(self, name, module) -> None:
+        super().add_module(name, module)
+        _bump()
+
+    def __setattr__(self, name, value) -> None:  # (setattr(table, name, adapter) registers it too)
+        super().__setattr__(name, value)
+        _bump()
+
+    def __delattr__(self, name) -> None:
+        super().__delattr__(name)
         _bump()
 
 
@@ -241,7 +254,7 @@ class LoraWrapper(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
-        if name in ("fused", "base"):
+        if name in ("fused", "base", "adapters"):
             _bump()
 
     def _apply(self, fn, recurse=True):
@@ -309,6 +322,8 @@ class LoraWrapper(nn.Module):
         """Drop the cached pair / fused weight (needed only after writing or assigning adapter tensors' `.data`)."""
         self._caches.clear()
         self._plan = None
+        for adapter in self.adapters.values():
+            adapter._scale = None  # (alpha written through .data, or in place under inference_mode)
 
     def _cacheable(self, active: list[LoraAdapter]) -> bool:
         """Cached tensors are constants: fine unless a gradient must reach the adapters or dropout draws masks."""
@@ -328,15 +343,20 @@ class LoraWrapper(nn.Module):
 
     def _fused_weight(self, active: list[LoraAdapter]) -> torch.Tensor:
         w = self.base.weight
+        if "parametrizations" in self.base._modules:  # (torch.nn.utils.parametrize: a new tensor at every read)
+            with torch.no_grad():
+                return self._composed(active, w)
         key = (*(a.state_key() for a in active), tensor_key(w), w.dtype)
         return self._cached("fused", key, lambda: self._composed(active, w))
 
     def _composed(self, active: list[LoraAdapter], w: torch.Tensor) -> torch.Tensor:
         """base + sum of the deltas (weight x factor x scale each) in fp32, as one GEMM over the stacked factors,
-        in the base weight's dtype: what fused mode runs, and what delta_weight() added to the base gives."""
+        in the base weight's dtype: what fused mode runs, and what delta_weight() added to the base gives. Never
+        under autocast (it would round the sum to the autocast dtype, and the result is kept)."""
         up = torch.cat([a.up.detach() for a in active], dim=1).float()
         down = torch.cat([a.down.detach() for a in active]).float()
-        return functional.compose(w.float(), self._weigh(active, up, torch.empty_like(up)), down).to(w.dtype)
+        with torch.autocast(w.device.type, enabled=False):
+            return functional.compose(w.float(), self._weigh(active, up, torch.empty_like(up)), down).to(w.dtype)
 
     def set_factors(self, factors: dict[str, float]) -> None:
         """Set the step factor of the named adapters (names this wrapper lacks are skipped). Where the kept
@@ -364,6 +384,7 @@ class LoraWrapper(nn.Module):
             return
         for adapter, f in changed:
             _set_factor_quietly(adapter, f)
+        _QUIET[0] += 1
         active = [a for a in ads.values() if a.active]
         self._weigh(active, stack[1][1], pair[1][1], checked=False)
 
@@ -416,14 +437,15 @@ class LoraWrapper(nn.Module):
             return self.base(x)
         if self._cacheable(active):
             kind = x.device.type
+            fused = self.fused and self._own_op(self.base)  # (else the unfused forward, through the base module)
             autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
             dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype  # the compute dtype
             casting = dtype if autocast else None
-            if self.fused:
+            if fused:
                 weight, base = self._fused_weight(active), self.base
                 bias = base.bias
                 run = lambda m, x: m._base_with(x, weight, bias)  # noqa: E731
-                self._keep_plan(x, kind, casting, active, run, (base, base.weight, bias, False), base.weight)
+                self._keep_plan(x, kind, casting, active, run, (base, base.weight, bias, True), base.weight)
                 return run(self, x)
             # inference: whatever the number of adapters, one cached down/up pair in the compute dtype (no fp32
             # copies of the activations), the strengths folded into up, and up's product added to the base output
@@ -440,7 +462,7 @@ class LoraWrapper(nn.Module):
             h = self._down(x if x.dtype == dtype else x.to(dtype), down)
             if y.dtype != dtype:  # autocast produced another dtype than asked: no fused add across dtypes
                 return y + self._up(h, up).to(y.dtype)
-            return self._add_up(y, h, up, inplace=not torch.is_grad_enabled())
+            return self._add_up(y, h, up, inplace=not torch.is_grad_enabled() and self._own_op(self.base))
         return self._loop(x, active, [a.effective_weight * a.scale for a in active])
 
     def _loop(self, x: torch.Tensor, active: list[LoraAdapter], strengths: list) -> torch.Tensor:
@@ -467,7 +489,7 @@ class LoraWrapper(nn.Module):
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
         down = torch.cat([a.down for a in active]).to(dtype)
         up = torch.cat([a.up * s for a, s in zip(active, strengths, strict=True)], dim=1).to(dtype)
-        if self.fused or self.composes(x):
+        if self.fused and self._own_op(self.base) or self.composes(x):
             w = self.base.weight
             return self._base_with(x, functional.compose(w, up.to(w.dtype), down.to(w.dtype)), self.base.bias)
         y = self.base(x)
@@ -488,7 +510,7 @@ class LoraWrapper(nn.Module):
                 y, h = m.base(x), m._down(x, down)
                 if y.dtype != h.dtype:  # a base module that returns another dtype (under autocast, or its own)
                     return y + m._up(h, up).to(y.dtype)
-                return m._add_up(y, h, up, True)
+                return m._add_up(y, h, up, False)  # (not into y: a hook may keep or return a tensor it holds)
 
             return hooked, False
         return self._direct(self.base.weight, self.base.bias, down, up, self._compose_above()), True
@@ -504,7 +526,13 @@ class LoraWrapper(nn.Module):
         and device and contiguous (not under autocast, not offloaded), and no hooks or patched forward on the base
         that calling the op directly would skip."""
         base, w = self.base, self.base.weight
-        return _plain(base) and w.dtype == x.dtype and w.device == x.device and w.is_contiguous()
+        return self._own_op(base) and w.dtype == x.dtype and w.device == x.device and w.is_contiguous()
+
+    def _own_op(self, base: nn.Module) -> bool:
+        """Whether calling the base's op (F.linear, _conv_forward) on its weight is calling the base: no hooks or
+        patched forward (see _plain), and a class whose forward is that op (not a subclass with its own forward:
+        quantised or LoRA-compatible linears)."""
+        return type(base).forward is self._BASE.forward and _plain(base)
 
     def _compose_above(self) -> int:
         """The input size (numel) above which composing the weight computes fewer FLOPs than the pair on the
@@ -533,6 +561,8 @@ class LoraWrapper(nn.Module):
 
 class LoraInjectedLinear(LoraWrapper):
     """nn.Linear + named low-rank adapters: y = base(x) + sum weight * scale * up(down(dropout(x)))."""
+
+    _BASE = nn.Linear  # (the class whose forward is the op _direct runs)
 
     def __init__(self, base: nn.Linear):
         if not isinstance(base, nn.Linear):
@@ -575,6 +605,8 @@ class LoraInjectedLinear(LoraWrapper):
 
 class LoraInjectedConv2d(LoraWrapper):
     """nn.Conv2d + named adapters: `down` is a conv with the base's kernel/stride/padding/dilation, `up` is 1x1."""
+
+    _BASE = nn.Conv2d
 
     def __init__(self, base: nn.Conv2d):
         if not isinstance(base, nn.Conv2d):
@@ -634,7 +666,7 @@ class FactorBatch:
     (then the caller sets the factors layer by layer, and builds anew later)."""
 
     def __init__(self, wrappers: list[LoraWrapper], names: list[str]):
-        self.names, self.generation = list(names), _GENERATION[0]
+        self.names, self.generation, self.quiet = list(names), _GENERATION[0], _QUIET[0]
         self.plans, self.outs, self.views, self.adapters = [], [], [], []
         slot = {name: i for i, name in enumerate(self.names)}  # the factor vector: scheduled names, then a 1
         for w in wrappers:  # checks first (cheap: the schedule hook tries a build after every call until one holds)
@@ -678,7 +710,9 @@ class FactorBatch:
 
     def apply(self, factors: dict[str, float]) -> bool:
         """Set every scheduled adapter's factor to factors[name] (all names of the batch) in one go."""
-        if self.generation != _GENERATION[0] or any(w._plan is not plan for w, plan in self.plans):
+        if self.generation != _GENERATION[0] or self.quiet != _QUIET[0]:
+            return False  # (a factor set layer by layer since: the batch's fixed factors may be stale)
+        if any(w._plan is not plan for w, plan in self.plans):
             return False
         if any(factors[n] == 0 for n in self.names):
             return False  # an adapter switching off changes the layers' active sets: a rebuild

@@ -142,12 +142,12 @@ def test_functional_delta_and_factorize_roundtrip():
     torch.testing.assert_close(functional.delta(cu, cd), full, atol=1e-4, rtol=1e-4)
 
 
-def _check_twice(w, x):
+def _check_twice(w, x, base=None):
     """w(x) twice equals the formula in float64 from the live tensors: the first call sees the last change, the second
-    runs the plan the first kept."""
+    runs the plan the first kept. `base`: the base's own output in float64, where it is not F.linear's."""
     x = x.to(w.base.weight.dtype)
     first, again = w(x), w(x)
-    y = F.linear(x.double(), w.base.weight.double(), w.base.bias.double())
+    y = F.linear(x.double(), w.base.weight.double(), w.base.bias.double()) if base is None else base
     for a in w.adapters.values():
         if a.enabled:
             h = F.linear(F.linear(x.double(), a.down.double()), a.up.double())
@@ -234,6 +234,68 @@ def test_adapters_made_under_inference_mode_keep_a_plan_too(fused):
         w.fused = not fused
         _check_twice(w, x)
         w.to(torch.float64)
+        _check_twice(w, x)
+
+
+def _two_adapter_linear(fused=False):
+    torch.manual_seed(0)
+    w = LoraInjectedLinear(nn.Linear(8, 5)).eval()
+    for name, rank, seed in (("a", 2, 1), ("b", 3, 2)):
+        _random(w.add_adapter(name, rank, alpha=1.5), seed)
+    w.fused = fused
+    return w, torch.randn(4, 8)
+
+
+@torch.no_grad()
+def test_the_adapter_table_changed_by_any_route_and_invalidate_reach_the_output():
+    """(An adversarial review's findings, each stale before.) ModuleDict routes that bypass item assignment, a new
+    table, and invalidate() after alpha was written through .data (the scale alpha / rank was kept)."""
+    w, x = _two_adapter_linear()
+    other, _ = _two_adapter_linear()
+    _check_twice(w, x)
+    w.adapters.add_module("z", other.adapters["a"])
+    _check_twice(w, x)
+    del w.adapters.z
+    _check_twice(w, x)
+    w.adapters.y = other.adapters["b"]
+    _check_twice(w, x)
+    w.adapters = other.adapters
+    _check_twice(w, x)
+    w.adapters["a"].alpha.data.fill_(6.0)  # (invisible to version counters: the documented call)
+    w.invalidate()
+    _check_twice(w, x)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_base_that_is_more_than_its_op_is_called_as_a_module(fused):
+    """A subclass with its own forward (quantised, LoRA-compatible linears) and a base whose forward hook keeps its
+    output (feature caches) are called as modules, in fused mode too, and what they return is not written into."""
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    w, x = _two_adapter_linear(fused)
+    w.base = Doubled(8, 5)
+    _check_twice(w, x, 2 * F.linear(x.double(), w.base.weight.double(), w.base.bias.double()))
+    w.base = nn.Linear(8, 5)
+    kept = {}
+    w.base.register_forward_hook(lambda module, args, out: kept.setdefault("y", out))
+    for _ in range(2):
+        _check_twice(w, x)  # (the hook returns the output of the first call at every call)
+    torch.testing.assert_close(kept["y"], w.base(x))
+
+
+@torch.no_grad()
+def test_fused_weights_are_composed_outside_autocast_and_follow_a_parametrized_base():
+    w, x = _two_adapter_linear(fused=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w(x)  # the fused weight is built here: not rounded to bf16 for later fp32 calls
+    _check_twice(w, x)
+    torch.nn.utils.parametrizations.weight_norm(w.base)  # the weight: a new tensor at every read
+    for scale in (2.0, 0.5, 3.0):
+        w.base.parametrizations.weight.original0.mul_(scale)
         _check_twice(w, x)
 
 

@@ -432,6 +432,11 @@ def test_factor_batch_sets_every_layer_as_set_factors_does():
             assert all(w.adapters[n].factor == f for w in wrappers for n, f in factors.items())
             check()
             assert [w._plan for w in wrappers] == plans  # (the same objects: no rebuild)
+        wrappers[0].set_factors({"c": 3.0})  # a factor the batch holds fixed, set layer by layer: refused after
+        check()
+        assert not batch.apply({"a": 0.3, "b": 1.0})
+        check()
+        batch = FactorBatch(wrappers, ["a", "b"])
         wrappers[0].adapters["b"].up.mul_(2.0)  # an in-place write: the next forward rebuilds that layer's plan
         check()
         assert not batch.apply({"a": 0.3, "b": 1.0})
