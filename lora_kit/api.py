@@ -192,7 +192,8 @@ def fuse(target) -> None:
     """Fused mode: each adapted layer runs its base op once on base weight + the weighted deltas, composed in fp32
     and cached, recomposed only when a weight, schedule factor or tensor changes. The base weights are never
     written, so `unfuse` (or unloading) gives back the base exactly. Costs one extra weight copy per adapted layer;
-    training (gradients to the adapters) always runs unfused."""
+    training (gradients to the adapters) always runs unfused, and so does a layer whose base is more than its op
+    (forward hooks, as accelerate's offloading adds; a subclass with its own forward, as quantised linears are)."""
     for module in components(target).values():
         _set_fused(module, True)
 
