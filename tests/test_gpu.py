@@ -57,6 +57,23 @@ def test_half_precision_unfused_fused_and_unfuse_on_cuda(make_pipe, dtype):
     assert torch.equal(_forward(pipe.unet, "cuda", dtype), _forward(plain, "cuda", dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_and_inference_mode_on_cuda(make_pipe, dtype):
+    """An fp32 UNet under autocast keeps each layer's plan for its fp32 inputs, and a call under inference_mode
+    leaves caches that a later call without it rebuilds: the CPU's fp32 output each way, each twice (the second
+    call runs the plans the first kept)."""
+    pipe = _adapted(make_pipe)
+    ref = _forward(pipe.unet, "cpu", torch.float32)
+    pipe.unet.to("cuda")
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=dtype):
+            _close(_forward(pipe.unet, "cuda", torch.float32), ref, dtype)
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        for _ in range(2):
+            with mode():
+                _close(_forward(pipe.unet, "cuda", torch.float32), ref, torch.float16)  # (fp32, TF32 convolutions)
+
+
 def test_schedule_on_cuda(make_pipe):
     def denoise(pipe):
         g = torch.Generator("cuda").manual_seed(0)
