@@ -117,23 +117,25 @@ class _Adapters(nn.ModuleDict):
 _SCALES: dict[tuple, torch.Tensor] = {}
 
 
-def column_scales(factors: tuple[tuple[float, int], ...], device: torch.device) -> torch.Tensor:
-    """The fp32 vector of each rank column's factor, for ((factor, rank), ...) of the active adapters in order.
-    Shared by every layer with the same adapters: a step schedule moves the factors at each step, and one copy to
-    the device per step is cheap where one per layer would not be."""
-    key = (factors, device)
+def column_scales(
+    factors: tuple[tuple[float, int], ...], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The vector (fp32, or fp64 for fp64 factors) of each rank column's factor, for ((factor, rank), ...) of the
+    active adapters in order. Shared by every layer with the same adapters: a step schedule moves the factors at each
+    step, and one copy to the device per step is cheap where one per layer would not be."""
+    key = (factors, device, dtype)
     scales = _SCALES.get(key)
     if scales is None:
         if len(_SCALES) >= 64:
             _SCALES.clear()
-        _SCALES[key] = scales = device_vector([f for f, rank in factors for _ in range(rank)], device)
+        _SCALES[key] = scales = device_vector([f for f, rank in factors for _ in range(rank)], device, dtype)
     return scales
 
 
-def device_vector(values: list[float], device: torch.device) -> torch.Tensor:
-    """An fp32 vector on `device`; on a GPU copied from pinned memory without waiting (the GPU keeps running the
-    work already queued)."""
-    vector = torch.tensor(values, dtype=torch.float32)
+def device_vector(values: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A vector on `device`; on a GPU copied from pinned memory without waiting (the GPU keeps running the work
+    already queued)."""
+    vector = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return vector.pin_memory().to(device, non_blocking=True)
     return vector.to(device)
@@ -353,10 +355,11 @@ class LoraWrapper(nn.Module):
         """base + sum of the deltas (weight x factor x scale each) in fp32, as one GEMM over the stacked factors,
         in the base weight's dtype: what fused mode runs, and what delta_weight() added to the base gives. Never
         under autocast (it would round the sum to the autocast dtype, and the result is kept)."""
-        up = torch.cat([a.up.detach() for a in active], dim=1).float()
-        down = torch.cat([a.down.detach() for a in active]).float()
+        exact = torch.promote_types(w.dtype, torch.float32)  # (fp32, or fp64 for a float64 model)
+        up = torch.cat([a.up.detach() for a in active], dim=1).to(exact)
+        down = torch.cat([a.down.detach() for a in active]).to(exact)
         with torch.autocast(w.device.type, enabled=False):
-            return functional.compose(w.float(), self._weigh(active, up, torch.empty_like(up)), down).to(w.dtype)
+            return functional.compose(w.to(exact), self._weigh(active, up, torch.empty_like(up)), down).to(w.dtype)
 
     def set_factors(self, factors: dict[str, float]) -> None:
         """Set the step factor of the named adapters (names this wrapper lacks are skipped). Where the kept
@@ -396,7 +399,7 @@ class LoraWrapper(nn.Module):
         factors = tuple(
             (a.weight * a.factor * (a.scale if checked or a._scale is None else a._scale[1]), a.rank) for a in active
         )
-        scales = column_scales(factors, up.device)
+        scales = column_scales(factors, up.device, up.dtype)
         return torch.mul(up, scales.view(-1, *[1] * (up.dim() - 2)), out=out)
 
     def _concatenated(self, active: list[LoraAdapter], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,7 +413,8 @@ class LoraWrapper(nn.Module):
         stack_key = (dtype, *[(a.serial, a.tensors_key()) for a in active])
 
         def stack():
-            return torch.cat([a.down for a in active]).to(dtype), torch.cat([a.up for a in active], dim=1).float()
+            up = torch.cat([a.up for a in active], dim=1)
+            return torch.cat([a.down for a in active]).to(dtype), up.to(torch.promote_types(up.dtype, torch.float32))
 
         down, up = self._cached("stack", stack_key, stack)
         weighted = self._weigh(active, up, torch.empty_like(up, dtype=dtype))  # (the cached stack needs no grad)
@@ -690,7 +694,7 @@ class FactorBatch:
             if not columns:
                 continue
             raw, out = w._caches["stack"][1][1], w._caches["pair"][1][1]
-            rows = raw.reshape(raw.shape[0], -1) * torch.tensor(columns, device=raw.device)  # (out, R) fp32
+            rows = raw.reshape(raw.shape[0], -1) * torch.tensor(columns, dtype=raw.dtype, device=raw.device)
             groups.setdefault(tuple(idx), []).append((rows, out))
             self.plans.append((w, w._plan))
             self.outs.append(out)
@@ -718,7 +722,7 @@ class FactorBatch:
             return False  # an adapter switching off changes the layers' active sets: a rebuild
         if self.inference and not torch.is_inference_mode_enabled():
             return False  # tensors made under inference_mode, now outside it: the layers rebuild theirs
-        vector = device_vector([factors[n] for n in self.names] + [1.0], self.outs[0].device)
+        vector = device_vector([factors[n] for n in self.names] + [1.0], self.outs[0].device, self.groups[0][0].dtype)
         for prescaled, idx, buffer in self.groups:
             torch.mul(prescaled, vector[idx], out=buffer)
         torch._foreach_copy_(self.outs, self.views)
