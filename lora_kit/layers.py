@@ -193,6 +193,19 @@ class LoraAdapter(nn.Module):
         _bump()  # new storage for down/up/alpha (moved or cast): the layers' kept plans do not read pointers
         return out
 
+    def register_parameter(self, name, param) -> None:  # (a tensor set without __setattr__: the same change)
+        super().register_parameter(name, param)
+        self._new_tensor()
+
+    def register_buffer(self, name, tensor, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        self._new_tensor()
+
+    def _new_tensor(self) -> None:
+        d = self.__dict__
+        d["_epoch"], d["_tensor_epoch"] = next(_SERIALS), next(_SERIALS)
+        _bump()
+
     @property
     def rank(self) -> int:
         return self._parameters["down"].shape[0]
@@ -258,6 +271,10 @@ class LoraWrapper(nn.Module):
         super().__setattr__(name, value)
         if name in ("fused", "base", "adapters"):
             _bump()
+
+    def add_module(self, name, module) -> None:  # (register_module too: a new base or table without __setattr__)
+        super().add_module(name, module)
+        _bump()
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -413,8 +430,8 @@ class LoraWrapper(nn.Module):
         stack_key = (dtype, *[(a.serial, a.tensors_key()) for a in active])
 
         def stack():
-            up = torch.cat([a.up for a in active], dim=1)
-            return torch.cat([a.down for a in active]).to(dtype), up.to(torch.promote_types(up.dtype, torch.float32))
+            up = torch.cat([a.up for a in active], dim=1).to(torch.promote_types(dtype, torch.float32))
+            return torch.cat([a.down for a in active]).to(dtype), up
 
         down, up = self._cached("stack", stack_key, stack)
         weighted = self._weigh(active, up, torch.empty_like(up, dtype=dtype))  # (the cached stack needs no grad)
@@ -728,6 +745,8 @@ class FactorBatch:
         torch._foreach_copy_(self.outs, self.views)
         for adapter, name in self.adapters:
             _set_factor_quietly(adapter, factors[name])
+        _QUIET[0] += 1  # (another batch over these layers holds other factors fixed: it rebuilds)
+        self.quiet = _QUIET[0]
         return True
 
 

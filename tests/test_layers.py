@@ -264,6 +264,12 @@ def test_the_adapter_table_changed_by_any_route_and_invalidate_reach_the_output(
     w.adapters["a"].alpha.data.fill_(6.0)  # (invisible to version counters: the documented call)
     w.invalidate()
     _check_twice(w, x)
+    w.add_module("base", nn.Linear(8, 5))  # (register_module, add_module: no __setattr__)
+    _check_twice(w, x)
+    w.adapters["a"].register_parameter("up", nn.Parameter(torch.randn(5, 2)))
+    _check_twice(w, x)
+    w.adapters["a"].register_buffer("alpha", torch.tensor(7.0))
+    _check_twice(w, x)
 
 
 @torch.no_grad()
@@ -301,13 +307,18 @@ def test_fused_weights_are_composed_outside_autocast_and_follow_a_parametrized_b
 
 @torch.no_grad()
 @pytest.mark.parametrize("fused", [False, True])
-def test_a_float64_wrapper_computes_in_float64(fused):
-    """(The stacked ups, the column scales and the fused sum were fp32 whatever the model: 4e-8 off in float64.)"""
+@pytest.mark.parametrize("adapters", ["float64", "float32"])
+def test_a_float64_wrapper_computes_in_float64(fused, adapters):
+    """(The stacked ups, the column scales and the fused sum were fp32 whatever the model: 4e-8 off in float64.)
+    Adapters added to a float64 model are fp32 (as they always are): the model's float64 all the same."""
     w, x = _two_adapter_linear(fused)
-    w.double()
+    if adapters == "float64":
+        w.double()
+    else:
+        w.base.double()
     y = F.linear(x.double(), w.base.weight, w.base.bias)
     for a in w.adapters.values():
-        y = y + a.weight * a.alpha.item() / a.rank * F.linear(F.linear(x.double(), a.down), a.up)
+        y = y + a.weight * a.alpha.item() / a.rank * F.linear(F.linear(x.double(), a.down.double()), a.up.double())
     for _ in range(2):
         torch.testing.assert_close(w(x.double()), y, atol=1e-13, rtol=1e-12)
 

@@ -442,6 +442,10 @@ def test_factor_batch_sets_every_layer_as_set_factors_does():
         assert not batch.apply({"a": 0.3, "b": 1.0})
         batch = FactorBatch(wrappers, ["a", "b"])
         assert not batch.apply({"a": 0.0, "b": 1.0})  # a factor of 0 takes an adapter out of the layers' sums
+        check()
+        only_a, only_b = FactorBatch(wrappers, ["a"]), FactorBatch(wrappers, ["b"])
+        assert only_b.apply({"b": 0.9})
+        assert not only_a.apply({"a": 0.4})  # it holds b's factor fixed, and another batch has set b since
         wrappers[1].adapters["c"].weight = 0.1  # any other setting: refused
         assert not batch.apply({"a": 0.3, "b": 1.0})
         check()
