@@ -5,7 +5,8 @@
 #   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl diffusers importlib_metadata peft==0.21.2
 # then run `bash bench/gpu.sh [quick|full|compile]` with carry [".whl"] and a timeout of about 540 s; everything it
-# writes lands in $OUT: the GPU tests' log, each benchmark's log, and their RESULTS.md sections.
+# writes lands in $OUT: the GPU tests' log, each benchmark's log, and their RESULTS.md sections (each with the
+# routes table: what the unfused forward adds per route, layer by layer, to tune the route rule on this GPU).
 #   quick:   the GPU tests and the 512 px benchmark (about 4 minutes on an H200)
 #   full:    quick plus the 1024 px benchmark (about 6 minutes)
 #   compile: the GPU tests and the 512 px benchmark with the UNet compiled (CUDA graphs)
