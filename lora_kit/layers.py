@@ -87,11 +87,8 @@ def _plain(module: nn.Module) -> bool:
 
 
 class _Adapters(nn.ModuleDict):
-    """The adapter table of a wrapper: adding or removing an adapter is a change the fast path must see."""
-
-    def __setitem__(self, key, module) -> None:
-        super().__setitem__(key, module)
-        _bump()
+    """The adapter table of a wrapper: adding or removing an adapter is a change the fast path must see (item
+    assignment and update() go through add_module)."""
 
     def __delitem__(self, key) -> None:
         super().__delitem__(key)
