@@ -23,8 +23,10 @@ no gradient has to reach the adapters and no dropout is active; training always 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
+import weakref
 from operator import attrgetter
 
 import torch
@@ -86,29 +88,58 @@ def _plain(module: nn.Module) -> bool:
     )
 
 
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # adapter -> how many adapter tables hold it
+
+
+def _count(modules, n: int) -> None:
+    for m in modules:
+        if isinstance(m, LoraAdapter):
+            _TABLES[m] = _TABLES.get(m, 0) + n
+
+
+def _shared(adapter: LoraAdapter) -> int:
+    """How many adapter tables hold `adapter` (one, unless an adapter object was added to several layers: a factor
+    set through one layer without a generation bump would then leave the others' plans stale)."""
+    return _TABLES.get(adapter, 0)
+
+
 class _Adapters(nn.ModuleDict):
     """The adapter table of a wrapper: adding or removing an adapter is a change the fast path must see (item
-    assignment and update() go through add_module)."""
+    assignment and update() go through add_module), and each adapter counts the tables holding it (see _shared)."""
+
+    def _changed(self, before: list) -> None:
+        _count(before, -1)
+        _count(self._modules.values(), 1)
+        _bump()
 
     def __delitem__(self, key) -> None:
+        before = list(self._modules.values())
         super().__delitem__(key)
-        _bump()
+        self._changed(before)
 
     def clear(self) -> None:
+        before = list(self._modules.values())
         super().clear()
-        _bump()
+        self._changed(before)
 
     def add_module(self, name, module) -> None:
+        before = list(self._modules.values())
         super().add_module(name, module)
-        _bump()
+        self._changed(before)
 
     def __setattr__(self, name, value) -> None:  # (setattr(table, name, adapter) registers it too)
+        before = list(self._modules.values())
         super().__setattr__(name, value)
-        _bump()
+        self._changed(before)
 
     def __delattr__(self, name) -> None:
+        before = list(self._modules.values())
         super().__delattr__(name)
-        _bump()
+        self._changed(before)
+
+    def __setstate__(self, state) -> None:  # (a copy: copy.deepcopy, torch.load of a whole module)
+        super().__setstate__(state)
+        _count(self._modules.values(), 1)
 
 
 _SCALES: dict[tuple, torch.Tensor] = {}
@@ -392,7 +423,7 @@ class LoraWrapper(nn.Module):
             and pair is not None
             and stack is not None
             and not self.fused
-            and all(a.factor != 0 and f != 0 for a, f in changed)
+            and all(a.factor != 0 and f != 0 and _shared(a) <= 1 for a, f in changed)
             and writable(pair[1][1])
         )  # (an adapter tensor written in place since: the next forward sees it in the plan's snapshot and rebuilds)
         if not quiet:
@@ -697,6 +728,9 @@ class FactorBatch:
             ):
                 raise ValueError("an adapted layer without a kept unfused plan")
             self.adapters += [(a, n) for n, a in scheduled]
+        held = collections.Counter(a for a, _ in self.adapters)
+        if any(_shared(a) > n for a, n in held.items()):  # (its factor set here would leave that layer's plan stale)
+            raise ValueError("an adapter object also held by a layer outside the batch")
         groups: dict[tuple[int, ...], list] = {}  # each column's slot -> [(prescaled rows, the layer's pair up)]
         for w in wrappers:
             columns, idx = [], []

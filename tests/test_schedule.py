@@ -623,3 +623,30 @@ def test_text_encoder_adapters_are_never_scheduled(make_pipe):
     _denoise(pipe, "sd1", 2)
     assert torch.equal(forward_text(pipe.text_encoder), te_static)
     assert {w.adapters["x"].factor for _, w in lora_modules(pipe.text_encoder)} == {1.0}
+
+
+def test_an_adapter_object_in_two_layers_gets_its_factor_in_both():
+    """One LoraAdapter object added to two layers (tied weights): a factor set through one layer, or by a batch over
+    that layer alone, must reach the other's kept plan too (both rebuild rather than keep a stale pair)."""
+    (first, x), (second, _) = _layer("linear"), _layer("linear", seed=1)
+    second.adapters["a"] = first.adapters["a"]
+    for w in (first, second):
+        w.eval()
+    with torch.no_grad():
+        for w in (first, second):
+            w(x), w(x)  # both keep a plan
+        first.set_factors({"a": 0.5})
+        torch.testing.assert_close(second(x), _formula(second, x), atol=1e-4, rtol=1e-4)
+        first(x)
+        with pytest.raises(ValueError, match="outside the batch"):
+            FactorBatch([first], ["a"])
+        batch = FactorBatch([first, second], ["a"])
+        assert batch.apply({"a": 2.0})
+        for w in (first, second):
+            torch.testing.assert_close(w(x), _formula(w, x), atol=1e-4, rtol=1e-4)
+        del second.adapters["a"]  # held by one table again: a factor set keeps the plan
+        second(x), first(x)
+        plan = first._plan
+        first.set_factors({"a": 0.25})
+        assert first._plan is plan
+        torch.testing.assert_close(first(x), _formula(first, x), atol=1e-4, rtol=1e-4)
