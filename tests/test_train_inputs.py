@@ -152,3 +152,23 @@ def test_unreadable_images_are_named(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     examples, skipped = scan(tmp_path, "a photo")
     assert [ex.image.name for ex in examples] == ["good.png"] and skipped == [tmp_path / "broken.png"]
+
+
+def test_caption_precedence_is_manifest_then_txt_then_instance_prompt(tmp_path):
+    """CONTRACTS: manifest, then <image>.txt, then --instance-prompt; a manifest entry without a caption takes its
+    image's .txt before the instance prompt."""
+    import json
+
+    from PIL import Image
+
+    from lora_kit.train.data import scan
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (16, 16)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("the txt of a")
+    (tmp_path / "b.txt").write_text("the txt of b")
+    entries = [{"image": "a.png", "caption": "the manifest's a"}, {"image": "b.png", "caption": None},
+               {"image": "c.png"}]  # fmt: skip
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(e) for e in entries))
+    examples, _ = scan(tmp_path, "the instance prompt")
+    assert [ex.caption for ex in examples] == ["the manifest's a", "the txt of b", "the instance prompt"]

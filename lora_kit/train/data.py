@@ -54,6 +54,12 @@ def _size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def _txt_caption(image: Path, instance_prompt: str | None) -> str:
+    """The caption of `image` from its same-name .txt, else the instance prompt ("" when neither)."""
+    txt = image.with_suffix(".txt")
+    return txt.read_text().strip() if txt.is_file() else (instance_prompt or "")
+
+
 def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[Example], list[Path]]:
     """(usable examples, the unreadable images skipped) in `folder`; errors for what cannot train at all."""
     root = Path(folder)
@@ -73,7 +79,7 @@ def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[E
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise LoraKitError(f"{manifest}: line {n} is not a manifest entry with an 'image'") from None
             mask = root / entry["mask"] if entry.get("mask") else None
-            candidates.append(Example(image, entry.get("caption") or instance_prompt or "", mask))
+            candidates.append(Example(image, entry.get("caption") or _txt_caption(image, instance_prompt), mask))
     else:
         images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         stems = {p.with_suffix("") for p in images}
@@ -81,8 +87,7 @@ def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[E
         if orphans:
             raise LoraKitError(f"{orphans[0]}: caption file without an image (expected {orphans[0].stem}.png/.jpg)")
         for p in images:
-            txt = p.with_suffix(".txt")
-            caption = txt.read_text().strip() if txt.is_file() else (instance_prompt or "")
+            caption = _txt_caption(p, instance_prompt)
             match = _REPEATS.match(p.parent.name) if p.parent != root else None
             candidates.append(Example(p, caption, None, repeats=int(match.group(1)) if match else 1))
     if not candidates:
