@@ -451,3 +451,20 @@ def test_validation_samples_in_eval_mode_and_restores_every_module(make_pipe, mo
     assert len(seen) >= 2 and not any(seen)
     assert {m: m.training for c in components(pipe).values() for m in c.modules()} == before
     assert any(before.values()) and not all(before.values())
+
+
+def test_ti_token_is_found_next_to_punctuation():
+    """The token is a whole word wherever punctuation touches it (lora-ppim --token writes '<sks>, a dog'): it is
+    expanded in place to its entries, never put in front a second time."""
+    import random
+
+    cfg = TrainConfig(model="toy", data="x", output="x.safetensors", mode="textual-inversion", token="<sks>",
+                      num_vectors=2)  # fmt: skip
+    batcher = loop.Batcher(cfg, None, [], None, cache_text=False)
+    cases = {
+        "<sks>, a dog on grass": "<sks> <sks>_1, a dog on grass",
+        "a photo of <sks>.": "a photo of <sks> <sks>_1.",
+        "a photo of <sks> dog": "a photo of <sks> <sks>_1 dog",
+        "a dog": "<sks> <sks>_1 a dog",
+    }
+    assert {text: batcher.caption(text, random.Random(0)) for text in cases} == cases

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -59,12 +60,12 @@ class Batcher:
             text = ", ".join(head + tail)
         if cfg.mode in ("textual-inversion", "pivotal") and not prior:
             # the new token must be in the caption to learn anything (class images keep their own captions); a
-            # multi-vector token is spelled out as its tokenizer entries (<tok> <tok>_1 ...), as diffusers does
-            if cfg.token not in text.split():
+            # multi-vector token is spelled out as its tokenizer entries (<tok> <tok>_1 ...), as diffusers does. The
+            # token is a whole word as lora-ppim's apply_token finds it: "<tok>, a dog" has it, "<tok>_1" does not
+            word = re.compile(rf"(?<!\w){re.escape(cfg.token)}(?!\w)")
+            if not word.search(text):
                 text = f"{cfg.token} {text}".strip()
-            text = " ".join(
-                " ".join(expand(cfg.token, cfg.num_vectors)) if w == cfg.token else w for w in text.split()
-            )
+            text = word.sub(lambda _: " ".join(expand(cfg.token, cfg.num_vectors)), text)
         return text
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
