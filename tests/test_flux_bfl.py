@@ -217,3 +217,44 @@ def test_bad_bfl_files_one_line_error(make_pipe, tmp_path):
     # a layer BFL has no name for cannot be written under a BFL name
     with pytest.raises(LoraKitError, match=r"transformer\.extra\.layer has no name in kohya's FLUX"):
         kohya_flux.to_bfl({"extra.layer": {}}, pipe.transformer)
+
+
+def test_bfl_file_converts_to_peft_and_native(make_pipe, tmp_path):
+    """A read gives q/k/v (and proj_mlp) one shared down tensor; every writer must copy shared tensors (safetensors
+    refuses shared memory). The peft file in diffusers' loader and the native file in lora_kit == the BFL file."""
+    from lora_kit import formats
+
+    full = tmp_path / "fused.safetensors"
+    _hand_fused_file(full, diffusers_can_load=True)
+    ref = make_pipe("flux")
+    lora_kit.load(ref, full)
+    expected = forward_main(ref.transformer)
+    pipe = make_pipe("flux")
+    state, _ = formats.read(full, pipe)
+    peft_file = formats.write(tmp_path / "p.safetensors", state, pipe, format="peft")
+    native = formats.write(tmp_path / "n.safetensors", state, pipe, format="native")
+    theirs = make_pipe("flux")
+    theirs.load_lora_weights(str(peft_file))
+    torch.testing.assert_close(forward_main(theirs.transformer), expected, atol=1e-5, rtol=0)
+    ours = make_pipe("flux")
+    lora_kit.load(ours, native)
+    torch.testing.assert_close(forward_main(ours.transformer), expected, atol=1e-5, rtol=0)
+
+
+def test_convert_cli_on_a_real_size_bfl_file(tmp_path):
+    """lora-convert without --model (FLUX.1 built on the meta device): q/k/v split exactly, nothing shared."""
+    from click.testing import CliRunner
+    from lora_kit.cli.convert import main as convert
+
+    g = torch.Generator().manual_seed(0)
+    stem = "lora_unet_double_blocks_0_img_attn_qkv"
+    down, up = torch.randn(2, 3072, generator=g), torch.randn(9216, 2, generator=g)
+    save_file({f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(2.0)},
+              tmp_path / "k.safetensors", metadata={"ss_base_model_version": "flux1"})  # fmt: skip
+    result = CliRunner().invoke(convert, [str(tmp_path / "k.safetensors"), "--to", "peft", "-o", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    tensors, _ = files.load(tmp_path / "p")
+    for i, x in enumerate("qkv"):
+        key = f"transformer.transformer_blocks.0.attn.to_{x}"
+        assert torch.equal(tensors[f"{key}.lora_A.weight"], down)
+        assert torch.equal(tensors[f"{key}.lora_B.weight"], up[i * 3072 : (i + 1) * 3072])

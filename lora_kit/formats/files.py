@@ -159,9 +159,17 @@ def ordinary(path: str | os.PathLike) -> None:
 
 
 def serialize(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes of {name: tensor}. Tensors that share memory (one down read for a fused FLUX group's q/k/v,
+    views of one up) are written as copies: safetensors refuses shared storage, and every key is its own tensor."""
     from safetensors.torch import save
 
-    return save({k: t.contiguous() for k, t in tensors.items()}, metadata=metadata)
+    seen, own = set(), {}
+    for key, t in tensors.items():
+        t = t.contiguous()
+        storage = (t.device, t.untyped_storage().data_ptr())
+        own[key] = t.clone() if storage in seen and t.numel() else t
+        seen.add(storage)
+    return save(own, metadata=metadata)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:
