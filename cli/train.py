@@ -28,7 +28,7 @@ HELP = {
     "text_encoder_rank": "Train text-encoder adapters at this rank (0 = off; SD3: its CLIPs; not FLUX). [0]",
     "text_encoder_alpha": "Text-encoder alpha. [its rank]",
     "text_encoder_targets": "Text-encoder preset: clip-attn, clip-all. [clip-attn]",
-    "dropout": "Dropout on the adapter input while training. [0]",
+    "dropout": "Dropout on the adapter input while training (masks drawn per seed, step and process). [0]",
     "init": "Initial down factors: kaiming (uniform, as kohya and peft's default) or gaussian (std 1/rank, as peft's "
     "init_lora_weights='gaussian' of the diffusers scripts); up starts at zero either way. [kaiming]",
     "lr": "Learning rate of the UNet/transformer adapters. [1e-4]",

@@ -3,7 +3,8 @@
 Determinism: the batch of each step, every flip, caption choice, latent sample, noise and timestep are functions of
 (seed, step, position in the global batch). So `--resume` continues bit-exactly from a checkpoint (which holds the
 trainable tensors, optimizer and LR-scheduler state), and N processes that each take a slice of the global batch
-compute what one process computes.
+compute what one process computes. Adapter dropout masks (torch's global RNG) are a function of (seed, step,
+process): a resume is still bit-exact, but N processes draw other masks than one process does.
 """
 
 from __future__ import annotations
@@ -292,6 +293,9 @@ def train(
                disable=not accelerator.is_main_process)  # fmt: skip
     last_checkpoint = None
     for step in bar:
+        # adapter dropout draws its masks from torch's global RNG (CPU and CUDA): seeded from (seed, step, process)
+        # at every step, so a resumed run draws what an uninterrupted one drew (each process draws its own masks)
+        torch.manual_seed(hash((cfg.seed, step, rank, 3)) & 0x7FFFFFFFFFFFFFFF)
         recipe.before_step(step)
         total = 0.0
         for micro in range(cfg.grad_accum):
