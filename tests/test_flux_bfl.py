@@ -258,3 +258,31 @@ def test_convert_cli_on_a_real_size_bfl_file(tmp_path):
         key = f"transformer.transformer_blocks.0.attn.to_{x}"
         assert torch.equal(tensors[f"{key}.lora_A.weight"], down)
         assert torch.equal(tensors[f"{key}.lora_B.weight"], up[i * 3072 : (i + 1) * 3072])
+
+
+def test_peft_rank_pattern_is_anchored(make_pipe, tmp_path):
+    """The final `proj_out` at another rank than single_transformer_blocks.0.proj_out: the rank_pattern key is
+    anchored ("^proj_out", as diffusers writes it), or PEFT gives both layers that rank and diffusers fails."""
+    import json
+
+    from lora_kit.formats.peft_config import alpha_for
+
+    pipe = make_pipe("flux")
+    inject_lora(pipe.transformer, "dit", rank=4, alpha=4.0, name="x")
+    inject_lora(pipe.transformer, paths=["proj_out"], rank=2, alpha=4.0, name="x")
+    randomize_adapters(pipe, seed=1)
+    path = lora_kit.save(pipe, tmp_path / "p.safetensors", format="peft")
+    config = json.loads(files.read_header(path)[1]["lora_adapter_metadata"])
+    assert config["transformer.rank_pattern"] == {"^proj_out": 2}
+    expected = forward_main(pipe.transformer)
+    theirs = make_pipe("flux")
+    theirs.load_lora_weights(str(path), adapter_name="x")
+    torch.testing.assert_close(forward_main(theirs.transformer), expected, atol=1e-5, rtol=0)
+    ours = make_pipe("flux")
+    lora_kit.load(ours, path)
+    torch.testing.assert_close(forward_main(ours.transformer), expected, atol=1e-5, rtol=0)
+    # patterns are read as PEFT reads them, anchored or not
+    for pattern, inner in (("^proj_out", 4.0), ("proj_out", 1.0)):
+        cfg = {"lora_alpha": 4.0, "alpha_pattern": {pattern: 1.0}}
+        assert alpha_for("proj_out", 2, cfg) == 1.0
+        assert alpha_for("single_transformer_blocks.0.proj_out", 2, cfg) == inner

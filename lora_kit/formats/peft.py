@@ -114,7 +114,9 @@ def to_peft(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
             common = Counter(rank for rank, _ in mods.values()).most_common(1)[0][0]
             config[f"{component}.r"] = common
             config[f"{component}.lora_alpha"] = alphas.pop()
-            config[f"{component}.rank_pattern"] = {p: r for p, (r, _) in mods.items() if r != common}
+            # anchored as diffusers' load_lora_adapter writes them: PEFT matches a pattern as a suffix of the
+            # module path, so a bare "proj_out" would also give every single_transformer_blocks.N.proj_out its rank
+            config[f"{component}.rank_pattern"] = {f"^{p}": r for p, (r, _) in mods.items() if r != common}
             config[f"{component}.target_modules"] = sorted(mods)
         metadata[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
     return tensors, metadata
