@@ -190,3 +190,31 @@ def test_load_names_and_replace(sd1, make_pipe, tmp_path):
     lora_kit.unload(pipe, "style")
     lora_kit.unload(pipe, "again")
     assert not list(lora_modules(pipe.unet)) and not list(lora_modules(pipe.text_encoder))
+
+
+def test_sdxl_text_projection_key(make_pipe, tmp_path):
+    """text_encoder_2.text_projection lies outside text_model: sd-scripts, ComfyUI and diffusers call it
+    `lora_te2_text_projection`. diffusers' loader on the file == lora_kit; the old text_model_ spelling reads too."""
+    pipe = make_pipe("sdxl")
+    inject_lora(pipe.text_encoder_2, paths=["text_projection"], rank=2, alpha=2.0, name="x")
+    inject_lora(pipe.text_encoder_2, "clip-attn", rank=2, alpha=2.0, name="x")
+    randomize_adapters(pipe, seed=1)
+    path = lora_kit.save(pipe, tmp_path / "tp.safetensors")
+    tensors, _ = files.load(path)
+    assert "lora_te2_text_projection.lora_down.weight" in tensors
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
+
+    def embeds(p):
+        with torch.no_grad():
+            return p.text_encoder_2(torch.tensor([[1, 5, 9, 2]])).text_embeds
+
+    expected = embeds(pipe)
+    theirs = make_pipe("sdxl")
+    theirs.load_lora_weights(str(path), adapter_name="x")
+    torch.testing.assert_close(embeds(theirs), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(embeds(make_pipe("sdxl")), expected, atol=1e-3)
+    old = {k.replace("lora_te2_text_projection", "lora_te2_text_model_text_projection"): t for k, t in tensors.items()}
+    save_file(old, tmp_path / "old.safetensors")
+    ours = make_pipe("sdxl")
+    lora_kit.load(ours, tmp_path / "old.safetensors")
+    assert torch.equal(embeds(ours), expected)

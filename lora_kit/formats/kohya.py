@@ -3,7 +3,8 @@
 Keys are `<prefix>_<module path with "." -> "_">.lora_down.weight / .lora_up.weight / .alpha`:
 `lora_unet` (SD1/SD2: diffusers paths; SDXL: SGM paths such as `input_blocks_4_1_...`), `lora_te` (the one CLIP of
 SD1/SD2), `lora_te1`/`lora_te2` (two CLIPs), `lora_te3` (T5). Text-encoder paths are spelled `text_model_<rest>`
-whatever transformers calls them. Names are mapped back through the model's own module list, never by splitting.
+whatever transformers calls them, except the layers outside the text model (`lora_te2_text_projection`). Names are
+mapped back through the model's own module list, never by splitting.
 """
 
 from __future__ import annotations
@@ -82,12 +83,17 @@ def stems(component: str, module: nn.Module, arch: str) -> dict[str, list[str]]:
     """{module path: [stem to write, other stems that mean the same module]} for every layer of a component."""
     pre = prefix(component, module, arch)
     table = sgm_blocks(module.config) if component == "unet" else None
+    # a CLIP that still has `text_model` (CLIPTextModelWithProjection) has layers outside it: `text_projection` is
+    # `lora_te2_text_projection` to sd-scripts, ComfyUI and diffusers (the text_model_ spelling is read too)
+    nested = isinstance(getattr(module, "text_model", None), nn.Module)
     out = {}
     for path, _ in _layers(module):
         flat = path.replace(".", "_")
         if component.startswith("text_encoder") and pre != "lora_te3":
             rest = path.removeprefix("text_model.").replace(".", "_")
             names = [f"{pre}_text_model_{rest}", f"{pre}_{rest}"]
+            if nested and not path.startswith("text_model."):
+                names.reverse()
             if pre in ("lora_te", "lora_te1"):  # SD1 files written by diffusers' converter say te1
                 other = "lora_te1" if pre == "lora_te" else "lora_te"
                 names += [f"{other}_text_model_{rest}", f"{other}_{rest}"]
