@@ -65,13 +65,14 @@ HELP = {
     "ti_steps": "Pivotal: steps training the embeddings alone before LoRA joins. [0]",
     "save_every": "Checkpoint every N steps to <output>-checkpoints/step-N. [0 = off]",
     "save_limit": "Keep only the newest N checkpoints. [0 = all]",
-    "resume": "Resume from 'latest' or a checkpoint folder (the same config).",
+    "resume": "Resume from 'latest' or a checkpoint folder (refused if the config, data or model files differ).",
     "validation_prompt": "Prompt of validation samples (a PNG grid in <output>-samples/).",
     "validate_every": "Validation samples every N steps. [0 = off]",
     "validation_steps": "Denoising steps of validation and class images. [20]",
     "logdir": "Folder for the loss log (CSV, and tensorboard when installed).",
     "save_dtype": "fp16 | bf16 | fp32 of the written adapters. [fp16]",
-    "force": "Overwrite an existing output.",
+    "force": "Overwrite an existing output; without --resume, also delete an earlier run's checkpoints (when the "
+    "new run starts).",
 }
 
 

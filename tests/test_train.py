@@ -2,6 +2,7 @@
 matches its formulas, textual inversion touches only its rows, resume is bit-exact, and bad inputs fail cleanly."""
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -362,8 +363,84 @@ def test_resume_refuses_a_different_config(make_pipe, data, tmp_path, models):
     cfg = config(models, data, tmp_path, steps=2, save_every=1)
     loop.train(cfg, pipe=make_pipe("sd1"))
     other = config(models, data, tmp_path, steps=4, rank=8, resume="latest", force=True)
-    with pytest.raises(LoraKitError, match="different model, data or training config"):
+    with pytest.raises(LoraKitError, match="step-1: the checkpoint was made with a different training config"):
         loop.train(other, pipe=make_pipe("sd1"))
+
+
+def test_resume_refuses_changed_data_or_model(make_pipe, models, tmp_path):
+    """CONTRACTS: --resume refuses a checkpoint whose model or data differ, not only their paths: an edited caption,
+    an added image or an edited model config are refused (before the model loads), the unchanged run resumes."""
+    import shutil
+
+    model, data = tmp_path / "model", write_images(tmp_path / "data", n=2)
+    shutil.copytree(models["sd1"], model)
+    cfg = config({"sd1": str(model)}, data, tmp_path, steps=2, save_every=1)
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, loss, context):
+        raise Stop
+
+    with pytest.raises(Stop):
+        loop.train(cfg, callbacks=[stop], pipe=make_pipe("sd1"))
+    resume = replace(cfg, resume="latest")
+    caption, unet_config = (data / "img0.txt").read_text(), (model / "unet" / "config.json").read_text()
+    edits = [
+        (lambda: (data / "img0.txt").write_text("a drawing of a cat"), "data"),
+        (lambda: write_images(data, n=3), "data"),
+        (lambda: (model / "unet" / "config.json").write_text(unet_config + " "), "model"),
+    ]
+    for edit, what in edits:
+        edit()
+        with pytest.raises(LoraKitError, match=f"step-1: the checkpoint was made with a different {what} "):
+            loop.train(resume, pipe=None)  # refused before the model loads
+        (data / "img0.txt").write_text(caption)
+        (data / "img2.png").unlink(missing_ok=True), (data / "img2.txt").unlink(missing_ok=True)
+        (model / "unet" / "config.json").write_text(unet_config)
+    loop.train(resume, pipe=make_pipe("sd1"))
+    assert Path(cfg.output).exists()
+
+
+def test_force_replaces_an_earlier_runs_checkpoints(make_pipe, models, data, tmp_path):
+    """--force without --resume clears the earlier run's step-N checkpoints once the new run starts, so --save-limit
+    keeps this run's newest and --resume latest finds this run's; a checkpoint beyond --steps is refused."""
+    import json
+
+    loop.train(config(models, data, tmp_path, steps=4, save_every=1), pipe=make_pipe("sd1"))
+    folder = tmp_path / "out-checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-1", "step-2", "step-3"]
+    with pytest.raises(LoraKitError, match="step-3: the checkpoint is at step 3, beyond --steps 2"):
+        loop.train(config(models, data, tmp_path, steps=2, save_every=1, resume="latest", force=True))
+    (folder / "mine.txt").write_text("not lora-train's")  # what lora-train did not write stays
+    loop.train(config(models, data, tmp_path, steps=3, save_every=1, save_limit=1, force=True), pipe=make_pipe("sd1"))
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt", "step-2"]
+    assert json.loads((folder / "step-2" / "state.json").read_text())["steps"] == 3
+
+
+def test_checkpoints_keep_the_fp16_loss_scale(make_pipe, models, data, tmp_path):
+    """The GradScaler's state (fp16 on a GPU) is saved with the optimizer and restored on resume."""
+    from diffusers.optimization import get_scheduler
+
+    from lora_kit.train import checkpoints, recipes
+
+    cfg = config(models, data, tmp_path, save_every=1)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**16) for _ in range(2)]
+    for scaler in scalers:
+        scaler.scale(torch.ones(()))  # the scale exists once a loss was scaled
+    scalers[0].update(new_scale=512.0)
+    prints = checkpoints.fingerprints(cfg)
+    for i, scaler in enumerate(scalers):
+        pipe = make_pipe("sd1")
+        recipe = recipes.build(cfg, pipe)
+        optimizer = torch.optim.AdamW(recipe.groups)
+        scheduler = get_scheduler("constant", optimizer)
+        if i == 0:
+            checkpoints.save_checkpoint(cfg, 1, recipe, pipe, optimizer, scheduler, scaler, prints)
+        else:
+            resumed = replace(cfg, resume="latest")
+            assert checkpoints.load_checkpoint(resumed, recipe, pipe, optimizer, scheduler, scaler, prints) == 1
+    assert scalers[1].get_scale() == 512.0
 
 
 def test_config_file_and_flags(models, data, tmp_path):

@@ -1,19 +1,17 @@
 """The one training loop every mode shares, and its callbacks (checkpoints, validation samples, logging).
 
 Determinism: the batch of each step, every flip, caption choice, latent sample, noise and timestep are functions of
-(seed, step, position in the global batch). So `--resume` continues bit-exactly from a checkpoint (which holds the
-trainable tensors, optimizer and LR-scheduler state), and N processes that each take a slice of the global batch
-compute what one process computes. Adapter dropout masks (torch's global RNG) are a function of (seed, step,
-process): a resume is still bit-exact, but N processes draw other masks than one process does.
+(seed, step, position in the global batch). So `--resume` continues bit-exactly from a checkpoint (checkpoints.py:
+the trainable tensors, the optimizer, LR-scheduler and loss-scaler states), and N processes that each take a slice of
+the global batch compute what one process computes. Adapter dropout masks (torch's global RNG) are a function of
+(seed, step, process): a resume is still bit-exact, but N processes draw other masks than one process does.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -27,9 +25,10 @@ from ..inject import lora_disabled
 from . import objective
 from .backbone import Backbone
 from .callbacks import default_callbacks
+from .checkpoints import check_resume, clear_earlier_run, fingerprints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Example, Plan, load, rng, scan, torch_generator
-from .recipes import Recipe, build, checkpoint_tensors, output_files, restore_tensors, save_outputs
+from .recipes import Recipe, build, output_files, save_outputs
 
 
 class Batcher:
@@ -150,67 +149,16 @@ def for_architecture(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
     return cfg
 
 
-def _checkpoints(cfg: TrainConfig) -> list[Path]:
-    folder = cfg.checkpoint_dir
-    found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def save_checkpoint(cfg, step, recipe, pipe, optimizer, scheduler) -> Path:
-    from ..formats import files
-
-    folder = cfg.checkpoint_dir / f"step-{step}"
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "trainable.safetensors").write_bytes(files.serialize(checkpoint_tensors(recipe, pipe)))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": cfg.fingerprint()}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    if cfg.save_limit:
-        for old in _checkpoints(cfg)[: -cfg.save_limit]:
-            shutil.rmtree(old)
-    return folder
-
-
-def resume_folder(cfg: TrainConfig) -> Path:
-    """The checkpoint `cfg.resume` names ("latest" or a folder); an error if there is none."""
-    if cfg.resume == "latest":
-        found = _checkpoints(cfg)
-        if not found:
-            raise LoraKitError(f"{cfg.checkpoint_dir}: no checkpoint to resume from")
-        return found[-1]
-    folder = Path(cfg.resume)
-    if not (folder / "state.json").is_file():
-        raise LoraKitError(f"{folder}: not a lora-train checkpoint (no state.json)")
-    return folder
-
-
-def load_checkpoint(cfg, recipe, pipe, optimizer, scheduler) -> int:
-    from ..formats import files
-
-    folder = resume_folder(cfg)
-    state = json.loads((folder / "state.json").read_text())
-    if state["fingerprint"] != cfg.fingerprint():
-        raise LoraKitError(f"{folder}: the checkpoint was made with a different model, data or training config")
-    tensors, _ = files.load(folder / "trainable.safetensors")
-    restore_tensors(recipe, pipe, tensors)
-    saved = torch.load(folder / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    return int(state["step"])
-
-
 def outputs(cfg: TrainConfig) -> list[Path]:
     """The files a run writes when it ends: what the mode produces, and the resolved config beside it."""
     return output_files(cfg) + [cfg.beside_output(".config.toml")]
 
 
-def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] = ()) -> None:
+def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] = ()) -> dict[str, str]:
     """Refuse now, before the model loads, what would fail or be lost later: an existing output (without force), an
     output that is or lies in an input (the data, a local model, `inputs`: always), the checkpoints or samples of an
-    earlier run (without force or resume), a missing checkpoint to resume from."""
+    earlier run (without force or resume), a missing checkpoint to resume from or one of another config, data or
+    model. Returns the run's fingerprints (what its checkpoints record) when it saves or resumes checkpoints."""
     from ..formats import files
     from ..models import local_path
 
@@ -220,13 +168,15 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
     model = local_path(cfg.model)
     for path in outputs(cfg):
         files.check_output(path, cfg.force, [cfg.data, *inputs, *([model] if model else [])])
+    prints = fingerprints(cfg) if cfg.save_every or cfg.resume else {}
     if cfg.resume:
-        resume_folder(cfg)
-        return
+        check_resume(cfg, prints)
+        return prints
     validates = cfg.validation_prompt and cfg.validate_every
     for folder, used in ((cfg.checkpoint_dir, cfg.save_every), (cfg.samples_dir, validates)):
         if used and not cfg.force and folder.is_dir() and any(folder.iterdir()):
             raise LoraKitError(f"{folder}: holds an earlier run's files (use --force to overwrite, or --resume)")
+    return prints
 
 
 def make_optimizer(cfg: TrainConfig, recipe: Recipe):
@@ -251,7 +201,7 @@ def train(
     from ..models import open_pipeline
     from .prior import class_examples
 
-    check_before_loading(cfg, inputs)
+    prints = check_before_loading(cfg, inputs)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
@@ -281,11 +231,14 @@ def train(
     optimizer = accelerator.prepare(make_optimizer(cfg, recipe))  # fp16 loss scaling lives in the wrapper
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)  # fmt: skip
-    start = load_checkpoint(cfg, recipe, pipe, optimizer, scheduler) if cfg.resume else 0
+    scaler = accelerator.scaler  # fp16 on a GPU: the loss scale, saved and restored with the optimizer
+    start = load_checkpoint(cfg, recipe, pipe, optimizer, scheduler, scaler, prints) if cfg.resume else 0
     trainable = recipe.trainable()
     context = {"cfg": cfg, "pipe": pipe, "accelerator": accelerator, "skipped": skipped, "optimizer": optimizer}
     callbacks = default_callbacks(cfg) + list(callbacks or [])
     if accelerator.is_main_process:
+        if cfg.force and not cfg.resume:  # a new run replaces the earlier one's checkpoints, now that it can start
+            clear_earlier_run(cfg)
         names = ", ".join(str(p) for p in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
         note = f"; skipped {len(skipped)} unreadable image(s): {names}" if skipped else ""
         print(f"training {cfg.mode} on {len(examples)} images in {world} processes{note}", file=sys.stderr)
@@ -333,7 +286,7 @@ def train(
         bar.set_postfix(loss=f"{total:.4f}")
         if accelerator.is_main_process:
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                last_checkpoint = save_checkpoint(cfg, done, recipe, pipe, optimizer, scheduler)
+                last_checkpoint = save_checkpoint(cfg, done, recipe, pipe, optimizer, scheduler, scaler, prints)
             for cb in callbacks:
                 cb(done, total, context)
     accelerator.wait_for_everyone()

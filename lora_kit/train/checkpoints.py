@@ -1,0 +1,152 @@
+"""Checkpoints of a training run, in `<output stem>-checkpoints/step-N/`: the trainable tensors, the optimizer, LR
+scheduler and fp16 loss-scaler states, and `state.json` (the step, the run's --steps, and fingerprints of the
+config, the data and the model, which `--resume` must match).
+
+The data's fingerprint covers the files training reads (images, masks, .txt captions, manifest.jsonl): every
+name and size, and the content of the captions and the manifest. The model's covers a local model folder: every
+file's name and size, and the content of everything but the weights (configs, tokenizer files). A hub id is taken by
+its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import LoraKitError
+from .config import TrainConfig
+from .data import IMAGE_SUFFIXES
+from .recipes import Recipe, checkpoint_tensors, restore_tensors
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf", ".onnx", ".msgpack", ".h5")
+
+
+def _files_digest(root: Path, wanted, read) -> str:
+    """A digest of the files under `root` that `wanted(path)` keeps: their relative paths and sizes, and the content
+    of those `read(path)` keeps (hidden files and folders are left out)."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts) or not wanted(p):
+            continue
+        h.update(f"{rel.as_posix()}\0{p.stat().st_size}\0".encode())
+        if read(p):
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(folder: str | Path) -> str:
+    root = Path(folder)
+    if not root.is_dir():
+        raise LoraKitError(f"{root}: no such data folder")
+    captions = (".txt", ".jsonl")
+    return _files_digest(root, lambda p: p.suffix.lower() in IMAGE_SUFFIXES + captions,
+                         lambda p: p.suffix.lower() in captions)  # fmt: skip
+
+
+def model_fingerprint(spec: str) -> str:
+    from ..models import local_path
+
+    root = local_path(spec)
+    if root is None:  # a hub id
+        return hashlib.sha256(spec.encode()).hexdigest()[:16]
+    return _files_digest(root, lambda p: True, lambda p: p.suffix.lower() not in WEIGHT_SUFFIXES)
+
+
+def fingerprints(cfg: TrainConfig) -> dict[str, str]:
+    """What a checkpoint must share with the run that resumes it."""
+    return {"config": cfg.fingerprint(), "data": data_fingerprint(cfg.data), "model": model_fingerprint(cfg.model)}
+
+
+def _checkpoints(cfg: TrainConfig) -> list[Path]:
+    folder = cfg.checkpoint_dir
+    found = [p for p in folder.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def clear_earlier_run(cfg: TrainConfig) -> None:
+    """--force without --resume: remove the checkpoints an earlier run left (lora-train's step-N folders only), so
+    that --save-limit and --resume latest see this run's alone."""
+    folder = cfg.checkpoint_dir
+    if not folder.is_dir():
+        return
+    for p in folder.glob("step-*"):
+        name = p.name.removesuffix(".tmp")
+        if p.is_dir() and name[5:].isdigit():
+            shutil.rmtree(p)
+
+
+def save_checkpoint(cfg, step, recipe: Recipe, pipe, optimizer, scheduler, scaler, prints: dict) -> Path:
+    from ..formats import files
+
+    folder = cfg.checkpoint_dir / f"step-{step}"
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "trainable.safetensors").write_bytes(files.serialize(checkpoint_tensors(recipe, pipe)))
+    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if scaler is not None:  # fp16: the loss scale it has found (else a resume starts again from 65536)
+        states["scaler"] = scaler.state_dict()
+    torch.save(states, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "steps": cfg.steps, **prints}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    if cfg.save_limit:
+        for old in _checkpoints(cfg)[: -cfg.save_limit]:
+            shutil.rmtree(old)
+    return folder
+
+
+def resume_folder(cfg: TrainConfig) -> Path:
+    """The checkpoint `cfg.resume` names ("latest" or a folder); an error if there is none."""
+    if cfg.resume == "latest":
+        found = _checkpoints(cfg)
+        if not found:
+            raise LoraKitError(f"{cfg.checkpoint_dir}: no checkpoint to resume from")
+        return found[-1]
+    folder = Path(cfg.resume)
+    if not (folder / "state.json").is_file():
+        raise LoraKitError(f"{folder}: not a lora-train checkpoint (no state.json)")
+    return folder
+
+
+def check_resume(cfg: TrainConfig, prints: dict) -> Path:
+    """The checkpoint to resume from, refused (one error) when its config, data or model differ from `prints` or
+    its step lies beyond cfg.steps."""
+    folder = resume_folder(cfg)
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        step = int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LoraKitError(f"{folder / 'state.json'}: not a lora-train checkpoint state") from None
+    if "data" not in state or "model" not in state:
+        raise LoraKitError(f"{folder}: the checkpoint does not record its data and model (an older lora_kit made it); "
+                           "start again without --resume")  # fmt: skip
+    what = {"model": f"model (the files of {cfg.model} are not those it trained with)",
+            "data": f"data (the files in {cfg.data} are not those it trained on)",
+            "config": "training config (a setting that shapes the adapters or the data order differs)"}  # fmt: skip
+    for key in ("model", "data", "config"):
+        if state.get(key) != prints[key]:
+            raise LoraKitError(f"{folder}: the checkpoint was made with a different {what[key]}")
+    if step > cfg.steps:
+        raise LoraKitError(f"{folder}: the checkpoint is at step {step}, beyond --steps {cfg.steps}")
+    return folder
+
+
+def load_checkpoint(cfg, recipe: Recipe, pipe, optimizer, scheduler, scaler, prints: dict) -> int:
+    """Restore the checkpoint `cfg.resume` names into the run; returns its step."""
+    from ..formats import files
+
+    folder = check_resume(cfg, prints)
+    tensors, _ = files.load(folder / "trainable.safetensors")
+    restore_tensors(recipe, pipe, tensors)
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and "scaler" in saved:
+        scaler.load_state_dict(saved["scaler"])
+    return int(json.loads((folder / "state.json").read_text())["step"])
