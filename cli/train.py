@@ -35,7 +35,7 @@ HELP = {
     "text_encoder_lr": "Learning rate of the text-encoder adapters. [lr]",
     "ti_lr": "Learning rate of new token embeddings. [5e-3]",
     "lr_scheduler": "constant | constant_with_warmup | linear | cosine. [constant]",
-    "warmup_steps": "LR warmup steps. [0]",
+    "warmup_steps": "LR warmup steps (linear from 0; with the constant scheduler it is constant_with_warmup). [0]",
     "optimizer": "adamw | adamw8bit (needs bitsandbytes). [adamw]",
     "weight_decay": "AdamW weight decay of the adapters. [0.01]",
     "max_grad_norm": "Gradient clipping norm (0 = off). [1.0]",

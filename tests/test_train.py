@@ -546,3 +546,16 @@ def test_ti_token_is_found_next_to_punctuation():
         "a dog": "<sks> <sks>_1 a dog",
     }
     assert {text: batcher.caption(text, random.Random(0)) for text in cases} == cases
+
+
+def test_warmup_steps_warm_up_the_constant_schedule(make_pipe, models, data, tmp_path):
+    """--warmup-steps with the default constant scheduler warms up as constant_with_warmup (diffusers' 'constant'
+    ignores num_warmup_steps): after step 1 of 3 warmup steps the LR is lr / 3."""
+    seen = {}
+
+    def lr_after(step, loss, context):
+        seen[step] = context["optimizer"].param_groups[0]["lr"]
+
+    cfg = config(models, data, tmp_path, steps=2, warmup_steps=3, lr=3e-3, lr_scheduler="constant")
+    loop.train(cfg, callbacks=[lr_after], pipe=make_pipe("sd1"))
+    assert seen[1] == pytest.approx(1e-3) and seen[2] == pytest.approx(2e-3)

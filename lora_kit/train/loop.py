@@ -229,8 +229,9 @@ def train(
                           cfg.buckets)  # fmt: skip
         prior_batcher = Batcher(cfg, backbone, prior_examples, prior_plan, batcher.text is not None)
     optimizer = accelerator.prepare(make_optimizer(cfg, recipe))  # fp16 loss scaling lives in the wrapper
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.steps)  # fmt: skip
+    # constant with --warmup-steps warms up: diffusers' "constant" would drop the warmup without a word
+    schedule = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.warmup_steps else cfg.lr_scheduler
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     scaler = accelerator.scaler  # fp16 on a GPU: the loss scale, saved and restored with the optimizer
     start = load_checkpoint(cfg, recipe, pipe, optimizer, scheduler, scaler, prints) if cfg.resume else 0
     trainable = recipe.trainable()
