@@ -93,7 +93,7 @@ def merge(
     The inputs must be in one format and for one base model. Pivotal-tuning sidecars (`x.emb.safetensors`) are
     merged too; a token present in two of them is an error.
     """
-    from .formats.stored import architecture_of, read_lora, write_lora
+    from .formats.stored import architecture_of, one_spelling, read_lora, write_lora
 
     inputs = [Path(p) for p in inputs]
     if not inputs:
@@ -113,14 +113,17 @@ def merge(
     tokens = _merge_sidecars(inputs)  # checked before anything is written
     if tokens:
         files.check_output(ti_files.sidecar(output), force, [ti_files.sidecar(p) for p in inputs])
-    merged = ops.merge([state for state, _, _ in loaded], weights, names=[str(p) for p in inputs])
+    arch, fmt = next((a for a in archs if a), None), formats.pop()
+    # one spelling per module (lora_te_ / lora_te1_, SGM / diffusers block names, ...), so that two spellings sum
+    pieces = one_spelling([state for state, _, _ in loaded], fmt, arch)
+    parts = [(piece, w, str(p)) for p, w, split in zip(inputs, weights, pieces, strict=True) for piece in split]
+    merged = ops.merge([x for x, _, _ in parts], [w for _, w, _ in parts], names=[n for _, _, n in parts])
     report = Report(Path(output))
     if rank is not None:
         merged, report.errors, report.total_error = ops.rerank(merged, rank, conv_rank, progress=progress)
     meta = {"merged_from": [str(p) for p in inputs], "merge_weights": list(weights)}
-    arch = next((a for a in archs if a), None)
     dtype = dtype or given_dtype(*(state for state, _, _ in loaded))
-    write_lora(output, merged, formats.pop(), arch, dtype=dtype, metadata=meta, force=force)
+    write_lora(output, merged, fmt, arch, dtype=dtype, metadata=meta, force=force)
     if tokens:
         sidecar = ti_files.write(ti_files.sidecar(output), tokens, force=force)
         report.notes.append(f"embeddings merged into {sidecar}")

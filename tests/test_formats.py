@@ -218,3 +218,25 @@ def test_sdxl_text_projection_key(make_pipe, tmp_path):
     ours = make_pipe("sdxl")
     lora_kit.load(ours, tmp_path / "old.safetensors")
     assert torch.equal(embeds(ours), expected)
+
+
+def test_two_spellings_of_one_module_are_refused(sd1, make_pipe, tmp_path):
+    """A file that names one module twice (lora_te_ and lora_te1_; diffusers and SGM block names) would keep only
+    the last key read: it is refused in one line that names the file and both keys."""
+    path = lora_kit.save(sd1, tmp_path / "a.safetensors")
+    tensors, _ = files.load(path)
+    pairs = [
+        ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te1_encoder_layers_0_self_attn_q_proj"),
+        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+         "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"),
+    ]  # fmt: skip
+    pipe = make_pipe("sd1")
+    for stem, other in pairs:
+        twice = dict(tensors)
+        twice.update({k.replace(stem, other): t.clone() for k, t in tensors.items() if k.startswith(stem + ".")})
+        save_file(twice, tmp_path / "twice.safetensors")
+        with pytest.raises(LoraKitError) as info:
+            lora_kit.load(pipe, tmp_path / "twice.safetensors")
+        text = str(info.value)
+        assert "twice.safetensors" in text and stem in text and other in text and "\n" not in text, text
+        assert not any(True for m in components(pipe).values() for _ in lora_modules(m))

@@ -231,3 +231,73 @@ def test_merge_carries_pivotal_embeddings_and_refuses_a_shared_token(two_loras, 
     clash = _run(merge, [a, b, "-o", tmp_path / "clash.safetensors"])
     assert clash.exit_code == 2 and "'<a>'" in clash.output and "rename" in clash.output
     assert not (tmp_path / "clash.safetensors").exists()
+
+
+def test_merge_sums_two_spellings_of_one_module(make_pipe, tmp_path):
+    """A: lora_kit's SD1 file (`lora_te_text_model_...`); B: the same layers as diffusers' convert_state_dict_to_kohya
+    spells them (`lora_te1_`, no `text_model_`). The merge names each module once and loads as A and B together;
+    a file holding both spellings (what merge wrote before) merges alone into one that sums them."""
+    from safetensors.torch import save_file
+
+    from lora_kit import tools
+
+    a = make_pipe("sd1")
+    inject_lora(a.unet, "attn", rank=2, alpha=1.0)
+    inject_lora(a.text_encoder, "clip-attn", rank=2, alpha=2.0)
+    randomize_adapters(a, seed=1)
+    pa = lora_kit.save(a, tmp_path / "a.safetensors")
+    b = make_pipe("sd1")
+    inject_lora(b.text_encoder, "clip-attn", rank=3, alpha=1.5)
+    randomize_adapters(b, seed=2)
+    tensors, _ = files.load(lora_kit.save(b, tmp_path / "b0.safetensors"))
+    pb = tmp_path / "b.safetensors"
+    save_file({k.replace("lora_te_text_model_", "lora_te1_"): t for k, t in tensors.items()}, pb)
+    ref = make_pipe("sd1")
+    lora_kit.load(ref, pa, name="a")
+    lora_kit.load(ref, pb, name="b")
+    expected = pipeline_outputs(ref)
+    both = tmp_path / "both.safetensors"
+    save_file(files.load(pa)[0] | files.load(pb)[0], both)
+    for inputs, weights in (([pa, pb], [1.0, 1.0]), ([both], [1.0])):
+        out = tmp_path / f"m{len(inputs)}.safetensors"
+        tools.merge(inputs, out, weights)
+        merged = files.load(out)[0]
+        assert not any(k.startswith("lora_te1_") for k in merged)
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in merged
+        pipe = make_pipe("sd1")
+        lora_kit.load(pipe, out)
+        assert_outputs_close(pipeline_outputs(pipe), expected, atol=1e-5)
+
+
+def test_merge_maps_sdxl_block_names_without_a_model(tmp_path):
+    """SGM (`input_blocks_4_1`) and diffusers (`down_blocks_1_attentions_0`) names of one real SDXL layer, and te2
+    with and without `text_model_`: the merged file has each module once (SGM names) with delta_A + delta_B."""
+    from safetensors.torch import save_file
+
+    from lora_kit import tools
+
+    g = torch.Generator().manual_seed(0)
+    sgm = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    diffusers = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    te, te_short = "lora_te2_text_model_encoder_layers_0_mlp_fc1", "lora_te2_encoder_layers_0_mlp_fc1"
+    shapes = {sgm: (640, 640), diffusers: (640, 640), te: (1280, 5120), te_short: (1280, 5120)}
+
+    def lora(path, stems, alpha):
+        t = {}
+        for stem in stems:
+            fan_in, fan_out = shapes[stem]
+            t[f"{stem}.lora_down.weight"] = torch.randn(2, fan_in, generator=g)
+            t[f"{stem}.lora_up.weight"] = torch.randn(fan_out, 2, generator=g)
+            t[f"{stem}.alpha"] = torch.tensor(alpha)
+        save_file(t, path, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+        return path
+
+    pa, pb = (
+        lora(tmp_path / "a.safetensors", [sgm, te], 1.0),
+        lora(tmp_path / "b.safetensors", [diffusers, te_short], 2.0),
+    )
+    tools.merge([pa, pb], tmp_path / "m.safetensors", [0.6, 0.4])
+    got, da, db = _deltas(tmp_path / "m.safetensors"), _deltas(pa), _deltas(pb)
+    assert got.keys() == {sgm, te}
+    torch.testing.assert_close(got[sgm], 0.6 * da[sgm] + 0.4 * db[diffusers], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[te], 0.6 * da[te] + 0.4 * db[te_short], atol=1e-5, rtol=1e-5)

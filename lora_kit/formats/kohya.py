@@ -9,14 +9,17 @@ mapped back through the model's own module list, never by splitting.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
+from functools import lru_cache
 
 import torch
 from torch import nn
 
 from ..errors import LoraKitError
 from ..inject import _layers
-from ..state import group
+from ..state import group, split_key
 from . import kohya_flux
 
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
@@ -125,6 +128,54 @@ def to_kohya(state: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module], 
     return out
 
 
+_TE = re.compile(r"lora_te([123]?)_(.+)")
+_RESNET_FLAT = {k.replace(".", "_"): v.replace(".", "_") for k, v in RESNET_SGM.items()}
+
+
+@lru_cache
+def _block_names(arch: str) -> tuple[dict[str, str], dict[str, str], set[str]]:
+    """(diffusers block head -> SGM head, the inverse, the diffusers heads of resnets), flattened with "_", for the
+    real UNet of `arch` (its shipped config): a file's names are mapped without a model."""
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).parent.parent / "assets" / "configs" / f"{arch}.json").read_text())["unet"]
+    table = {d.replace(".", "_"): g.replace(".", "_") for d, g in sgm_blocks(config).items()}
+    return table, {g: d for d, g in table.items()}, {d for d in table if "_resnets_" in f"_{d}_"}
+
+
+def _swap_head(name: str, table: Mapping[str, str], resnets: set[str], inner: Mapping[str, str]) -> str | None:
+    for head in sorted(table, key=len, reverse=True):
+        if name == head or name.startswith(head + "_"):
+            tail = name[len(head) + 1 :]
+            if tail and (head in resnets or table[head] in resnets):
+                tail = inner.get(tail)
+                if tail is None:
+                    return None
+            return table[head] + (f"_{tail}" if tail else "")
+    return None
+
+
+def spelling(stem: str, arch: str | None) -> tuple[str, str]:
+    """(what module a stored kohya stem names, the stem lora_kit writes for it), without a model: `lora_te_` and
+    `lora_te1_` are one encoder, `text_model_` may be left out, and SD1/SD2/SDXL UNet blocks have SGM and diffusers
+    names (mapped through the real architecture's block layout). Stems it cannot place name themselves."""
+    m = _TE.fullmatch(stem)
+    if m:
+        n, rest = m[1] or "1", m[2].removeprefix("text_model_")
+        pre = "lora_te" if n == "1" and arch in ("sd1", "sd2", None) else f"lora_te{n}"
+        written = rest if n == "3" or rest == "text_projection" else f"text_model_{rest}"
+        return f"te{n}:{rest}", f"{pre}_{written}"
+    if stem.startswith("lora_unet_") and arch in ("sd1", "sd2", "sdxl"):
+        to_sgm_, to_diffusers, resnets = _block_names(arch)
+        name = stem.removeprefix("lora_unet_")
+        sgm = _swap_head(name, to_sgm_, resnets, _RESNET_FLAT) or name
+        if arch == "sdxl":
+            return f"unet:{sgm}", f"lora_unet_{sgm}"
+        back = {v: k for k, v in _RESNET_FLAT.items()}
+        return f"unet:{sgm}", f"lora_unet_{_swap_head(sgm, to_diffusers, resnets, back) or sgm}"
+    return stem, stem
+
+
 def is_kohya(keys) -> bool:
     return any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
 
@@ -141,6 +192,14 @@ def from_kohya(
         for path, names in stems(component, module, arch).items():
             for name in names:
                 lookup.setdefault(name, (component, path))
+    # who named each module: two spellings of one (lora_te_ and lora_te1_, SGM and diffusers block names, a BFL
+    # fused name and a diffusers path) would silently keep only the last one read
+    owner = {}
+    if out:
+        bfl = {path: stem for stem, paths in kohya_flux.bfl_names(comps["transformer"]).items() for path in paths}
+        for key in out:
+            path = split_key(key)[0].removeprefix("transformer.")
+            owner.setdefault(("transformer", path), f"{bfl[path]}.lora_down.weight")
     unknown = []
     for key, tensor in tensors.items():
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
@@ -149,6 +208,12 @@ def from_kohya(
             unknown.append(key)
             continue
         component, path = lookup[stem]
+        first = owner.setdefault((component, path), key)
+        if not first.startswith(stem + "."):
+            raise LoraKitError(
+                f"{source}: {first} and {key} name one module ({component}.{path}); keep one spelling "
+                "(lora-merge FILE -o OUT sums them)"
+            )
         out[f"{component}.{path}.{suffix[1:]}"] = tensor
     if unknown:
         raise LoraKitError(

@@ -76,11 +76,21 @@ def normalize(
     return out
 
 
+def spelling(stem: str) -> tuple[str, str]:
+    """(what module a stored `component.path` stem names, the stem lora_kit writes for it), without a model: a CLIP
+    text encoder's paths may leave out `text_model.` (transformers 5); lora_kit writes it, as diffusers does."""
+    component, _, path = stem.partition(".")
+    if not component.startswith("text_encoder"):
+        return stem, stem
+    rest = path.removeprefix("text_model.")
+    return f"{component}.{rest}", f"{component}.{rest if rest == 'text_projection' else 'text_model.' + rest}"
+
+
 def from_peft(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], comps: Mapping[str, nn.Module], source: str
 ) -> dict[str, torch.Tensor]:
     layers = {c: {p for p, _ in _layers(m)} for c, m in comps.items()}
-    out, unknown = {}, []
+    out, unknown, owner = {}, [], {}
     for key, tensor in normalize(tensors, metadata, source).items():
         stem, _ = split_key(key)
         component, _, path = stem.partition(".")
@@ -88,6 +98,9 @@ def from_peft(
         if resolved is None:
             unknown.append(key)
             continue
+        first = owner.setdefault(f"{component}.{resolved}", stem)
+        if first != stem:  # with and without `text_model.`: the last one read would win silently
+            raise LoraKitError(f"{source}: {first} and {stem} name one module ({component}.{resolved}); keep one")
         out[key.replace(stem, f"{component}.{resolved}", 1)] = tensor
     if unknown:
         raise LoraKitError(f"{source}: {len(unknown)} keys name no layer of this model, e.g. {', '.join(unknown[:3])}")

@@ -7,6 +7,7 @@ normalised to the same suffixes with alphas from their metadata. Writing goes ba
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import torch
 
 from ..errors import LoraKitError
 from ..ops import cast, uniform_alpha
-from ..state import SUFFIXES, modules
-from . import files, peft
+from ..state import SUFFIXES, flatten, modules
+from . import files, kohya, peft
 from .dispatch import checked, metadata_for, sniff
 from .header import guess_architecture
 
@@ -33,6 +34,30 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, di
             raise LoraKitError(f"{p}: keys that are not LoRA factors or alphas, e.g. {', '.join(odd[:3])}")
         state = dict(tensors)
     return checked(state, p), fmt, metadata
+
+
+def one_spelling(states: list[Mapping[str, torch.Tensor]], fmt: str, arch: str | None) -> list[list[dict]]:
+    """Each LoRA dict (keyed as stored) as dicts that spell every module one way: where the inputs together spell
+    one module two ways (kohya `lora_te_` / `lora_te1_`, with or without `text_model`, SGM or diffusers block names;
+    PEFT with or without `text_model.`), each spelling becomes the one lora_kit writes. An input that holds both
+    gives two dicts, so that a merge sums them instead of keeping the two keys side by side."""
+    if fmt not in ("kohya", "peft"):
+        return [[dict(s)] for s in states]
+    spell = peft.spelling if fmt == "peft" else (lambda stem: kohya.spelling(stem, arch))
+    named = {stem: spell(stem) for s in states for stem in modules(s)}
+    ways = Counter(module for module, _ in named.values())
+    rename = {stem: written for stem, (module, written) in named.items() if ways[module] > 1}
+    out = []
+    for s in states:
+        pieces: list[dict] = []
+        for stem, parts in modules(s).items():
+            new = rename.get(stem, stem)
+            piece = next((p for p in pieces if new not in p), None)
+            if piece is None:
+                pieces.append(piece := {})
+            piece[new] = parts
+        out.append([flatten(p) for p in pieces])
+    return out
 
 
 def architecture_of(metadata: Mapping[str, str], state: Mapping[str, torch.Tensor]) -> str | None:
