@@ -40,7 +40,7 @@ HELP = {
     "weight_decay": "AdamW weight decay of the adapters. [0.01]",
     "max_grad_norm": "Gradient clipping norm (0 = off). [1.0]",
     "seed": "Seed of every random choice (data order, noise, ...). [0]",
-    "mixed_precision": "no | fp16 | bf16 (adapters stay fp32). [no]",
+    "mixed_precision": "no | fp16 (a CUDA GPU) | bf16 (adapters and new token embeddings stay fp32). [no]",
     "gradient_checkpointing": "Recompute activations in the backward pass to save memory. [off]",
     "min_snr_gamma": "Min-SNR loss weighting with this gamma (5 is usual; not SD3/FLUX: flow matching). [off]",
     "noise_offset": "Noise offset (e.g. 0.05) for very dark/bright images. [0]",

@@ -559,3 +559,12 @@ def test_warmup_steps_warm_up_the_constant_schedule(make_pipe, models, data, tmp
     cfg = config(models, data, tmp_path, steps=2, warmup_steps=3, lr=3e-3, lr_scheduler="constant")
     loop.train(cfg, callbacks=[lr_after], pipe=make_pipe("sd1"))
     assert seen[1] == pytest.approx(1e-3) and seen[2] == pytest.approx(2e-3)
+
+
+def test_train_twice_in_one_process_in_two_precisions(make_pipe, models, data, tmp_path):
+    """accelerate's process-wide state would refuse the second precision ('AcceleratorState has already been
+    initialized'); train() resets it, so a notebook can compare precisions."""
+    for precision in ("bf16", "no"):
+        (tmp_path / precision).mkdir()
+        cfg = config(models, data, tmp_path / precision, steps=1, mixed_precision=precision)
+        assert Path(cfg.output) in loop.train(cfg, pipe=make_pipe("sd1"))

@@ -172,3 +172,13 @@ def test_caption_precedence_is_manifest_then_txt_then_instance_prompt(tmp_path):
     (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(e) for e in entries))
     examples, _ = scan(tmp_path, "the instance prompt")
     assert [ex.caption for ex in examples] == ["the manifest's a", "the txt of b", "the instance prompt"]
+
+
+def test_fp16_without_a_cuda_gpu_is_refused_before_the_model_loads(data, tmp_path, monkeypatch):
+    """The CPU has no fp16 autocast (the run would crash on 'mat1 and mat2 must have the same dtype')."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result, written = lora_train(data, tmp_path, "--mixed-precision", "fp16")
+    assert_one_line_error(result, "--mixed-precision is 'fp16'; it needs a CUDA GPU; use bf16 or no on the CPU")
+    assert written == []

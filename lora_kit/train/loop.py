@@ -168,6 +168,8 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
     model = local_path(cfg.model)
     for path in outputs(cfg):
         files.check_output(path, cfg.force, [cfg.data, *inputs, *([model] if model else [])])
+    if cfg.mixed_precision == "fp16" and not _uses_cuda():  # the CPU has no fp16 autocast: one line, not a crash
+        raise ConfigError("mixed_precision", "fp16", "it needs a CUDA GPU; use bf16 or no on the CPU")
     prints = fingerprints(cfg) if cfg.save_every or cfg.resume else {}
     if cfg.resume:
         check_resume(cfg, prints)
@@ -177,6 +179,23 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
         if used and not cfg.force and folder.is_dir() and any(folder.iterdir()):
             raise LoraKitError(f"{folder}: holds an earlier run's files (use --force to overwrite, or --resume)")
     return prints
+
+
+def _uses_cuda() -> bool:
+    from accelerate.utils import parse_flag_from_env
+
+    return torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An Accelerator in cfg's precision. accelerate keeps one process-wide state that refuses another precision, so
+    a second train() in the same process (a notebook comparing precisions) resets it first; the processes stay."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not _uses_cuda())
 
 
 def make_optimizer(cfg: TrainConfig, recipe: Recipe):
@@ -194,7 +213,6 @@ def train(
 ) -> list[Path]:
     """Run one training job; returns the files written. `callbacks` are called as cb(step, loss, context);
     `inputs`: other files the job reads, never overwritten (lora-train's --config)."""
-    from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from tqdm import tqdm
 
@@ -202,7 +220,7 @@ def train(
     from .prior import class_examples
 
     prints = check_before_loading(cfg, inputs)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
         raise LoraKitError(f"batch_size {cfg.batch_size} must be a multiple of the {world} processes")
