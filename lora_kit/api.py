@@ -14,7 +14,7 @@ from . import schedule as schedules
 from .errors import LoraKitError, finite
 from .formats import embeddings as ti_files
 from .inject import adapter_names, collapse_lora, lora_modules, remove_lora
-from .state import check_fits, components, load_lora_state_dict, lora_state_dict
+from .state import check_fits, components, given_dtype, load_lora_state_dict, lora_state_dict
 
 BLOCKS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
 FUSED = "_lora_kit_fused"  # on a component module: lora_kit.fuse was called, so adapters loaded later fuse too
@@ -122,10 +122,11 @@ def save(
     force: bool = False,
 ) -> Path:
     """Write adapter `name` (the only one if None). format None = the architecture's default (kohya for
-    SD1/SD2/SDXL/FLUX, peft for SD3); dtype None keeps the adapters' dtype."""
-    return formats.write(
-        path, lora_state_dict(target, name), target, format=format, dtype=dtype, metadata=metadata, force=force
-    )
+    SD1/SD2/SDXL/FLUX, peft for SD3); dtype None = the dtype the adapter was loaded in (an fp16 file is written
+    back in fp16, bit-exact), fp32 for adapters trained here or loaded from files of several dtypes."""
+    state = lora_state_dict(target, name)
+    dtype = dtype or given_dtype(target, name)
+    return formats.write(path, state, target, format=format, dtype=dtype, metadata=metadata, force=force)
 
 
 def collapse(target, name: str | None = None) -> None:

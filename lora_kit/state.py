@@ -109,6 +109,20 @@ def lora_state_dict(target, name: str | None = None) -> dict[str, torch.Tensor]:
     return state
 
 
+def given_dtype(target, name: str | None = None) -> torch.dtype | None:
+    """The dtype adapter `name`'s factors were given in, when every module of it came from a state dict (a file)
+    in one dtype: what `save` writes unless told, so file -> memory -> file is bit-exact. None (fp32) for adapters
+    made here (trained, injected) or gathered from several dtypes."""
+    name = name or only_adapter_name(target)
+    found = {
+        getattr(wrapper.adapters[name], "given_dtype", None)
+        for module in components(target).values()
+        for _, wrapper in lora_modules(module)
+        if name in wrapper.adapters
+    }
+    return found.pop() if len(found) == 1 else None
+
+
 def _check_group(component: str, path: str, parts: Mapping, layers: dict | None, name: str) -> str | None:
     """Why this (component, path) cannot take these factors, or None when it fits."""
     if layers is None:
@@ -168,5 +182,6 @@ def load_lora_state_dict(
             adapter.down.copy_(down.reshape(adapter.down.shape).float())
             adapter.up.copy_(parts["up"].reshape(adapter.up.shape).float())
         adapter.weight = weight
+        adapter.given_dtype = down.dtype if parts["up"].dtype == down.dtype else None  # what `save` writes back
         done.append(f"{component}.{path}")
     return done

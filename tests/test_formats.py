@@ -240,3 +240,26 @@ def test_two_spellings_of_one_module_are_refused(sd1, make_pipe, tmp_path):
         text = str(info.value)
         assert "twice.safetensors" in text and stem in text and other in text and "\n" not in text, text
         assert not any(True for m in components(pipe).values() for _ in lora_modules(m))
+
+
+def test_load_then_save_keeps_the_file_dtype(sd1, make_pipe, tmp_path):
+    """file -> memory -> file is bit-exact, dtype included (adapters compute in fp32 in between); adapters made
+    here, or loaded from a file holding two dtypes, are written in fp32."""
+    for dtype in (torch.float16, torch.bfloat16):
+        first = lora_kit.save(sd1, tmp_path / f"{dtype}.safetensors", dtype=dtype)
+        pipe = make_pipe("sd1")
+        lora_kit.load(pipe, first)
+        again = files.load(lora_kit.save(pipe, tmp_path / f"again-{dtype}.safetensors"))[0]
+        tensors = files.load(first)[0]
+        assert again.keys() == tensors.keys()
+        for k, t in tensors.items():
+            assert again[k].dtype == t.dtype and torch.equal(again[k], t), k
+    fresh = files.load(lora_kit.save(sd1, tmp_path / "trained.safetensors"))[0]
+    assert {t.dtype for t in fresh.values()} == {torch.float32}
+    mixed = {k: t.float() if k.startswith("lora_te_") else t for k, t in tensors.items()}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe, tmp_path / "mixed.safetensors")
+    out = files.load(lora_kit.save(pipe, tmp_path / "mixed-again.safetensors"))[0]
+    assert {t.dtype for t in out.values()} == {torch.float32}
+    assert all(torch.equal(out[k], t.float()) for k, t in mixed.items())
