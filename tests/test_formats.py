@@ -6,7 +6,7 @@ import struct
 
 import pytest
 import torch
-from conftest import main_model, pipeline_outputs, randomize_adapters
+from conftest import assert_outputs_close, main_model, pipeline_outputs, randomize_adapters
 from safetensors.torch import save_file
 
 import lora_kit
@@ -263,3 +263,29 @@ def test_load_then_save_keeps_the_file_dtype(sd1, make_pipe, tmp_path):
     out = files.load(lora_kit.save(pipe, tmp_path / "mixed-again.safetensors"))[0]
     assert {t.dtype for t in out.values()} == {torch.float32}
     assert all(torch.equal(out[k], t.float()) for k, t in mixed.items())
+
+
+def test_peft_text_encoder_keys_say_text_model(make_pipe, tmp_path):
+    """CLIPTextModel keys are written `text_encoder.text_model.encoder...` (diffusers' spelling, the one ComfyUI
+    maps), with the LoraConfig's rank_pattern still matching in diffusers 0.42 + transformers 5 (mixed ranks);
+    lora_kit reads that spelling and the one without `text_model.`."""
+    pipe = make_pipe("sd1")
+    inject_lora(pipe.unet, "attn", rank=2, alpha=3.0)
+    inject_lora(pipe.text_encoder, "clip-attn", rank=2, alpha=3.0)
+    inject_lora(pipe.text_encoder, paths=["encoder.layers.1.mlp.fc1"], rank=4, alpha=3.0)
+    randomize_adapters(pipe, seed=4)
+    expected = pipeline_outputs(pipe)
+    path = lora_kit.save(pipe, tmp_path / "p.safetensors", format="peft")
+    tensors, meta = files.load(path)
+    te = [k for k in tensors if k.startswith("text_encoder.")]
+    assert te and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te)
+    assert json.loads(meta["lora_adapter_metadata"])["text_encoder.rank_pattern"] == {"encoder.layers.1.mlp.fc1": 4}
+    theirs = make_pipe("sd1")
+    theirs.load_lora_weights(str(path))
+    assert_outputs_close(pipeline_outputs(theirs), expected, atol=1e-5)
+    short = {k.replace("text_encoder.text_model.", "text_encoder."): t for k, t in tensors.items()}
+    save_file(short, tmp_path / "short.safetensors", metadata=meta)
+    for f in (path, tmp_path / "short.safetensors"):
+        ours = make_pipe("sd1")
+        lora_kit.load(ours, f)
+        assert_outputs_close(pipeline_outputs(ours), expected, atol=1e-5)

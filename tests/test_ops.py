@@ -203,7 +203,7 @@ def test_convert_without_model_uses_the_shipped_architecture(tmp_path):
     assert to_peft.exit_code == 0, to_peft.output
     header, meta = files.read_header(tmp_path / "p.safetensors")
     assert "unet.up_blocks.3.resnets.2.conv1.lora_A.weight" in header
-    assert "text_encoder.encoder.layers.11.mlp.fc2.lora_B.weight" in header
+    assert "text_encoder.text_model.encoder.layers.11.mlp.fc2.lora_B.weight" in header
     assert meta["lora_kit.architecture"] == "sd1"
     back = _run(convert, [tmp_path / "p.safetensors", "--to", "kohya", "-o", tmp_path / "k2.safetensors"])
     assert back.exit_code == 0, back.output

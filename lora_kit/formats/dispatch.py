@@ -146,7 +146,7 @@ def write(
     if fmt == "kohya":
         tensors = kohya.to_kohya(state, comps, arch)
     elif fmt == "peft":
-        tensors, extra = peft.to_peft(state)
+        tensors, extra = peft.to_peft(state, comps)
         header.update(extra)
     else:
         tensors = dict(state)

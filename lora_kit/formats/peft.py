@@ -107,16 +107,31 @@ def from_peft(
     return out
 
 
-def to_peft(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Canonical dict (one alpha for all modules) -> (PEFT tensors, header metadata)."""
+def _key_path(component: str, path: str, comps: Mapping[str, nn.Module] | None) -> str:
+    """The path a key names: a CLIP text encoder's with `text_model.` (transformers 5's CLIPTextModel has none), the
+    spelling of diffusers' own files and the only one ComfyUI's key map knows."""
+    module = (comps or {}).get(component)
+    flat = module is not None and "CLIP" in type(module).__name__ and getattr(module, "text_model", None) is None
+    return f"text_model.{path}" if flat and component.startswith("text_encoder") else path
+
+
+def to_peft(
+    state: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Canonical dict (one alpha for all modules) -> (PEFT tensors, header metadata). With the model's components,
+    CLIP text-encoder keys say `text_model.` (see _key_path); without, paths are written as they are."""
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, tuple[int, float]]] = {}
     for (component, path), parts in group(state).items():
-        tensors[f"{component}.{path}.lora_A.weight"] = parts["down"]
-        tensors[f"{component}.{path}.lora_B.weight"] = parts["up"]
+        key_path = _key_path(component, path, comps)
+        tensors[f"{component}.{key_path}.lora_A.weight"] = parts["down"]
+        tensors[f"{component}.{key_path}.lora_B.weight"] = parts["up"]
         rank = parts["down"].shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
-        per_component.setdefault(component, {})[path] = (rank, alpha)
+        # a text encoder's LoraConfig names its paths without `text_model.`: diffusers strips that prefix from the
+        # keys for a model without it (transformers 5) and PEFT matches these names as suffixes in either
+        config_path = path.removeprefix("text_model.") if component.startswith("text_encoder") else path
+        per_component.setdefault(component, {})[config_path] = (rank, alpha)
     metadata = {"format": "pt"}
     if any(rank != alpha for mods in per_component.values() for rank, alpha in mods.values()):
         config = {}
@@ -127,12 +142,22 @@ def to_peft(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
             common = Counter(rank for rank, _ in mods.values()).most_common(1)[0][0]
             config[f"{component}.r"] = common
             config[f"{component}.lora_alpha"] = alphas.pop()
-            # anchored as diffusers' load_lora_adapter writes them: PEFT matches a pattern as a suffix of the
-            # module path, so a bare "proj_out" would also give every single_transformer_blocks.N.proj_out its rank
-            config[f"{component}.rank_pattern"] = {f"^{p}": r for p, (r, _) in mods.items() if r != common}
+            config[f"{component}.rank_pattern"] = {
+                _pattern(component, p, mods): r for p, (r, _) in mods.items() if r != common
+            }
             config[f"{component}.target_modules"] = sorted(mods)
         metadata[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
     return tensors, metadata
+
+
+def _pattern(component: str, path: str, paths) -> str:
+    """A rank_pattern key for `path`. PEFT matches a pattern as a suffix of the module path, so a bare "proj_out"
+    would also give every single_transformer_blocks.N.proj_out its rank: anchored ("^proj_out") as diffusers'
+    load_lora_adapter writes them. A text encoder's stays a suffix (its paths start with `text_model.` in
+    transformers 4 and not in 5, as diffusers' text-encoder loader leaves them) unless it ends another path."""
+    if component.startswith("text_encoder") and not any(q.endswith("." + path) for q in paths):
+        return path
+    return f"^{path}"
 
 
 STANDALONE_CONFIG = "adapter_config.json"
