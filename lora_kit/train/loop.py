@@ -308,6 +308,7 @@ def train(
                 last_checkpoint = save_checkpoint(cfg, done, recipe, pipe, optimizer, scheduler, scaler, prints)
             for cb in callbacks:
                 cb(done, total, context)
+    recipe.finish()
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return []

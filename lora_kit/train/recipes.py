@@ -2,7 +2,7 @@
 
 - lora: adapters on the UNet (and the text encoders when text_encoder_rank > 0);
 - dreambooth: the same adapters; the loop adds the class images and the prior-preservation loss;
-- textual-inversion: new token rows only (every other row restored bit-exactly after each step);
+- textual-inversion: new token rows only, trained in fp32 (tokens.py; every other row stays bit-identical);
 - pivotal: textual inversion for ti_steps, then LoRA and the embeddings jointly.
 """
 
@@ -18,6 +18,7 @@ from ..formats import embeddings as ti_files
 from ..inject import inject_lora, lora_modules, lora_parameters
 from ..state import components, lora_state_dict
 from .config import TrainConfig
+from .tokens import TokenRows
 
 ADAPTER = "trained"  # the adapter name used while training ("train" would shadow nn.Module.train)
 
@@ -28,7 +29,7 @@ class Recipe:
     lora: list[torch.nn.Parameter] = field(default_factory=list)
     text_trains: bool = False  # a text encoder has trainable parameters (no text-embedding cache)
     tokens: dict[str, list[str]] = field(default_factory=dict)  # component -> tokenizer entries added
-    freezes: list = field(default_factory=list)  # RowFreeze per text encoder with new tokens
+    rows: dict[str, TokenRows] = field(default_factory=dict)  # component -> its new token rows (trained in fp32)
     ti_steps: int = 0  # pivotal: LoRA joins at this step
 
     def before_step(self, step: int) -> None:
@@ -36,8 +37,13 @@ class Recipe:
             p.requires_grad_(step >= self.ti_steps)
 
     def after_step(self) -> None:
-        for freeze in self.freezes:
-            freeze.restore()
+        for rows in self.rows.values():
+            rows.sync()
+
+    def finish(self) -> None:
+        """Take the token-row hooks off: the pipeline holds the trained rows (in its dtype) by itself."""
+        for rows in self.rows.values():
+            rows.remove()
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for g in self.groups for p in g["params"]]
@@ -66,14 +72,11 @@ def build(cfg: TrainConfig, pipe) -> Recipe:
         pipe.vae.requires_grad_(False)
     recipe = Recipe(ti_steps=cfg.ti_steps if cfg.mode == "pivotal" else 0)
     if cfg.mode in ("textual-inversion", "pivotal"):
-        ti_params = []
         for comp, tokenizer, te in _text_encoders(pipe):
             added = embeddings.add_tokens(tokenizer, te, {cfg.token: _init_vectors(tokenizer, te, cfg)})
             recipe.tokens[comp] = added
-            weight = te.get_input_embeddings().weight
-            weight.requires_grad_(True)
-            recipe.freezes.append(embeddings.freeze_all_but_new(te, embeddings.token_ids(tokenizer, added)))
-            ti_params.append(weight)
+            recipe.rows[comp] = TokenRows(te, embeddings.token_ids(tokenizer, added))
+        ti_params = [rows.param for rows in recipe.rows.values()]
         recipe.groups.append({"params": ti_params, "lr": cfg.ti_lr, "weight_decay": 0.0})
         recipe.text_trains = True
     if cfg.mode != "textual-inversion":
@@ -105,10 +108,9 @@ def checkpoint_tensors(recipe: Recipe, pipe) -> dict[str, torch.Tensor]:
     out = {}
     if recipe.lora:
         out.update({f"lora.{k}": v.contiguous() for k, v in lora_state_dict(pipe, ADAPTER).items()})
-    for comp, tokenizer, te in _text_encoders(pipe):
-        for entry in recipe.tokens.get(comp, []):
-            row = embeddings.token_ids(tokenizer, [entry])[0]
-            out[f"emb.{comp}.{entry}"] = te.get_input_embeddings().weight.detach()[row].clone()
+    for comp, rows in recipe.rows.items():
+        for i, entry in enumerate(recipe.tokens[comp]):
+            out[f"emb.{comp}.{entry}"] = rows.param.detach()[i].clone()
     return out
 
 
@@ -124,18 +126,13 @@ def restore_tensors(recipe: Recipe, pipe, tensors: dict[str, torch.Tensor]) -> N
                     a = wrapper.adapters[ADAPTER]
                     a.down.copy_(tensors[f"lora.{comp}.{path}.lora_down.weight"])
                     a.up.copy_(tensors[f"lora.{comp}.{path}.lora_up.weight"])
-        for comp, tokenizer, te in _text_encoders(pipe):
-            for entry in recipe.tokens.get(comp, []):
-                row = embeddings.token_ids(tokenizer, [entry])[0]
-                te.get_input_embeddings().weight[row] = tensors[f"emb.{comp}.{entry}"]
+        for comp, rows in recipe.rows.items():
+            rows.load(torch.stack([tensors[f"emb.{comp}.{entry}"] for entry in recipe.tokens[comp]]))
 
 
-def learned_embeddings(recipe: Recipe, pipe, token: str) -> dict[str, dict[str, torch.Tensor]]:
-    return {
-        comp: {token: embeddings.get_embedding(tokenizer, te, token)}
-        for comp, tokenizer, te in _text_encoders(pipe)
-        if comp in recipe.tokens
-    }
+def learned_embeddings(recipe: Recipe, token: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The trained vectors (fp32) of `token` per text encoder: {component: {token: (n, d)}}."""
+    return {comp: {token: rows.param.detach().clone()} for comp, rows in recipe.rows.items()}
 
 
 def output_files(cfg: TrainConfig) -> list[Path]:
@@ -149,8 +146,8 @@ def save_outputs(cfg: TrainConfig, recipe: Recipe, pipe, dtype, metadata: dict) 
 
     paths = output_files(cfg)
     if cfg.mode == "textual-inversion":
-        return [ti_files.write(paths[0], learned_embeddings(recipe, pipe, cfg.token), force=cfg.force)]
+        return [ti_files.write(paths[0], learned_embeddings(recipe, cfg.token), force=cfg.force)]
     written = [save(pipe, paths[0], name=ADAPTER, dtype=dtype, metadata=metadata, force=cfg.force)]
     if cfg.mode == "pivotal":
-        written.append(ti_files.write(paths[1], learned_embeddings(recipe, pipe, cfg.token), force=cfg.force))
+        written.append(ti_files.write(paths[1], learned_embeddings(recipe, cfg.token), force=cfg.force))
     return written
