@@ -78,3 +78,29 @@ def test_inspect_reads_a_peft_file_alphas_from_its_lora_config(make_pipe, tmp_pa
 
     assert not [k for k in read_header(path)[0] if k.endswith("alpha")]  # no alpha tensors in a PEFT file
     assert info["format"] == "peft" and info["alphas"] == {"2": n_unet + 8}  # one alpha per file (see README)
+
+
+def test_inspect_reads_alphas_of_every_scalar_dtype(tmp_path):
+    """sd-scripts stores alpha in its save precision (bf16, fp16, ...), diffusers' kohya converter as int64:
+    lora-inspect reads each (it showed "alpha = rank" for all but F32/F16/F64). 8-bit floats: checked byte by byte."""
+    from safetensors.torch import save_file
+
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    cases = [(torch.float64, 1.25), (torch.float32, 1.25), (torch.float16, 1.25), (torch.bfloat16, 1.25),
+             (torch.int64, 3), (torch.int32, 3), (torch.int16, 3), (torch.int8, 3), (torch.uint8, 3),
+             (torch.float8_e4m3fn, 1.25), (torch.float8_e5m2, 1.25)]  # fmt: skip
+    for dtype, value in cases:
+        path = tmp_path / f"{str(dtype)[6:]}.safetensors"
+        alpha = torch.tensor(value).to(dtype)
+        factors = {f"{stem}.lora_down.weight": torch.ones(4, 32), f"{stem}.lora_up.weight": torch.ones(32, 4)}
+        save_file({**factors, f"{stem}.alpha": alpha}, path)
+        result = CliRunner().invoke(main, [str(path), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["alphas"] == {f"{float(alpha.float()):g}": 1}, dtype
+    from lora_kit.formats.header import _F8, _minifloat
+
+    every = torch.arange(256, dtype=torch.uint8)
+    for name, dtype in (("F8_E4M3", torch.float8_e4m3fn), ("F8_E5M2", torch.float8_e5m2)):
+        want = every.view(dtype).float().tolist()
+        got = [_minifloat(b, *_F8[name]) for b in range(256)]
+        assert all((g != g and w != w) or g == w for g, w in zip(got, want, strict=True)), name

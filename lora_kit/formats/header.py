@@ -15,7 +15,40 @@ from ..errors import LoraKitError
 from . import check, peft_config
 from .files import read_header
 
-_SCALAR = {"F32": "<f", "F16": "<e", "F64": "<d"}
+_STRUCT = {  # safetensors dtypes struct reads as they are
+    "F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U64": "<Q",
+    "U32": "<I", "U16": "<H", "U8": "<B", "BOOL": "<?",
+}  # fmt: skip
+_F8 = {"F8_E4M3": (4, 3, False), "F8_E5M2": (5, 2, True)}  # (exponent bits, mantissa bits, IEEE inf/NaN)
+
+
+def _minifloat(byte: int, exp_bits: int, man_bits: int, ieee: bool) -> float:
+    """One 8-bit float: E5M2 as IEEE (inf and NaN at the top exponent), E4M3 as torch's float8_e4m3fn (no inf; NaN
+    only with every exponent and mantissa bit set)."""
+    sign = -1.0 if byte >> 7 else 1.0
+    top, full = (1 << exp_bits) - 1, (1 << man_bits) - 1
+    e, m, bias = (byte >> man_bits) & top, byte & full, (1 << (exp_bits - 1)) - 1
+    if e == top and (ieee or m == full):
+        return sign * math.inf if ieee and m == 0 else math.nan
+    if e == 0:
+        return sign * m / (full + 1) * 2.0 ** (1 - bias)
+    return sign * (1 + m / (full + 1)) * 2.0 ** (e - bias)
+
+
+def _scalar(dtype: str, raw: bytes) -> float | None:
+    """The number in a scalar's bytes, for every dtype a LoRA writer stores alphas in (sd-scripts: its save
+    precision, bf16 included; diffusers' kohya converter: int64); None for the packed sub-byte and complex ones."""
+    if dtype in _STRUCT:
+        return float(struct.unpack(_STRUCT[dtype], raw)[0])
+    if dtype == "BF16":  # the upper half of an fp32
+        return struct.unpack("<f", b"\0\0" + raw)[0]
+    if dtype in _F8:
+        return _minifloat(raw[0], *_F8[dtype])
+    if dtype == "F8_E8M0":  # a power of two, 0xFF is NaN
+        return math.nan if raw[0] == 0xFF else 2.0 ** (raw[0] - 127)
+    return None
+
+
 _KEY = re.compile(  # <stem><separator><part>, in every spelling the readers take (kohya, peft/diffusers, legacy)
     r"^(?P<stem>.+?)(?:[._](?P<down>lora_down|lora_A(?:\.default)?|lora(?:_linear_layer)?\.down)\.weight"
     r"|[._](?P<up>lora_up|lora_B(?:\.default)?|lora(?:_linear_layer)?\.up)\.weight|(?P<alpha>\.alpha)"
@@ -92,12 +125,15 @@ def describe(path: str | os.PathLike) -> dict:
         for key, (stem, part) in parts.items():
             if part == "down":
                 stems[stem]["dtype"] = header[key]["dtype"]
-            elif part == "alpha" and header[key]["dtype"] in _SCALAR:
-                code = _SCALAR[header[key]["dtype"]]
-                f.seek(8 + n + header[key]["data_offsets"][0])
-                stems[stem]["alpha"] = alpha = struct.unpack(code, f.read(struct.calcsize(code)))[0]
+            elif part == "alpha":
+                start, end = header[key]["data_offsets"]
+                f.seek(8 + n + start)
+                alpha = _scalar(header[key]["dtype"], f.read(end - start))
+                if alpha is None:
+                    continue
                 if not math.isfinite(alpha):
                     raise LoraKitError(f"{path}: tensor {key} holds NaN or inf")
+                stems[stem]["alpha"] = alpha
     configs = peft_config.configs_of(metadata, str(path))  # a PEFT file's alphas live in its LoraConfig
     for stem, info in stems.items():
         component, _, module = stem.partition(".")
