@@ -21,17 +21,23 @@ LoraDict = Mapping[str, torch.Tensor]
 
 
 def uniform_alpha(state: LoraDict, alpha: float | None = None) -> dict[str, torch.Tensor]:
-    """The same deltas with one alpha for every module (the most common one unless given).
+    """The same deltas with one alpha for every module (unless given, the most common nonzero one; the most common
+    rank when every alpha is 0).
 
     Each `up` is multiplied by alpha_i / alpha so that alpha/rank * up @ down is unchanged. diffusers 0.42
-    misapplies files whose per-module alphas differ; with one alpha diffusers, ComfyUI and A1111 agree.
+    misapplies files whose per-module alphas differ; with one alpha diffusers, ComfyUI and A1111 agree. An alpha of
+    0 means scale 0 (as diffusers and ComfyUI read it; sd-scripts never stores one): that module's up becomes zeros.
     """
     mods = modules(state)
     if not mods:
         return dict(state)
     alphas = {stem: alpha_of(parts) for stem, parts in mods.items()}
     if alpha is None:
-        alpha = Counter(alphas.values()).most_common(1)[0][0]
+        nonzero = [a for a in alphas.values() if a != 0]
+        ranks = [parts["down"].shape[0] for parts in mods.values()]
+        alpha = Counter(nonzero or map(float, ranks)).most_common(1)[0][0]
+    elif not alpha or not math.isfinite(alpha):
+        raise LoraKitError(f"alpha {alpha!r}: the common alpha must be a nonzero finite number")
     out = {}
     for stem, parts in mods.items():
         up, old = parts["up"], alphas[stem]

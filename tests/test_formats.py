@@ -289,3 +289,32 @@ def test_peft_text_encoder_keys_say_text_model(make_pipe, tmp_path):
         ours = make_pipe("sd1")
         lora_kit.load(ours, f)
         assert_outputs_close(pipeline_outputs(ours), expected, atol=1e-5)
+
+
+def test_alpha_zero_means_scale_zero_and_writes_exactly(sd1, make_pipe, tmp_path):
+    """Most modules with alpha 0 (read as scale 0, as diffusers and ComfyUI do): load + save and lora-merge write
+    one nonzero alpha and zero ups for those modules, so every file gives the forward of the file without them."""
+    from lora_kit import tools
+
+    tensors, _ = files.load(lora_kit.save(sd1, tmp_path / "a.safetensors"))
+    stems = sorted(k[: -len(".alpha")] for k in tensors if k.endswith(".alpha"))
+    zero = set(stems[: len(stems) * 2 // 3])
+    save_file({k: torch.tensor(0.0) if k[: -len(".alpha")] in zero else t for k, t in tensors.items()},
+              tmp_path / "zero.safetensors")  # fmt: skip
+    save_file({k: t for k, t in tensors.items() if k.split(".")[0] not in zero}, tmp_path / "without.safetensors")
+    reference = make_pipe("sd1")
+    lora_kit.load(reference, tmp_path / "without.safetensors")
+    expected = pipeline_outputs(reference)
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe, tmp_path / "zero.safetensors")
+    assert_outputs_close(pipeline_outputs(pipe), expected, atol=1e-6)
+    saved = lora_kit.save(pipe, tmp_path / "saved.safetensors")
+    merged = tmp_path / "merged.safetensors"
+    tools.merge([tmp_path / "zero.safetensors"], merged, [1.0])
+    for path in (saved, merged):
+        written, _ = files.load(path)
+        assert len({float(t) for k, t in written.items() if k.endswith(".alpha")} - {0.0}) == 1
+        assert all(not written[f"{stem}.lora_up.weight"].any() for stem in zero)
+        again = make_pipe("sd1")
+        lora_kit.load(again, path)
+        assert_outputs_close(pipeline_outputs(again), expected, atol=1e-6)
