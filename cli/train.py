@@ -53,7 +53,9 @@ HELP = {
     "class_prompt": "DreamBooth (pivotal too, when given): the class prompt, e.g. 'a photo of a dog'; several, "
     "separated by '|', make a varied class set (image i takes prompt i mod n).",
     "class_guidance": "DreamBooth: guidance scale of the generated class images. [the pipeline's default]",
-    "class_data": "DreamBooth: folder of class images (made by the base model when short). [<output>-class-images]",
+    "class_data": "DreamBooth: folder of class images: your own (any name, captioned by their .txt, else the class "
+    "prompt) come first, and the base model draws the shortfall as class-NNNNN.png, recording its settings in "
+    "class-images.json (a folder drawn with other settings is refused). [<output>-class-images]",
     "num_class_images": "DreamBooth: number of class images. [100]",
     "prior_loss_weight": "DreamBooth: weight of the class (prior) loss. [1.0]",
     "prior_target": "DreamBooth: what the prior loss asks for on class images: images (their own noise, the classic "

@@ -131,6 +131,58 @@ def test_several_class_prompts_and_the_class_guidance(make_pipe, models, data, t
     assert not np.array_equal(made["default"][0], made["g1"][0])
 
 
+def test_class_images_drawn_with_other_settings_are_refused(make_pipe, models, data, tmp_path):
+    """The class folder records what drew its images: another class prompt, resolution or model is one error naming
+    the folder and what differs (nothing deleted); the same settings reuse the images."""
+    import shutil
+
+    from accelerate import Accelerator
+
+    from lora_kit.train.prior import class_examples
+
+    folder = tmp_path / "classes"
+    pipe, acc = make_pipe("sd1"), Accelerator(cpu=True)
+    cfg = config(models, data, tmp_path, mode="dreambooth", class_prompt="a photo of a dog", class_data=str(folder))
+    class_examples(cfg, pipe, acc)
+    made = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert sorted(made) == ["class-00000.png", "class-00000.txt", "class-00001.png", "class-00001.txt",
+                            "class-images.json"]  # fmt: skip
+    other_model = tmp_path / "other-model"
+    shutil.copytree(models["sd1"], other_model)
+    (other_model / "unet" / "config.json").write_text((other_model / "unet" / "config.json").read_text() + " ")
+    for change, message in (
+        (dict(class_prompt="a red cat"), "drawn with --class-prompt 'a photo of a dog', not 'a red cat'"),
+        (dict(resolution=64), "drawn with --resolution 32, not 64"),
+        (dict(model=str(other_model)), f"drawn by --model {models['sd1']}, not {other_model}"),
+    ):
+        with pytest.raises(LoraKitError, match=f"^{folder}: its class images were {message}; move them away"):
+            class_examples(replace(cfg, **change), pipe, acc)
+    with pytest.raises(LoraKitError, match="its class images were drawn with --class-prompt"):  # before any loading
+        loop.train(replace(cfg, class_prompt="a red cat"), pipe=None)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == made
+    assert [ex.caption for ex in class_examples(cfg, pipe, acc)] == ["a photo of a dog"] * 2
+
+
+def test_the_users_own_class_images_are_used_and_only_the_shortfall_drawn(make_pipe, models, data, tmp_path):
+    """--class-data with the user's own images (any name; captioned by their .txt, else the class prompt): they are
+    the first class images, and the base model draws only the rest up to --num-class-images."""
+    from accelerate import Accelerator
+
+    from lora_kit.train.prior import class_examples
+
+    folder = write_images(tmp_path / "my-dogs", caption="my dog on grass", n=2)
+    (folder / "img1.txt").unlink()
+    cfg = config(models, data, tmp_path, mode="dreambooth", class_prompt="a photo of a dog", class_data=str(folder),
+                 num_class_images=3)  # fmt: skip
+    examples = class_examples(cfg, make_pipe("sd1"), Accelerator(cpu=True))
+    assert [(ex.image.name, ex.caption) for ex in examples] == [
+        ("img0.png", "my dog on grass"), ("img1.png", "a photo of a dog"), ("class-00000.png", "a photo of a dog")
+    ]  # fmt: skip
+    assert sorted(p.name for p in folder.glob("class-0*")) == ["class-00000.png", "class-00000.txt"]
+    enough = class_examples(replace(cfg, num_class_images=2), None, Accelerator(cpu=True))  # nothing to draw
+    assert [ex.image.name for ex in enough] == ["img0.png", "img1.png"]
+
+
 def test_pivotal_class_images_keep_their_own_captions(models, data, tmp_path, monkeypatch):
     """The new token goes in front of instance captions only: a class image trained as '<sks> a photo of a dog'
     would teach the token to be a plain dog and leave the class prompt itself unprotected."""

@@ -28,6 +28,7 @@ from .callbacks import default_callbacks
 from .checkpoints import check_resume, clear_earlier_run, fingerprints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Example, Plan, load, rng, scan, torch_generator
+from .prior import check_class_folder, class_examples, uses_prior
 from .recipes import Recipe, build, output_files, save_outputs
 
 
@@ -158,7 +159,8 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
     """Refuse now, before the model loads, what would fail or be lost later: an existing output (without force), an
     output that is or lies in an input (the data, a local model, `inputs`: always), the checkpoints or samples of an
     earlier run (without force or resume), a missing checkpoint to resume from or one of another config, data or
-    model. Returns the run's fingerprints (what its checkpoints record) when it saves or resumes checkpoints."""
+    model, class images drawn with other settings. Returns the run's fingerprints (what its checkpoints record)
+    when it saves or resumes checkpoints."""
     from ..formats import files
     from ..models import local_path
 
@@ -170,6 +172,8 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
         files.check_output(path, cfg.force, [cfg.data, *inputs, *([model] if model else [])])
     if cfg.mixed_precision == "fp16" and not _uses_cuda():  # the CPU has no fp16 autocast: one line, not a crash
         raise ConfigError("mixed_precision", "fp16", "it needs a CUDA GPU; use bf16 or no on the CPU")
+    if uses_prior(cfg):  # class images drawn with another prompt, model, ...
+        check_class_folder(cfg)
     prints = fingerprints(cfg) if cfg.save_every or cfg.resume else {}
     if cfg.resume:
         check_resume(cfg, prints)
@@ -217,7 +221,6 @@ def train(
     from tqdm import tqdm
 
     from ..models import open_pipeline
-    from .prior import class_examples
 
     prints = check_before_loading(cfg, inputs)
     accelerator = make_accelerator(cfg)
@@ -232,9 +235,7 @@ def train(
     pipe.to(accelerator.device)
     backbone = Backbone(pipe, cfg.clip_skip)
     cfg = for_architecture(cfg, backbone)
-    # DreamBooth's prior preservation; pivotal tuning takes it too when given a class prompt
-    prior = cfg.mode == "dreambooth" or (cfg.mode == "pivotal" and cfg.class_prompt)
-    prior_examples = class_examples(cfg, pipe, accelerator) if prior else []
+    prior_examples = class_examples(cfg, pipe, accelerator) if uses_prior(cfg) else []
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process and every rerun
     recipe = build(cfg, pipe)
     if cfg.gradient_checkpointing:
