@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -13,8 +14,9 @@ from . import embeddings, formats
 from . import schedule as schedules
 from .errors import LoraKitError, finite
 from .formats import embeddings as ti_files
+from .formats.dispatch import bare_component
 from .inject import adapter_names, collapse_lora, lora_modules, remove_lora
-from .state import check_fits, components, given_dtype, load_lora_state_dict, lora_state_dict
+from .state import COMPONENT_TAG, check_fits, components, given_dtype, load_lora_state_dict, lora_state_dict
 
 BLOCKS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
 FUSED = "_lora_kit_fused"  # on a component module: lora_kit.fuse was called, so adapters loaded later fuse too
@@ -54,14 +56,18 @@ def load(
     allow_pickle: bool = False,
     replace: bool = False,
     token: str | None = None,
+    component: str | None = None,
 ) -> str:
     """Add the LoRA in `path` (any supported format, detected) as adapter `name` (default: the file stem, dots as
     underscores).
 
-    Patches the UNet or transformer and the text encoder(s) of a pipeline, or a bare module. A textual-inversion
-    embedding file adds its tokens instead, and a LoRA brings its pivotal-tuning sidecar `x.emb.safetensors` (and
-    cloneofsimo's "<embed>" tokens or `x.ti.pt`); `token` names the token of a file that does not name it. Pickles are
-    read only with allow_pickle (weights_only). Nothing changes on error. Returns the name.
+    Patches the UNet or transformer and the text encoder(s) of a pipeline, or a bare module. A bare text encoder
+    takes the adapters of the encoder it is: told from the file and its class where it can be (SDXL's
+    CLIPTextModelWithProjection is text_encoder_2), else `component="text_encoder_2"` says it; it then keeps that
+    name for `save`. A textual-inversion embedding file adds its tokens instead, and a LoRA brings its
+    pivotal-tuning sidecar `x.emb.safetensors` (and cloneofsimo's "<embed>" tokens or `x.ti.pt`); `token` names the
+    token of a file that does not name it. Pickles are read only with allow_pickle (weights_only). Nothing changes
+    on error. Returns the name.
     """
     p = Path(path)
     name, weight = name or default_name(p), finite(weight, "weight")
@@ -69,6 +75,36 @@ def load(
         raise LoraKitError(f"adapter name {name!r} contains '.', which torch module names cannot hold")
     if name in _names(target) and not replace:
         raise LoraKitError(f"an adapter named {name!r} is already loaded; pass replace=True or another name")
+    with _playing(target, _role(target, path, component)):
+        _load(target, path, name, weight, allow_pickle, token)
+    return name
+
+
+def _role(target, path, component: str | None) -> str | None:
+    if not isinstance(target, nn.Module):
+        if component is not None:
+            raise LoraKitError(f"component={component!r} is for a bare module; a pipeline names its own components")
+        return None
+    return bare_component(target, path, component)
+
+
+@contextmanager
+def _playing(target, role: str | None):
+    """A bare module plays component `role` (state.component_name reads it) from here on; undone on error."""
+    if role is None:
+        yield
+        return
+    module = getattr(target, "_orig_mod", target)
+    before = module.__dict__.get(COMPONENT_TAG)
+    module.__dict__[COMPONENT_TAG] = role
+    try:
+        yield
+    except BaseException:
+        module.__dict__[COMPONENT_TAG] = before
+        raise
+
+
+def _load(target, path, name: str, weight: float, allow_pickle: bool, token: str | None) -> None:
     if ti_files.is_embedding_file(path, target, allow_pickle):
         state, embeds = {}, ti_files.read(path, target, token=token, allow_pickle=allow_pickle)
     else:
@@ -87,7 +123,6 @@ def load(
     if added:
         _records(target, create=True)[name] = added
     _follow_changes(target)
-    return name
 
 
 def _follow_changes(target) -> None:
@@ -120,13 +155,16 @@ def save(
     dtype=None,
     metadata: Mapping[str, object] | None = None,
     force: bool = False,
+    component: str | None = None,
 ) -> Path:
     """Write adapter `name` (the only one if None). format None = the architecture's default (kohya for
     SD1/SD2/SDXL/FLUX, peft for SD3); dtype None = the dtype the adapter was loaded in (an fp16 file is written
-    back in fp16, bit-exact), fp32 for adapters trained here or loaded from files of several dtypes."""
-    state = lora_state_dict(target, name)
-    dtype = dtype or given_dtype(target, name)
-    return formats.write(path, state, target, format=format, dtype=dtype, metadata=metadata, force=force)
+    back in fp16, bit-exact), fp32 for adapters trained here or loaded from files of several dtypes. `component`
+    says which text encoder a bare one is (as in `load`)."""
+    with _playing(target, _role(target, None, component) if component is not None else None):
+        state = lora_state_dict(target, name)
+        dtype = dtype or given_dtype(target, name)
+        return formats.write(path, state, target, format=format, dtype=dtype, metadata=metadata, force=force)
 
 
 def collapse(target, name: str | None = None) -> None:

@@ -28,8 +28,10 @@ def architecture(comps: dict[str, nn.Module]) -> str:
             return "sdxl"
         cross = config.get("cross_attention_dim")
         return "sd2" if cross == 1024 or config.get("use_linear_projection") else "sd1"
-    if "text_encoder_2" in comps:
-        return "sdxl"
+    if "text_encoder_3" in comps:
+        return "sd3"
+    if "text_encoder_2" in comps:  # (a bare T5 loaded as text_encoder_2 is FLUX's)
+        return "flux" if "T5" in type(comps["text_encoder_2"]).__name__ else "sdxl"
     return "sd1"
 
 

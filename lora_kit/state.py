@@ -20,8 +20,14 @@ COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_enc
 SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 
 
+COMPONENT_TAG = "_lora_kit_component"  # on a bare module: the component it was loaded as (api.load's `component`)
+
+
 def component_name(module: nn.Module) -> str:
-    """The pipeline component a bare module plays: unet, transformer or text_encoder."""
+    """The pipeline component a bare module plays: the one it was loaded as (a bare text_encoder_2 gets its keys
+    from a file), else unet, transformer or text_encoder by its class."""
+    if module.__dict__.get(COMPONENT_TAG):
+        return module.__dict__[COMPONENT_TAG]
     cls = type(module).__name__
     if "UNet" in cls:
         return "unet"

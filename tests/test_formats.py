@@ -318,3 +318,39 @@ def test_alpha_zero_means_scale_zero_and_writes_exactly(sd1, make_pipe, tmp_path
         again = make_pipe("sd1")
         lora_kit.load(again, path)
         assert_outputs_close(pipeline_outputs(again), expected, atol=1e-6)
+
+
+def test_bare_text_encoder_takes_its_own_adapters(make_pipe, tmp_path):
+    """A bare SDXL text_encoder_2 (CLIPTextModelWithProjection) takes te2's factors (it took te1's), keeps the name
+    for save; SD3's two CLIPs cannot be told apart: refused in one line unless component= says which."""
+    from conftest import forward_text
+
+    src = make_pipe("sdxl")
+    inject_lora(src.text_encoder, "clip-attn", rank=2, alpha=2.0)
+    inject_lora(src.text_encoder_2, "clip-attn", rank=2, alpha=2.0)
+    randomize_adapters(src, seed=2)
+    both = lora_kit.save(src, tmp_path / "both.safetensors")
+    for component in ("text_encoder", "text_encoder_2"):
+        bare = getattr(make_pipe("sdxl"), component)
+        lora_kit.load(bare, both)
+        torch.testing.assert_close(forward_text(bare), forward_text(getattr(src, component)), atol=1e-6, rtol=0)
+    again = files.load(lora_kit.save(bare, tmp_path / "te2.safetensors"))[0]
+    original = files.load(both)[0]
+    assert again.keys() == {k for k in original if k.startswith("lora_te2_")}
+    assert all(torch.equal(t, original[k]) for k, t in again.items())
+    with pytest.raises(LoraKitError, match=r"te2\.safetensors: holds no adapters for a bare CLIPTextModel \("):
+        lora_kit.load(make_pipe("sdxl").text_encoder, tmp_path / "te2.safetensors")
+
+    sd3 = make_pipe("sd3")
+    inject_lora(sd3.text_encoder, "clip-attn", rank=2, alpha=2.0)
+    inject_lora(sd3.text_encoder_2, "clip-attn", rank=2, alpha=2.0)
+    randomize_adapters(sd3, seed=3)
+    path = lora_kit.save(sd3, tmp_path / "sd3.safetensors")
+    bare = make_pipe("sd3").text_encoder_2
+    base = forward_text(bare)
+    with pytest.raises(LoraKitError) as info:
+        lora_kit.load(bare, path)
+    assert "sd3.safetensors" in str(info.value) and "component=" in str(info.value) and "\n" not in str(info.value)
+    assert torch.equal(forward_text(bare), base) and not list(lora_modules(bare))
+    lora_kit.load(bare, path, component="text_encoder_2")
+    torch.testing.assert_close(forward_text(bare), forward_text(sd3.text_encoder_2), atol=1e-6, rtol=0)

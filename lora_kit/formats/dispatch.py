@@ -15,6 +15,7 @@ from ..models import MODELSPEC_ARCHITECTURE, SS_BASE_MODEL_VERSION, architecture
 from ..ops import cast, uniform_alpha
 from ..state import COMPONENTS, components, modules
 from . import check, files, kohya, legacy, peft
+from .header import guess_architecture
 
 FORMATS = ("kohya", "peft", "native")
 DEFAULT_FORMAT = {"sd1": "kohya", "sd2": "kohya", "sdxl": "kohya", "sd3": "peft", "flux": "kohya"}
@@ -54,7 +55,8 @@ def read(path: str | os.PathLike, target, *, allow_pickle: bool = False) -> tupl
         tensors, metadata = files.load(p)
     fmt = sniff(tensors, str(p))
     if isinstance(target, nn.Module) and fmt != "legacy":  # a bare UNet / transformer / text encoder takes its part
-        tensors = _only(tensors, next(iter(comps)), fmt, str(p))
+        ((component, module),) = comps.items()
+        tensors = _only(tensors, component, kohya.prefix(component, module, architecture(comps)), fmt, str(p))
     if fmt == "legacy":
         state = legacy.from_safeloras(tensors, metadata, comps, str(p))
     elif fmt == "kohya":
@@ -77,18 +79,72 @@ def checked(state: dict, source) -> dict:
     return state
 
 
-_KOHYA_PREFIXES = {"unet": ("lora_unet_",), "transformer": ("lora_unet_", "lora_transformer_"),
-                   "text_encoder": ("lora_te_", "lora_te1_")}  # fmt: skip
-
-
-def _only(tensors: Mapping, component: str, fmt: str, source: str) -> dict:
+def _only(tensors: Mapping, component: str, kohya_prefix: str, fmt: str, source: str) -> dict:
     if fmt == "kohya":
-        keep = {k: t for k, t in tensors.items() if k.startswith(_KOHYA_PREFIXES[component])}
+        prefixes = {"lora_unet": ("lora_unet_", "lora_transformer_"), "lora_te": ("lora_te_", "lora_te1_"),
+                    "lora_te1": ("lora_te_", "lora_te1_")}.get(kohya_prefix, (kohya_prefix + "_",))  # fmt: skip
+        keep = {k: t for k, t in tensors.items() if k.startswith(prefixes)}
     else:
         keep = {k: t for k, t in tensors.items() if k.split(".", 1)[0] == component}
     if not keep:
         raise LoraKitError(f"{source}: holds no adapters for a {component}")
     return keep
+
+
+# which text encoder of its pipeline a bare transformers module can be, by architecture and class
+_TEXT_ENCODERS = {
+    "sd1": {"CLIPTextModel": ("text_encoder",)}, "sd2": {"CLIPTextModel": ("text_encoder",)},
+    "sdxl": {"CLIPTextModel": ("text_encoder",), "CLIPTextModelWithProjection": ("text_encoder_2",)},
+    "sd3": {"CLIPTextModelWithProjection": ("text_encoder", "text_encoder_2"), "T5EncoderModel": ("text_encoder_3",)},
+    "flux": {"CLIPTextModel": ("text_encoder",), "T5EncoderModel": ("text_encoder_2",)},
+}  # fmt: skip
+_KOHYA_TE = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+
+
+def bare_component(module: nn.Module, path, component: str | None = None) -> str | None:
+    """The component a bare module plays for the LoRA file at `path` (None: the one its class says).
+
+    `component` (the caller's word) is checked against the module's kind. A bare text encoder of a safetensors file
+    is the one text encoder the file holds adapters for that a module of its class can be in the file's
+    architecture (a CLIPTextModelWithProjection is SDXL's text_encoder_2); when two remain (SD3's two CLIPs) the
+    caller must say which, rather than load another encoder's factors.
+    """
+    module = getattr(module, "_orig_mod", module)
+    cls = type(module).__name__
+    text_encoder = type(module).__module__.startswith("transformers")
+    if component is not None:
+        encoders = [c for c in COMPONENTS if c.startswith("text_encoder")]
+        if not text_encoder:
+            raise LoraKitError(f"component={component!r}: only a bare text encoder needs one, not a {cls}")
+        if component not in encoders:
+            raise LoraKitError(f"component={component!r}: a bare {cls} is one of {', '.join(encoders)}")
+        return component
+    p = Path(path)
+    if not text_encoder or not p.is_file() or p.suffix in files.PICKLES or peft.is_standalone(p):
+        return None
+    header, metadata = files.read_header(p)
+    if legacy.is_legacy(header):  # cloneofsimo's positional keys: each file is for one module
+        return None
+    arch = guess_architecture(list(header), metadata)
+    held = set()
+    for key in header:
+        first = key.split(".", 1)[0]
+        te = next((c for pre, c in _KOHYA_TE.items() if key.startswith(pre)), None)
+        if key.startswith("lora_te3_"):
+            te = "text_encoder_2" if arch == "flux" else "text_encoder_3"
+        held.add(te or (first if first.startswith("text_encoder") else None))
+    held.discard(None)
+    if not held:  # no text-encoder adapters (or no LoRA): the reader says what is wrong with the file
+        return None
+    allowed = _TEXT_ENCODERS.get(arch, {}).get(cls)
+    fits = sorted(c for c in held if allowed is None or c in allowed)
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        raise LoraKitError(f"{p}: holds no adapters for a bare {cls} (it has adapters for {', '.join(sorted(held))})")
+    raise LoraKitError(
+        f"{p}: holds adapters for {' and '.join(fits)}, and a bare {cls} could be either; pass component= one of them"
+    )
 
 
 def metadata_for(state: Mapping, arch: str | None, extra: Mapping[str, object] | None = None) -> dict[str, str]:
