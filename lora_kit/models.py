@@ -6,15 +6,52 @@ from torch import nn
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 
-# kohya `ss_base_model_version` and SAI `modelspec.architecture` (for a LoRA) per architecture
+# kohya `ss_base_model_version` and SAI `modelspec.architecture` (for a LoRA) per architecture, for epsilon
+# prediction; v-prediction SD1/SD2 differ (base_model_metadata)
 SS_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 MODELSPEC_ARCHITECTURE = {
     "sd1": "stable-diffusion-v1/lora",
-    "sd2": "stable-diffusion-v2-768-v/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
     "sdxl": "stable-diffusion-xl-v1-base/lora",
     "sd3": "stable-diffusion-3-medium/lora",
     "flux": "flux-1-dev/lora",
 }
+
+
+def base_model_metadata(arch: str, prediction: str | None = None) -> dict[str, str]:
+    """`ss_base_model_version` and `modelspec.architecture` (and `modelspec.prediction_type` when known) as
+    sd-scripts writes them: SD1/SD2 with v-prediction are `sd_v1_v` / `sd_v2_v`, and SD2's SAI architecture is
+    `stable-diffusion-v2-768-v` for v-prediction, `stable-diffusion-v2-512` for epsilon. `prediction` is a diffusers
+    scheduler's prediction_type ("epsilon", "v_prediction") or None (unknown: epsilon's names, no prediction_type)."""
+    meta = {"ss_base_model_version": SS_BASE_MODEL_VERSION[arch]}
+    meta["modelspec.architecture"] = MODELSPEC_ARCHITECTURE[arch]
+    if arch in ("sd1", "sd2") and prediction in ("epsilon", "v_prediction"):
+        v = prediction == "v_prediction"
+        meta["modelspec.prediction_type"] = "v" if v else "epsilon"
+        if v:
+            meta["ss_base_model_version"] += "_v"
+            if arch == "sd2":
+                meta["modelspec.architecture"] = "stable-diffusion-v2-768-v/lora"
+    return meta
+
+
+def prediction_type(target) -> str | None:
+    """The prediction type of a pipeline's scheduler ("epsilon", "v_prediction", ...), None without one."""
+    config = getattr(getattr(target, "scheduler", None), "config", None)
+    return config.get("prediction_type") if config is not None else None
+
+
+def prediction_in(metadata) -> str | None:
+    """The prediction type a LoRA file's header states (sd-scripts' and lora_kit's entries), or None."""
+    stated = metadata.get("modelspec.prediction_type")
+    if stated in ("v", "epsilon"):
+        return "v_prediction" if stated == "v" else "epsilon"
+    version, spec = metadata.get("ss_base_model_version", ""), metadata.get("modelspec.architecture", "")
+    if version in ("sd_v1_v", "sd_v2_v") or spec.startswith("stable-diffusion-v2-768-v"):
+        return "v_prediction"
+    if version in ("sd_v1", "sd_v2") and metadata.get("ss_v_parameterization") == "True":
+        return "v_prediction"
+    return None
 
 
 def architecture(comps: dict[str, nn.Module]) -> str:

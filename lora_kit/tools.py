@@ -22,7 +22,7 @@ from .errors import LoraKitError
 from .formats import embeddings as ti_files
 from .formats import files
 from .inject import find_targets
-from .models import architecture, local_path, open_pipeline
+from .models import architecture, local_path, open_pipeline, prediction_in
 from .state import check_fits, components, modules
 from .targets import resolve
 
@@ -123,7 +123,8 @@ def merge(
         merged, report.errors, report.total_error = ops.rerank(merged, rank, conv_rank, progress=progress)
     meta = {"merged_from": [str(p) for p in inputs], "merge_weights": list(weights)}
     dtype = dtype or given_dtype(*(state for state, _, _ in loaded))
-    write_lora(output, merged, fmt, arch, dtype=dtype, metadata=meta, force=force)
+    prediction = next((p for _, _, m in loaded if (p := prediction_in(m))), None)
+    write_lora(output, merged, fmt, arch, dtype=dtype, metadata=meta, force=force, prediction=prediction)
     if tokens:
         sidecar = ti_files.write(ti_files.sidecar(output), tokens, force=force)
         report.notes.append(f"embeddings merged into {sidecar}")
@@ -158,7 +159,8 @@ def resize(
     resized, errors, total = ops.resize(state, rank, dynamic, conv_rank, progress=progress)
     kept = {k: v for k, v in meta.items() if k in KEPT_METADATA}
     dtype = dtype or given_dtype(state)
-    path = write_lora(output, resized, fmt, architecture_of(meta, state), dtype=dtype, metadata=kept, force=force)
+    arch, prediction = architecture_of(meta, state), prediction_in(meta)
+    path = write_lora(output, resized, fmt, arch, dtype=dtype, metadata=kept, force=force, prediction=prediction)
     ranks = dict(Counter(p["down"].shape[0] for p in modules(resized).values()))
     return Report(path, total, errors, ranks)
 
@@ -277,7 +279,9 @@ def convert(
     if model is not None:  # (without one, the shipped architecture maps names only: a smaller model's files pass)
         check_fits(pipe, state, source=str(input))
     kept = {k: v for k, v in meta.items() if k in KEPT_METADATA}
-    return Report(write(output, state, pipe, format=to, dtype=dtype, metadata=kept, force=force))
+    prediction = prediction_in(meta)  # (a --model's scheduler says it first)
+    path = write(output, state, pipe, format=to, dtype=dtype, metadata=kept, force=force, prediction=prediction)
+    return Report(path)
 
 
 def _read_named(input: str | os.PathLike) -> tuple | None:

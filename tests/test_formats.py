@@ -354,3 +354,29 @@ def test_bare_text_encoder_takes_its_own_adapters(make_pipe, tmp_path):
     assert torch.equal(forward_text(bare), base) and not list(lora_modules(bare))
     lora_kit.load(bare, path, component="text_encoder_2")
     torch.testing.assert_close(forward_text(bare), forward_text(sd3.text_encoder_2), atol=1e-6, rtol=0)
+
+
+def test_sd2_metadata_follows_the_prediction_type(make_pipe, tmp_path):
+    """sd-scripts' names: v-prediction SD2 is sd_v2_v / stable-diffusion-v2-768-v, epsilon SD2 is sd_v2 /
+    stable-diffusion-v2-512 (every SD2 file said 768-v with sd_v2). lora-resize keeps what its input says."""
+    from lora_kit import tools
+    from lora_kit.formats.header import describe
+
+    expected = {"v_prediction": ("sd_v2_v", "stable-diffusion-v2-768-v/lora", "v"),
+                "epsilon": ("sd_v2", "stable-diffusion-v2-512/lora", "epsilon")}  # fmt: skip
+    for prediction, (version, spec, short) in expected.items():
+        pipe = make_pipe("sd2")
+        pipe.scheduler.register_to_config(prediction_type=prediction)
+        inject_lora(pipe.unet, "attn", rank=2)
+        randomize_adapters(pipe)
+        path = lora_kit.save(pipe, tmp_path / f"{prediction}.safetensors")
+        resized = tools.resize(path, tmp_path / f"{prediction}-r1.safetensors", rank=1).path
+        for p in (path, resized):
+            meta = files.read_header(p)[1]
+            assert meta["ss_base_model_version"] == version and meta["modelspec.architecture"] == spec, p
+            assert meta["modelspec.prediction_type"] == short and meta["ss_v2"] == "True"
+            assert describe(p)["architecture"] == "sd2"
+    sd1 = make_pipe("sd1")  # epsilon
+    inject_lora(sd1.unet, "attn", rank=2)
+    meta = files.read_header(lora_kit.save(sd1, tmp_path / "sd1.safetensors"))[1]
+    assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == ("sd_v1", "stable-diffusion-v1/lora")

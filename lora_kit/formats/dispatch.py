@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import LoraKitError
-from ..models import MODELSPEC_ARCHITECTURE, SS_BASE_MODEL_VERSION, architecture
+from ..models import architecture, base_model_metadata, prediction_type
 from ..ops import cast, uniform_alpha
 from ..state import COMPONENTS, components, modules
 from . import check, files, kohya, legacy, peft
@@ -147,9 +147,12 @@ def bare_component(module: nn.Module, path, component: str | None = None) -> str
     )
 
 
-def metadata_for(state: Mapping, arch: str | None, extra: Mapping[str, object] | None = None) -> dict[str, str]:
+def metadata_for(
+    state: Mapping, arch: str | None, extra: Mapping[str, object] | None = None, prediction: str | None = None
+) -> dict[str, str]:
     """kohya `ss_*`, SAI `modelspec.*` and `lora_kit.*` header entries (all strings); arch None (a file that does
-    not say what it is for) leaves out the entries that name the base model."""
+    not say what it is for) leaves out the entries that name the base model, whose SD1/SD2 names depend on the
+    scheduler's `prediction` type (models.base_model_metadata)."""
     groups = modules(state)
     ranks = sorted({parts["down"].shape[0] for parts in groups.values()})
     alphas = sorted({float(parts["alpha"]) for parts in groups.values() if "alpha" in parts})
@@ -163,8 +166,7 @@ def metadata_for(state: Mapping, arch: str | None, extra: Mapping[str, object] |
         "lora_kit.version": __version__,
     }
     if arch is not None:
-        meta["ss_base_model_version"] = SS_BASE_MODEL_VERSION[arch]
-        meta["modelspec.architecture"] = MODELSPEC_ARCHITECTURE[arch]
+        meta.update(base_model_metadata(arch, prediction))
         meta["lora_kit.architecture"] = arch
     if extra is not None and not isinstance(extra, Mapping):
         raise LoraKitError(f"metadata {extra!r}: give a dict {{key: value}}")
@@ -186,8 +188,10 @@ def write(
     dtype=None,
     metadata: Mapping[str, object] | None = None,
     force: bool = False,
+    prediction: str | None = None,
 ) -> Path:
-    """Write a canonical state dict as a LoRA file for `target`'s architecture; returns the path."""
+    """Write a canonical state dict as a LoRA file for `target`'s architecture; returns the path. The base model's
+    names follow the target's scheduler, else `prediction` (what an input file said)."""
     comps = components(target)
     arch = architecture(comps)
     fmt = format or DEFAULT_FORMAT[arch]
@@ -198,7 +202,7 @@ def write(
     if unknown:
         raise LoraKitError(f"state dict has keys of unknown components {unknown}")
     state = cast(uniform_alpha(state), dtype)
-    header = metadata_for(state, arch, metadata)
+    header = metadata_for(state, arch, metadata, prediction_type(target) or prediction)
     if fmt == "kohya":
         tensors = kohya.to_kohya(state, comps, arch)
     elif fmt == "peft":

@@ -77,11 +77,13 @@ def write_lora(
     dtype: torch.dtype | None = None,
     metadata: Mapping[str, object] | None = None,
     force: bool = False,
+    prediction: str | None = None,
 ) -> Path:
-    """Write a LoRA dict keyed as stored back in format `fmt` (one alpha, atomic, sshs hashes)."""
+    """Write a LoRA dict keyed as stored back in format `fmt` (one alpha, atomic, sshs hashes); `prediction` is the
+    base model's prediction type, as the inputs' headers state it (models.prediction_in)."""
     files.check_output(path, force)
     state = cast(uniform_alpha(state), dtype)
-    header = metadata_for(state, arch, metadata)
+    header = metadata_for(state, arch, metadata, prediction)
     tensors = state
     if fmt == "peft":
         tensors, extra = peft.to_peft(state)
