@@ -1,4 +1,4 @@
-"""Textual-inversion tokens in a tokenizer + text encoder pair: add, get, set, remove, and freeze-all-but-new.
+"""Textual-inversion tokens in a tokenizer + text encoder pair: add, get, set and remove.
 
 A token with n vectors becomes n tokenizer entries named as diffusers names them: `<tok>`, `<tok>_1`, ...,
 `<tok>_{n-1}` (diffusers' `maybe_convert_prompt` expands `<tok>` in a prompt to all of them). New tokens take the ids
@@ -147,33 +147,3 @@ def remove_tokens(tokenizer, text_encoder: nn.Module, entries: Sequence[str]) ->
     with torch.no_grad():  # move the surviving rows up, then let transformers cut the tail (it keeps its config)
         weight[: len(keep)] = weight[keep].clone()
     text_encoder.resize_token_embeddings(len(keep), mean_resizing=False)
-
-
-class RowFreeze:
-    """Keep every embedding row except `new_ids` unchanged while training textual inversion.
-
-    A gradient hook zeroes the gradient of the old rows, and `restore()` (call it after each optimizer step) copies
-    them back bit-exactly: zero gradients alone are not enough, since AdamW's weight decay and momentum still move
-    rows whose gradient is zero. `remove()` takes the hook off.
-    """
-
-    def __init__(self, text_encoder: nn.Module, new_ids: Sequence[int]):
-        weight = _matrix(text_encoder)
-        self.text_encoder = text_encoder
-        self.mask = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)  # True = frozen row
-        self.mask[list(new_ids)] = False
-        self.original = weight.detach()[self.mask].clone()
-        self._handle = weight.register_hook(lambda grad: grad.masked_fill(self.mask[:, None], 0))
-
-    def restore(self) -> None:
-        weight = _matrix(self.text_encoder)
-        with torch.no_grad():
-            weight[self.mask] = self.original
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
-def freeze_all_but_new(text_encoder: nn.Module, new_ids: Sequence[int]) -> RowFreeze:
-    """A RowFreeze for `text_encoder`'s input embeddings: only rows `new_ids` train."""
-    return RowFreeze(text_encoder, new_ids)

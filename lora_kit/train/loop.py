@@ -265,51 +265,55 @@ def train(
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.mode, file=sys.stderr,
                disable=not accelerator.is_main_process)  # fmt: skip
     last_checkpoint = None
-    for step in bar:
-        # adapter dropout draws its masks from torch's global RNG (CPU and CUDA): seeded from (seed, step, process)
-        # at every step, so a resumed run draws what an uninterrupted one drew (each process draws its own masks)
-        torch.manual_seed(hash((cfg.seed, step, rank, 3)) & 0x7FFFFFFFFFFFFFFF)
-        recipe.before_step(step)
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            key = (step, micro)
-            global_idx = plan.batch(step * cfg.grad_accum + micro)
-            positions = list(range(rank, cfg.batch_size, world))
-            batch = batcher.batch([global_idx[p] for p in positions], positions, key)
-            with accelerator.autocast():
-                losses, is_prior = per_sample_loss(cfg, backbone, batcher, batch), batch["prior"]
-                if prior_plan is not None:
-                    prior_idx = prior_plan.batch(step * cfg.grad_accum + micro)
-                    pbatch = prior_batcher.batch([prior_idx[p] for p in positions], positions, key, prior=True)
-                    base_target = cfg.prior_target == "base"
-                    losses = torch.cat([losses, per_sample_loss(cfg, backbone, prior_batcher, pbatch, base_target)])
-                    is_prior = torch.cat([is_prior, pbatch["prior"]])
-            loss = objective.combine(losses, is_prior, cfg.prior_loss_weight)
-            accelerator.backward(loss / cfg.grad_accum)
-            total += loss.detach().item() / cfg.grad_accum
-        if world > 1:  # data parallel: average the gradients (and the reported loss) over the processes
-            for p in trainable:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-            total = accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean").item()
-        if not math.isfinite(total):
-            where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
-            raise LoraKitError(f"the loss became {total} at step {step + 1}; training stopped{where}")
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_([p for p in trainable if p.grad is not None], cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        recipe.after_step()
-        done = step + 1
-        bar.set_postfix(loss=f"{total:.4f}")
-        if accelerator.is_main_process:
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                last_checkpoint = save_checkpoint(cfg, done, recipe, pipe, optimizer, scheduler, scaler, prints)
-            for cb in callbacks:
-                cb(done, total, context)
-    recipe.finish()
+    try:
+        for step in bar:
+            # adapter dropout draws its masks from torch's global RNG (CPU and CUDA): seeded from (seed, step, process)
+            # at every step, so a resumed run draws what an uninterrupted one drew (each process draws its own masks)
+            torch.manual_seed(hash((cfg.seed, step, rank, 3)) & 0x7FFFFFFFFFFFFFFF)
+            recipe.before_step(step)
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                key = (step, micro)
+                global_idx = plan.batch(step * cfg.grad_accum + micro)
+                positions = list(range(rank, cfg.batch_size, world))
+                batch = batcher.batch([global_idx[p] for p in positions], positions, key)
+                with accelerator.autocast():
+                    losses, is_prior = per_sample_loss(cfg, backbone, batcher, batch), batch["prior"]
+                    if prior_plan is not None:
+                        prior_idx = prior_plan.batch(step * cfg.grad_accum + micro)
+                        pbatch = prior_batcher.batch([prior_idx[p] for p in positions], positions, key, prior=True)
+                        base_target = cfg.prior_target == "base"
+                        losses = torch.cat(
+                            [losses, per_sample_loss(cfg, backbone, prior_batcher, pbatch, base_target)]
+                        )
+                        is_prior = torch.cat([is_prior, pbatch["prior"]])
+                loss = objective.combine(losses, is_prior, cfg.prior_loss_weight)
+                accelerator.backward(loss / cfg.grad_accum)
+                total += loss.detach().item() / cfg.grad_accum
+            if world > 1:  # data parallel: average the gradients (and the reported loss) over the processes
+                for p in trainable:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
+                total = accelerator.reduce(torch.tensor(total, device=accelerator.device), reduction="mean").item()
+            if not math.isfinite(total):
+                where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+                raise LoraKitError(f"the loss became {total} at step {step + 1}; training stopped{where}")
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_([p for p in trainable if p.grad is not None], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            recipe.after_step()
+            done = step + 1
+            bar.set_postfix(loss=f"{total:.4f}")
+            if accelerator.is_main_process:
+                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                    last_checkpoint = save_checkpoint(cfg, done, recipe, pipe, optimizer, scheduler, scaler, prints)
+                for cb in callbacks:
+                    cb(done, total, context)
+    finally:  # (a failed run leaves no token-row hook on a pipeline the caller passed in)
+        recipe.finish()
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return []
