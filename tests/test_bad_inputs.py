@@ -212,3 +212,38 @@ def test_inspect_reads_legacy_and_peft_keys(tmp_path):
     save_file({"unet.a.lora_A.weight": torch.zeros(2, 32), "unet.a.lora_B.weight": torch.zeros(32, 2)}, peft)
     info = lora_kit.inspect(peft)
     assert info["format"] == "peft" and info["ranks"] == {"2": 1}
+
+
+def _peft(path, config):
+    """An SD1.5 PEFT file whose lora_adapter_metadata is `config` (a JSON text)."""
+    tensors = {}
+    for stem, (down, up) in {Q: ((4, 320), (320, 4)), K: ((4, 768), (320, 4))}.items():
+        path_ = stem.removeprefix("lora_unet_").replace("_", ".")  # close enough: the header fails first
+        parts = _module(stem, down, up, alpha=None)
+        tensors[f"unet.{path_}.lora_A.weight"] = parts[f"{stem}.lora_down.weight"]
+        tensors[f"unet.{path_}.lora_B.weight"] = parts[f"{stem}.lora_up.weight"]
+    save_file(tensors, path, metadata={"lora_adapter_metadata": config})
+    return path
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [('{"unet.r": 4, "unet.lora_alpha": null}', "unet.lora_alpha is null; expected a finite number"),
+     ('{"unet.r": 4, "unet.lora_alpha": "x"}', 'unet.lora_alpha is "x"'),
+     ('{"unet.r": 4, "unet.lora_alpha": NaN}', "unet.lora_alpha is NaN"),
+     ('{"unet.r": true}', "unet.r is true"),
+     ("[1, 2]", "lora_adapter_metadata header is a JSON list, not an object"),
+     ('{"unet.lora_alpha": 4, "unet.alpha_pattern": [1]}', "unet.alpha_pattern is [1]; expected an object"),
+     ('{"unet.lora_alpha": 4, "unet.alpha_pattern": {"(": 3}}', "alpha_pattern key '(' is not a regular expression"),
+     ('{"unet.lora_alpha": 4, "unet.alpha_pattern": {"to_q": "2"}}', "alpha_pattern['to_q'] is \"2\""),
+     ('{"unet.lora_alpha": 4, "unet.use_rslora": "yes"}', "use_rslora is \"yes\"; expected true or false")],
+)  # fmt: skip
+def test_bad_peft_adapter_metadata_is_one_line_in_every_tool(tmp_path, config, message):
+    bad, out = _peft(tmp_path / "peft.safetensors", config), tmp_path / "out.safetensors"
+    _fails(inspect, [bad], str(bad), message)
+    _fails(resize, [bad, "--rank", "1", "-o", out], str(bad), message)
+    _fails(merge, [bad, bad, "-o", out], str(bad), message)
+    _fails(convert, [bad, "--to", "kohya", "-o", out], str(bad), message)
+    with pytest.raises(LoraKitError, match="lora_adapter_metadata"):
+        lora_kit.inspect(bad)
+    assert not out.exists()

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import LoraKitError
 from ..inject import _layers
 from ..state import COMPONENTS, group, split_key
-from .peft_config import METADATA_KEY, alpha_for, configs_of
+from .peft_config import METADATA_KEY, alpha_for, check_config, configs_of
 
 _SPELLINGS = [  # (regex on the key after the component, replacement giving "path.down" / "path.up")
     (r"(.+)\.lora_A(?:\.default)?\.weight", r"\1.down"),
@@ -197,6 +197,7 @@ def read_standalone(
     kind = str(config.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise LoraKitError(f"{p}: a PEFT {kind} adapter; lora_kit reads LoRA adapters only")
+    config = check_config(config, f"{folder / STANDALONE_CONFIG}: ")
     if config.get("use_dora"):
         raise LoraKitError(f"{p}: a DoRA adapter (use_dora); lora_kit does not read DoRA yet")
     if p.suffix in files.PICKLES:

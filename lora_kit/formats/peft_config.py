@@ -1,6 +1,6 @@
 """The PEFT LoraConfig a diffusers/PEFT LoRA file carries in its `lora_adapter_metadata` header (component-prefixed
 keys: `unet.lora_alpha`, `unet.r`, `unet.alpha_pattern`, ...): each module's alpha, without torch (lora-inspect
-reads it from the header alone)."""
+reads it from the header alone). The fields lora_kit reads are checked once, here, when the config is read."""
 
 from __future__ import annotations
 
@@ -14,12 +14,49 @@ from ..errors import LoraKitError
 METADATA_KEY = "lora_adapter_metadata"
 
 
+def _pattern(pattern: str) -> re.Pattern:
+    """The regex PEFT matches an alpha_pattern key with (peft.utils.other.get_pattern_key: a suffix of the path)."""
+    return re.compile(rf"(.*\.)?({pattern})$")
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_config(config, where: str) -> dict:
+    """`config` (a LoraConfig as JSON) once the fields alpha_for reads are what PEFT writes: lora_alpha and r finite
+    numbers, alpha_pattern and rank_pattern {regex: number} objects, use_rslora true/false. `where` names the config
+    in the error ("x.safetensors: lora_adapter_metadata unet.")."""
+    if not isinstance(config, Mapping):
+        raise LoraKitError(f"{where.rstrip('. ')}: expected a JSON object, got {type(config).__name__}")
+    for field in ("lora_alpha", "r"):
+        if field in config and not _number(config[field]):
+            raise LoraKitError(f"{where}{field} is {json.dumps(config[field])}; expected a finite number")
+    if "use_rslora" in config and not isinstance(config["use_rslora"], bool):
+        raise LoraKitError(f"{where}use_rslora is {json.dumps(config['use_rslora'])}; expected true or false")
+    for field in ("alpha_pattern", "rank_pattern"):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, Mapping):
+            raise LoraKitError(f"{where}{field} is {json.dumps(patterns)}; expected an object {{pattern: number}}")
+        for pattern, value in patterns.items():
+            if not _number(value):
+                raise LoraKitError(f"{where}{field}[{pattern!r}] is {json.dumps(value)}; expected a finite number")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LoraKitError(f"{where}{field} key {pattern!r} is not a regular expression ({e})") from None
+    return dict(config)
+
+
 def alpha_for(path: str, rank: int, config: Mapping | None) -> float | None:
+    """A module's alpha under a LoraConfig checked by check_config (None without one)."""
     if config is None:
         return None
     alpha = float(config.get("lora_alpha", config.get("r", rank)))
     for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", path):  # peft.utils.other.get_pattern_key: the first match wins
+        if _pattern(pattern).match(path):  # the first match wins, as in PEFT
             alpha = float(value)
             break
     if config.get("use_rslora"):  # scale alpha / sqrt(r) == (alpha * sqrt(r)) / r
@@ -28,14 +65,17 @@ def alpha_for(path: str, rank: int, config: Mapping | None) -> float | None:
 
 
 def configs_of(metadata: Mapping[str, str], source: str) -> dict[str, dict]:
-    """{component: LoraConfig fields} from the `lora_adapter_metadata` header, if any."""
+    """{component: LoraConfig fields} from the `lora_adapter_metadata` header, if any, checked (check_config)."""
     configs: dict[str, dict] = {}
     if metadata.get(METADATA_KEY):
         try:
             flat = json.loads(metadata[METADATA_KEY])
         except json.JSONDecodeError:
             raise LoraKitError(f"{source}: its {METADATA_KEY} header is not JSON") from None
+        if not isinstance(flat, dict):
+            kind = type(flat).__name__
+            raise LoraKitError(f"{source}: its {METADATA_KEY} header is a JSON {kind}, not an object")
         for key, value in flat.items():
             component, _, field = key.partition(".")
             configs.setdefault(component, {})[field] = value
-    return configs
+    return {c: check_config(config, f"{source}: {METADATA_KEY} {c}.") for c, config in configs.items()}
