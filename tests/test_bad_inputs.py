@@ -247,3 +247,54 @@ def test_bad_peft_adapter_metadata_is_one_line_in_every_tool(tmp_path, config, m
     with pytest.raises(LoraKitError, match="lora_adapter_metadata"):
         lora_kit.inspect(bad)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool])
+def test_non_float_factors_are_refused_by_every_tool(make_pipe, tmp_path, dtype):
+    """An integer lora_up was read as a LoRA (whole-number deltas); alphas may stay integers (diffusers' int64)."""
+    tensors = _good()
+    tensors[f"{Q}.lora_up.weight"] = tensors[f"{Q}.lora_up.weight"].to(dtype)
+    tensors[f"{K}.alpha"] = torch.tensor(2, dtype=torch.int64)
+    bad, out = tmp_path / "int.safetensors", tmp_path / "out.safetensors"
+    save_file(tensors, bad)
+    message = f"tensor {Q}.lora_up.weight is "
+    _fails(inspect, [bad], str(bad), message, "LoRA factors must be floating point")
+    _fails(resize, [bad, "--rank", "1", "-o", out], str(bad), message, "floating point")
+    save_file(_good(), good := tmp_path / "good.safetensors")
+    _fails(merge, [good, bad, "-o", out], str(bad), message)
+    _fails(convert, [bad, "--to", "peft", "-o", out], str(bad), message)
+    with pytest.raises(LoraKitError, match=r"int.safetensors: tensor unet\..*attn1\.to_q\.lora_up\.weight is .*float"):
+        lora_kit.load(make_pipe("sd1"), bad)
+    assert not out.exists()
+    tensors[f"{Q}.lora_up.weight"] = tensors[f"{Q}.lora_up.weight"].float()  # integer alphas alone are fine
+    save_file(tensors, bad)
+    assert lora_kit.inspect(bad)["modules"] == 3
+
+
+def test_headers_safetensors_refuses_are_refused_by_inspect(tmp_path):
+    """lora-inspect reads the header itself: it refuses what safetensors (and so every other tool) refuses."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    def alpha(start, shape=(), dtype="F32"):
+        return {"dtype": dtype, "shape": list(shape), "data_offsets": [start, start + 4]}
+
+    down, up = f"{Q}.lora_down.weight", f"{Q}.lora_up.weight"
+    cases = {  # name -> (header, data, what the error says)
+        "overlap": ({down: alpha(0, [1, 1]), up: alpha(0, [1, 1])}, 4, "overlaps another tensor"),
+        "gap": ({down: alpha(0, [1, 1]), up: alpha(8, [1, 1])}, 12, "leaves 4 bytes unused before it"),
+        "start": ({down: alpha(4, [1, 1]), up: alpha(8, [1, 1])}, 12, "leaves 4 bytes unused before it"),
+        "trailing": ({down: alpha(0, [1, 1]), up: alpha(4, [1, 1])}, 12, "the tensors cover 8 of its 12 data bytes"),
+        "bool_shape": ({down: alpha(0, [True, 1]), up: alpha(4, [1, 1])}, 8, f"entry '{down}'"),
+        "float_shape": ({down: alpha(0, [1.0, 1]), up: alpha(4, [1, 1])}, 8, f"entry '{down}'"),
+        "bool_offset": ({down: {**alpha(0, [1, 1]), "data_offsets": [False, 4]}, up: alpha(4, [1, 1])}, 8, "entry"),
+        "three_offsets": ({down: {**alpha(0, [1, 1]), "data_offsets": [0, 4, 4]}, up: alpha(4, [1, 1])}, 8, "entry"),
+    }
+    for name, (header, size, message) in cases.items():
+        path = _raw(tmp_path / f"{name}.safetensors", header, b"\0" * size)
+        with pytest.raises(SafetensorError):  # what every other tool meets
+            load_file(path)
+        _fails(inspect, [path], str(path), "corrupt safetensors header", message)
+        _fails(resize, [path, "--rank", "1", "-o", tmp_path / "o.safetensors"], str(path), message)
+    ok = _raw(tmp_path / "ok.safetensors", {up: alpha(4, [1, 1]), down: alpha(0, [1, 1])}, b"\0" * 8)  # any order
+    assert lora_kit.inspect(ok)["modules"] == 1 and load_file(ok)[up].shape == (1, 1)

@@ -57,6 +57,14 @@ def module_problem(shapes: Mapping[str, Shape]) -> str | None:
     return None
 
 
+def check_factor_dtype(key: str, part: str, dtype: str, source: str) -> None:
+    """lora_down and lora_up hold real numbers: an integer, bool or complex factor (no trainer writes one; every
+    delta would be made of whole numbers) is refused. Alphas may be integers (diffusers' kohya converter writes
+    int64). `dtype` is a safetensors name (F16, I32, ...) or a torch one (float16, int32, ...)."""
+    if part in ("down", "up") and not dtype.lower().startswith(("f", "bf")):
+        raise LoraKitError(f"{source}: tensor {key} is {dtype}; LoRA factors must be floating point")
+
+
 def check_modules(modules: Mapping[str, Mapping[str, Shape]], source: str) -> None:
     """Raise for the first malformed module of {stem: {part: shape}}, naming the file, the module and the problem."""
     for stem, shapes in modules.items():

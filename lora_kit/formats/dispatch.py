@@ -13,7 +13,7 @@ from .. import __version__
 from ..errors import LoraKitError
 from ..models import architecture, base_model_metadata, prediction_type
 from ..ops import cast, uniform_alpha
-from ..state import COMPONENTS, components, modules
+from ..state import COMPONENTS, components, modules, split_key
 from . import check, files, kohya, legacy, peft
 from .header import guess_architecture
 
@@ -70,10 +70,12 @@ def read(path: str | os.PathLike, target, *, allow_pickle: bool = False) -> tupl
 
 def checked(state: dict, source) -> dict:
     """A LoRA dict as read from `source`, once every module is well formed (check.module_problem: both factors,
-    agreeing ranks, the shapes of a linear or conv adapter, a scalar alpha) and every tensor finite."""
+    agreeing ranks, the shapes of a linear or conv adapter, a scalar alpha), its factors floating point and every
+    tensor finite."""
     shapes = {stem: {part: tuple(t.shape) for part, t in parts.items()} for stem, parts in modules(state).items()}
     check.check_modules(shapes, str(source))
     for key, t in state.items():
+        check.check_factor_dtype(key, split_key(key)[1], str(t.dtype).removeprefix("torch."), str(source))
         if t.is_floating_point() and not t.isfinite().all():
             raise LoraKitError(f"{source}: tensor {key} holds NaN or inf")
     return state

@@ -53,23 +53,46 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     if not isinstance(header, dict):
         raise LoraKitError(f"{p}: not a safetensors file (its header is not a JSON object)")
     metadata = _metadata(header.pop("__metadata__", None), p)
-    data_size = size - 8 - n
+    _check_entries(header, size - 8 - n, p)
+    return header, metadata
+
+
+def _count(value) -> bool:
+    """A whole number >= 0 as safetensors reads one (a JSON bool or float is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entries(header: dict, data_size: int, p: Path) -> None:
+    """What safetensors checks of the tensor entries, so that a header read here is one safetensors loads: each a
+    known dtype, a shape of whole numbers, [start, end] offsets holding prod(shape) elements, and the tensors,
+    in the order of their offsets, covering the data exactly, without gaps or overlaps."""
+    spans = []
     for key, entry in header.items():
         try:
-            start, end = entry["data_offsets"]
-            dtype, shape = entry["dtype"], entry["shape"]
-            valid = isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= start <= end
-        except (KeyError, TypeError, ValueError):
+            offsets, dtype, shape = entry["data_offsets"], entry["dtype"], entry["shape"]
+            valid = isinstance(offsets, list) and len(offsets) == 2 and all(map(_count, offsets))
+            valid = valid and isinstance(dtype, str) and isinstance(shape, list) and all(map(_count, shape))
+        except (KeyError, TypeError):
             valid = False
-        if not valid:
+        if not valid or offsets[0] > offsets[1]:
             raise LoraKitError(f"{p}: corrupt safetensors header (entry {key!r})")
+        start, end = offsets
         if dtype not in _DTYPE_BITS:
             raise LoraKitError(f"{p}: tensor {key!r} has dtype {dtype!r}, which safetensors does not know")
         if end > data_size:
             raise LoraKitError(f"{p}: truncated: tensor {key!r} ends at byte {end} but the data holds {data_size}")
         if end - start != (math.prod(shape) * _DTYPE_BITS[dtype] + 7) // 8:
             raise LoraKitError(f"{p}: corrupt safetensors header (tensor {key!r} has the wrong byte size)")
-    return header, metadata
+        spans.append((start, end, key))
+    covered = 0
+    for start, end, key in sorted(spans):
+        if start != covered:
+            how = "overlaps another tensor" if start < covered else f"leaves {start - covered} bytes unused before it"
+            raise LoraKitError(f"{p}: corrupt safetensors header (tensor {key!r} at bytes {start}-{end} {how})")
+        covered = end
+    if covered != data_size:
+        what = f"the tensors cover {covered} of its {data_size} data bytes"
+        raise LoraKitError(f"{p}: corrupt safetensors header ({what})")
 
 
 def _metadata(metadata, p: Path) -> dict[str, str]:

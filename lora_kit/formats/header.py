@@ -119,6 +119,8 @@ def describe(path: str | os.PathLike) -> dict:
     for key, (stem, part) in parts.items():
         shapes.setdefault(stem, {})[part] = tuple(header[key]["shape"])
     check.check_modules(shapes, str(path))
+    for key, (_, part) in parts.items():
+        check.check_factor_dtype(key, part, header[key]["dtype"], str(path))
     stems = {stem: {"rank": s["down"][0], "kind": _kind(s["down"])} for stem, s in shapes.items()}
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
