@@ -1,5 +1,5 @@
-"""The one error type users see: a clear, single-line message; CLIs turn it into exit code 2. And the check of a
-user's number (a weight, a strength) that raises it."""
+"""The one error type users see: a clear, single-line message; CLIs turn it into exit code 2. And the checks of a
+user's number (a weight, a strength) and of a trigger word that every command shares."""
 
 import math
 
@@ -23,3 +23,11 @@ def finite(value, what: str) -> float:
     if not math.isfinite(number):
         raise LoraKitError(f"{what} {value!r}: not a finite number")
     return number
+
+
+def word_problem(word: str) -> str | None:
+    """What is wrong with a trigger word or token a user gives (lora-ppim --token, lora-train --token and
+    --init-token), as 'it must ...', or None: a blank one would caption or train nothing the user could prompt."""
+    if not word.strip():
+        return "it must not be blank"
+    return None

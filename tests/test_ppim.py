@@ -511,6 +511,20 @@ def test_bad_input(models, photos, tmp_path):
     assert _hashes(photos) == before
 
 
+def test_template_placeholders_and_float_flags_are_checked(photos, tmp_path):
+    """Only plain {token} and {filename} in --template ({token.upper} wrote '<built-in method upper ...>' into every
+    caption); nan and inf are refused where they passed the range checks (--mask-blur inf, nan)."""
+    out = tmp_path / "out"
+    ok = [*SMALL, "--token", "sks"]
+    for template in ("photo of {token.upper}", "{token[0]}", "{token!r}", "{token:>9}", "{0}", "{}", "{other}", "a {"):
+        _bad([photos, out, *ok, "--template", template], f"--template {template!r} is not allowed", written=out)
+    for name in ("--mask-blur", "--mask-threshold"):
+        for value in ("nan", "inf", "-inf"):
+            message = f"{name} {float(value)!r} is not allowed; it must be a finite number"
+            _bad([photos, out, *ok, name, value], message, written=out)
+    _bad([photos, out, *SMALL, "--token", " "], "--token ' ' is not allowed; it must not be blank", written=out)
+
+
 def test_model_with_missing_weights_is_refused(models, photos, tmp_path):
     """A folder whose weights do not fit its config (CLIPSeg weights beside a GIT config) is refused, not filled
     with random values."""

@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+import string
+from dataclasses import dataclass, fields
 
-from ..errors import LoraKitError, flag
+from ..errors import LoraKitError, flag, word_problem
 
 CROPS = ("center", "subject", "random:N", "none")
 CAPTIONS = ("template", "clip-tags", "model")
 RESAMPLES = ("lanczos", "bicubic", "bilinear", "box")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+TEMPLATE_FIELDS = ("token", "filename")
+
+
+def template_fields(template: str) -> set[str]:
+    """The fields a caption template uses; ValueError (naming the placeholder) for anything but a plain {token} or
+    {filename}: attribute or index access ({token.upper}), conversions, format specs, other names, stray braces."""
+    used = set()
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        raise ValueError("a single { or }") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in TEMPLATE_FIELDS or spec or conversion:
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"{{{shown}}}")
+        used.add(name)
+    return used
 
 
 @dataclass
@@ -51,6 +74,9 @@ class PreprocessConfig:
         def bad(name, allowed):
             raise LoraKitError(f"{flag(name)} {getattr(self, name)!r} is not allowed; {allowed}")
 
+        for f in fields(self):  # click takes 'nan' and 'inf' as floats; no comparison below would refuse nan
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name)):
+                bad(f.name, "it must be a finite number")
         for name, allowed in (("caption", CAPTIONS), ("resample", RESAMPLES), ("device", DEVICES),
                               ("dtype", DTYPES)):  # fmt: skip
             if getattr(self, name) not in allowed:
@@ -78,15 +104,16 @@ class PreprocessConfig:
             self.background_rgb  # noqa: B018 - parses background
         except ValueError:
             bad("background", "give a colour name (white, gray) or #rrggbb")
-        if self.token is not None and not self.token.strip():
-            bad("token", "it must not be blank")
+        if self.token is not None and (problem := word_problem(self.token)):
+            bad("token", problem)
         if self.caption == "template":
-            if "{token}" in self.template and not self.token:
-                bad("template", "it uses {token}: give token (the trigger word), or a template without {token}")
             try:
-                self.template.format(token="", filename="")
-            except (KeyError, IndexError, ValueError):
-                bad("template", "only {token} and {filename} may appear in braces")
+                used = template_fields(self.template)
+            except ValueError as e:
+                bad("template", f"only plain {{token}} and {{filename}} may appear in braces, not {e} ({{{{ and }}}} "
+                    "write a brace)")  # fmt: skip
+            if "token" in used and not self.token:
+                bad("template", "it uses {token}: give token (the trigger word), or a template without {token}")
         if self.caption == "clip-tags" and not self.clip_model:
             raise LoraKitError("--caption clip-tags needs --clip-model (a local CLIP model folder)")
         if self.caption == "model" and not self.caption_model:

@@ -5,6 +5,7 @@ Nothing here writes: inputs are opened read-only and every conversion makes a ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 from dataclasses import dataclass, field
@@ -51,9 +52,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def open_image(path: Path, background: tuple[int, int, int], min_size: int) -> Loaded:
-    """Decode `path` fully and return it as RGB, upright; raise Rejected for anything that is not a usable photo."""
-    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+@contextlib.contextmanager
+def decoded(path: Path, animated_ok: bool = False):
+    """`path` opened and fully decoded (its first frame), for the `with` block; Rejected for what is not one readable
+    image: not an image, too large (a decompression bomb), unreadable, corrupt, truncated, or animated (unless
+    `animated_ok`). The one check of an image file: lora-ppim's inputs, lora-train's images and masks."""
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
     # A library elsewhere may have switched this on globally; a half-grey truncated photo must not slip through.
     truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
@@ -71,7 +75,7 @@ def open_image(path: Path, background: tuple[int, int, int], min_size: int) -> L
                 frames = getattr(img, "n_frames", 1)
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 raise Rejected("corrupt", str(e) or type(e).__name__) from None
-            if frames > 1:
+            if frames > 1 and not animated_ok:
                 raise Rejected("animated", f"{img.format} with {frames} frames")
             try:
                 img.load()
@@ -80,15 +84,23 @@ def open_image(path: Path, background: tuple[int, int, int], min_size: int) -> L
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 msg = str(e) or type(e).__name__
                 raise Rejected("truncated" if "truncated" in msg else "corrupt", msg) from None
-            loaded = Loaded(None)
-            try:
-                upright = ImageOps.exif_transpose(img)
-            except Exception as e:  # a malformed EXIF block must not lose the photo
-                loaded.warnings.append(f"EXIF orientation unreadable ({e}); used as stored")
-                upright = img
-            loaded.image = to_rgb(upright, background, loaded.warnings)
+            yield img
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+
+
+def open_image(path: Path, background: tuple[int, int, int], min_size: int) -> Loaded:
+    """Decode `path` fully and return it as RGB, upright; raise Rejected for anything that is not a usable photo."""
+    from PIL import ImageOps
+
+    with decoded(path) as img:
+        loaded = Loaded(None)
+        try:
+            upright = ImageOps.exif_transpose(img)
+        except Exception as e:  # a malformed EXIF block must not lose the photo
+            loaded.warnings.append(f"EXIF orientation unreadable ({e}); used as stored")
+            upright = img
+        loaded.image = to_rgb(upright, background, loaded.warnings)
     w, h = loaded.image.size
     if min(w, h) < min_size:
         raise Rejected("too small", f"{w}x{h}: shorter side below --min-size {min_size}")
