@@ -16,7 +16,7 @@ HELP = {
     "steps": "Optimizer steps in all (--ti-steps included). [500]",
     "batch_size": "Images per step (split across processes). [1]",
     "grad_accum": "Micro-batches accumulated per optimizer step. [1]",
-    "resolution": "Training resolution; buckets keep about resolution^2 pixels per image. [512]",
+    "resolution": "Training resolution (at most 8192); buckets keep about resolution^2 pixels per image. [512]",
     "buckets": "Aspect-ratio buckets (--no-buckets: square centre crops). [on]",
     "flip": "Random horizontal flips (both orientations are cached). [off]",
     "cache": "Cache VAE latents and frozen text embeddings. [on]",
@@ -39,7 +39,7 @@ HELP = {
     "optimizer": "adamw | adamw8bit (needs bitsandbytes). [adamw]",
     "weight_decay": "AdamW weight decay of the adapters. [0.01]",
     "max_grad_norm": "Gradient clipping norm (0 = off). [1.0]",
-    "seed": "Seed of every random choice (data order, noise, ...). [0]",
+    "seed": "Seed of every random choice (data order, noise, ...), 0 to 2**63 - 1. [0]",
     "mixed_precision": "no | fp16 (a CUDA GPU) | bf16 (adapters and new token embeddings stay fp32). [no]",
     "gradient_checkpointing": "Recompute activations in the backward pass to save memory. [off]",
     "min_snr_gamma": "Min-SNR loss weighting with this gamma (5 is usual; not SD3/FLUX: flow matching). [off]",
@@ -49,7 +49,7 @@ HELP = {
     "caption_dropout": "Share of samples trained with an empty caption. [0]",
     "shuffle_captions": "Shuffle comma-separated tags after the first --keep-tokens. [off]",
     "keep_tokens": "Tags kept in place when shuffling. [0]",
-    "clip_skip": "2 = condition on the penultimate CLIP layer (SD1/SD2). [1]",
+    "clip_skip": "2 = condition on the penultimate CLIP layer (SD1/SD2 only; at most its layers). [1]",
     "class_prompt": "DreamBooth (pivotal too, when given): the class prompt, e.g. 'a photo of a dog'; several, "
     "separated by '|', make a varied class set (image i takes prompt i mod n).",
     "class_guidance": "DreamBooth: guidance scale of the generated class images. [the pipeline's default]",
@@ -62,8 +62,9 @@ HELP = {
     "DreamBooth loss) or base (what the base model, adapters off, predicts on the same noisy image and prompt: a "
     "target without sampling noise, for one extra forward per class image). [images]",
     "token": "Textual inversion / pivotal: the new token, e.g. '<sks>' (put in front of captions that lack it).",
-    "init_token": "Initialise the new token from this word's embedding.",
-    "num_vectors": "Vectors per new token. [1]",
+    "init_token": "Initialise the new token from this word's embedding (one word; the mean of its pieces when the "
+    "tokenizer splits it).",
+    "num_vectors": "Vectors per new token, 1 to 75. [1]",
     "ti_steps": "Pivotal: steps training the embeddings alone before LoRA joins. [0]",
     "save_every": "Checkpoint every N steps to <output>-checkpoints/step-N. [0 = off]",
     "save_limit": "Keep only the newest N checkpoints. [0 = all]",

@@ -53,6 +53,16 @@ FLAGS = [
     (["--mode", "pivotal"], "--mode is 'pivotal'; it needs --token"),
     (["--mode", "pivotal", "--token", "<x>", "--ti-steps", "2"], "--ti-steps is 2; pivotal needs it below --steps"),
     (["--resume", "latest"], "o-checkpoints: no checkpoint to resume from"),
+    (["--seed", "99999999999999999999999"], "--seed is 99999999999999999999999; it must be from 0 to 2**63 - 1"),
+    (["--seed", str(2**63)], f"--seed is {2**63}; it must be from 0 to 2**63 - 1"),
+    (["--resolution", "100000000000000000000"], "--resolution is 100000000000000000000; it must be from 1 to 8192"),
+    (["--mode", "textual-inversion", "--token", "<x>", "--num-vectors", "76"], "--num-vectors is 76; it must be from"),
+    (["--mode", "textual-inversion", "--token", " "], "--token is ' '; it must not be blank"),
+    (["--mode", "pivotal", "--token", "<x>", "--init-token", ""], "--init-token is ''; it must not be blank"),
+    (
+        ["--mode", "textual-inversion", "--token", "<x>", "--init-token", "red dog"],
+        "--init-token is 'red dog'; it must be one word",
+    ),
 ]
 
 
@@ -182,3 +192,197 @@ def test_fp16_without_a_cuda_gpu_is_refused_before_the_model_loads(data, tmp_pat
     result, written = lora_train(data, tmp_path, "--mixed-precision", "fp16")
     assert_one_line_error(result, "--mixed-precision is 'fp16'; it needs a CUDA GPU; use bf16 or no on the CPU")
     assert written == []
+
+
+def test_seed_bounds_are_what_torch_takes():
+    """The largest seed trains: torch seeds take it, and seed + i of the class images too."""
+    import torch
+
+    seed = TrainConfig(seed=2**63 - 1).seed
+    torch.manual_seed(seed), torch.Generator().manual_seed(seed + 10_000)
+
+
+def _bad_data(root: Path, case: str) -> tuple[Path, str]:
+    """A data folder with one defect, and the message it gets ({d}: the folder)."""
+    import json
+
+    from PIL import Image
+
+    d = write_images(root / case, n=2)
+    manifest = d / "manifest.jsonl"
+
+    def entries(**fields):
+        lines = (json.dumps({"image": f"img{i}.png", "caption": "x", **fields}) for i in range(2))
+        manifest.write_text("\n".join(lines))
+
+    if case == "txt-not-utf8":
+        (d / "img0.txt").write_bytes(b"\xff\xfe a caption")
+        return d, f"{d / 'img0.txt'}: the caption file is not UTF-8 text"
+    if case == "manifest-not-utf8":
+        manifest.write_bytes(b"\xff\xfe{}")
+        return d, f"{manifest}: the manifest is not UTF-8 text"
+    if case == "caption-int":
+        entries(caption=7)
+        return d, f"{manifest}: line 1: 'caption' is 7; it must be text or null"
+    if case == "mask-int":
+        entries(mask=3)
+        return d, f"{manifest}: line 1: 'mask' is 3; it must be a path relative to the manifest, or null"
+    if case == "image-list":
+        manifest.write_text(json.dumps({"image": ["img0.png"]}))
+        return d, f"{manifest}: line 1: 'image' is ['img0.png']; it must be a path relative to the manifest"
+    if case == "mask-corrupt":
+        (d / "m.png").write_bytes(b"not a png")
+        entries(mask="m.png")
+        return d, f"mask {d / 'm.png'} of image {d / 'img0.png'}: not an image"
+    if case == "mask-missing":
+        entries(mask="gone.png")
+        return d, f"mask {d / 'gone.png'} of image {d / 'img0.png'}: no such file"
+    if case == "mask-size":
+        Image.new("L", (8, 8), 255).save(d / "m.png")
+        entries(mask="m.png")
+        return d, f"mask {d / 'm.png'} of image {d / 'img0.png'} is 8x8, the image 40x32; a mask must have its size"
+    raise AssertionError(case)
+
+
+BAD_DATA = ["txt-not-utf8", "manifest-not-utf8", "caption-int", "mask-int", "image-list", "mask-corrupt",
+            "mask-missing", "mask-size"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_training_data_is_one_line_before_the_model_loads(tmp_path_factory, tmp_path, case):
+    """A caption or manifest that is not UTF-8, a manifest field of the wrong type, a bad mask: one line naming the
+    file, at scan time (the model is never reached), not a traceback or a failure mid-training."""
+    folder, message = _bad_data(tmp_path_factory.mktemp("bad-data"), case)
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    result, written = lora_train(folder, tmp_path)
+    assert_one_line_error(result, message)
+    assert written == [] and {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_decompression_bomb_is_skipped_as_unreadable(tmp_path):
+    """An image PIL refuses to decode as too large (lora-ppim's 'too large' rejection) is skipped by name, like a
+    corrupt one, not a DecompressionBombError traceback."""
+    import struct
+    import zlib
+
+    from lora_kit.train.data import scan
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    write_images(tmp_path, n=2)
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    (tmp_path / "img0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    examples, skipped = scan(tmp_path)
+    assert [ex.image.name for ex in examples] == ["img1.png"] and skipped == [tmp_path / "img0.png"]
+
+
+def test_an_unreadable_subfolder_is_refused(data, tmp_path, monkeypatch):
+    """A subfolder lora-train cannot list is an error naming it: Path.rglob skipped it, and its images, silently. (A
+    chmod would not stop root, who runs the tests in CI: the listing itself is made to fail.)"""
+    import os
+    import shutil
+
+    folder = tmp_path / "data"
+    shutil.copytree(data, folder)
+    locked = write_images(folder / "10_more", n=1)
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = CliRunner().invoke(train_cli.main, ["--model", UNREACHED, "--data", str(folder), "-o",
+                                                 str(tmp_path / "o.safetensors")])  # fmt: skip
+    assert_one_line_error(result, f"{locked}: cannot read this folder (Permission denied)")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["logdir", "class-data"])
+def test_a_folder_option_naming_a_file_is_refused_before_the_model_loads(data, tmp_path, name):
+    """--logdir and --class-data name folders; a file there (or on the way there) failed with 'File exists' after
+    the model had loaded."""
+    file = tmp_path / "a.safetensors"
+    file.write_bytes(b"keep me")
+    prior = ["--mode", "dreambooth", "--class-prompt", "a dog"] if name == "class-data" else []
+    for value, problem in ((file, "it names a file"), (file / "sub", f"{file} is a file")):
+        result, _ = lora_train(data, tmp_path, *prior, f"--{name}", str(value))
+        assert_one_line_error(result, f"--{name} is '{value}'; {problem}; it must be a folder (made if missing)")
+    assert file.read_bytes() == b"keep me" and not (tmp_path / "o.safetensors").exists()
+
+
+def _checkpoint(cfg: TrainConfig, optimizer: bytes | None = None) -> Path:
+    """A step-1 checkpoint of `cfg`'s run as lora-train writes one (its optimizer.pt bytes replaced if given)."""
+    import json
+
+    import torch
+
+    from lora_kit.formats import files
+    from lora_kit.train.checkpoints import fingerprints
+
+    folder = cfg.checkpoint_dir / "step-1"
+    folder.mkdir(parents=True)
+    (folder / "trainable.safetensors").write_bytes(files.serialize({"lora.x": torch.zeros(1)}))
+    torch.save({"optimizer": {}, "scheduler": {}}, folder / "optimizer.pt")
+    if optimizer is not None:
+        (folder / "optimizer.pt").write_bytes(optimizer)
+    (folder / "state.json").write_text(json.dumps({"step": 1, "steps": 2, **fingerprints(cfg)}))
+    return folder
+
+
+def test_a_corrupt_optimizer_state_is_one_line_before_the_model_loads(data, tmp_path):
+    out = tmp_path / "o.safetensors"
+    folder = _checkpoint(TrainConfig(model=UNREACHED, data=str(data), output=str(out), steps=2), b"garbage\n")
+    result, _ = lora_train(data, tmp_path, "--resume", "latest", "--force")
+    assert_one_line_error(result, f"{folder / 'optimizer.pt'}: not a readable optimizer state (")
+    assert (folder / "optimizer.pt").read_bytes() == b"garbage\n" and not out.exists()
+
+
+def test_resume_takes_the_same_data_spelled_or_placed_otherwise(data, tmp_path, monkeypatch):
+    """The config fingerprint leaves out the model and data paths (their files are fingerprinted): a run made with
+    --data ../x resumes with --data /abs/x, or with a copy of x elsewhere; other data is still refused."""
+    import os
+    import shutil
+
+    from lora_kit.errors import LoraKitError
+    from lora_kit.train.checkpoints import check_resume, fingerprints
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    moved = Path(shutil.copytree(data, tmp_path / "moved"))
+    made = TrainConfig(model="tiny", data=os.path.relpath(data), output="o.safetensors", steps=2)
+    folder = _checkpoint(made)
+    for spelled in (str(Path(data).resolve()), str(moved)):
+        resumed = TrainConfig(model="tiny", data=spelled, output=str(Path("o.safetensors").resolve()), steps=3,
+                              resume="latest")  # fmt: skip
+        assert check_resume(resumed, fingerprints(resumed)).resolve() == folder.resolve()
+    (moved / "img0.txt").write_text("another caption")
+    other = TrainConfig(model="tiny", data=str(moved), output="o.safetensors", steps=3, resume="latest")
+    with pytest.raises(LoraKitError, match="different data"):
+        check_resume(other, fingerprints(other))
+
+
+@pytest.mark.parametrize(("arch", "clip_skip", "message"), [
+    ("sd1", 50, "clip_skip is 50; it must be at most 2, the layers of this model's text encoder"),
+    ("sdxl", 2, "clip_skip is 2; it does not apply to sdxl"),
+])  # fmt: skip
+def test_clip_skip_is_checked_against_the_text_encoder_before_training(make_pipe, data, tmp_path, arch, clip_skip,
+                                                                       message):  # fmt: skip
+    """hidden_states[-clip_skip] failed with an IndexError at the first step (SDXL ignored it silently): refused as
+    soon as the model is known, before anything is written."""
+    cfg = TrainConfig(model="tiny", data=str(data), output=str(tmp_path / "o.safetensors"), steps=1, resolution=32,
+                      rank=2, clip_skip=clip_skip)  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        loop.train(cfg, pipe=make_pipe(arch))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_progress_bar_where_stderr_is_not_a_terminal(make_pipe, data, tmp_path, capsys):
+    """As every lora_kit command: the bar shows on a terminal only, so a log holds the summary line alone."""
+    cfg = TrainConfig(model="tiny", data=str(data), output=str(tmp_path / "o.safetensors"), steps=2, resolution=32,
+                      rank=2)  # fmt: skip
+    loop.train(cfg, pipe=make_pipe("sd1"))
+    assert capsys.readouterr().err.splitlines() == ["training lora on 2 images in 1 processes"]

@@ -48,6 +48,20 @@ class Backbone:
         self.encoders = [(pipe.tokenizer, pipe.text_encoder)]
         if self.arch == "sdxl":
             self.encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
+        self._check_clip_skip()
+
+    def _check_clip_skip(self) -> None:
+        """clip_skip against the text encoder it skips layers of, as soon as the model is known (before training:
+        hidden_states[-clip_skip] would fail at the first step)."""
+        if self.clip_skip == 1:
+            return
+        if self.arch == "sdxl":  # as sd-scripts: SDXL was trained on both CLIPs' penultimate layers, always
+            why = "it does not apply to sdxl: it conditions on both CLIPs' penultimate layers, as SDXL was trained"
+            raise ConfigError("clip_skip", self.clip_skip, why + " (leave {clip_skip} at 1)")
+        layers = self.encoders[0][1].config.num_hidden_layers
+        if self.clip_skip > layers:
+            raise ConfigError("clip_skip", self.clip_skip, f"it must be at most {layers}, the layers of this model's "
+                              "text encoder")  # fmt: skip
 
     def _init_flow(self) -> None:
         pipe = self.pipe

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 
 from ..errors import LoraKitError
 from .config import TrainConfig
-from .data import IMAGE_SUFFIXES
+from .data import IMAGE_SUFFIXES, files_under
 from .recipes import Recipe, checkpoint_tensors, restore_tensors
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf", ".onnx", ".msgpack", ".h5")
@@ -29,9 +30,9 @@ def _files_digest(root: Path, wanted, read) -> str:
     """A digest of the files under `root` that `wanted(path)` keeps: their relative paths and sizes, and the content
     of those `read(path)` keeps (hidden files and folders are left out)."""
     h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
+    for p in files_under(root, hidden=False):
         rel = p.relative_to(root)
-        if not p.is_file() or any(part.startswith(".") for part in rel.parts) or not wanted(p):
+        if not wanted(p):
             continue
         h.update(f"{rel.as_posix()}\0{p.stat().st_size}\0".encode())
         if read(p):
@@ -115,8 +116,10 @@ def resume_folder(cfg: TrainConfig) -> Path:
 
 
 def check_resume(cfg: TrainConfig, prints: dict) -> Path:
-    """The checkpoint to resume from, refused (one error) when its config, data or model differ from `prints` or
-    its step lies beyond cfg.steps."""
+    """The checkpoint to resume from, refused (one error) when its config, data or model differ from `prints`, its
+    step lies beyond cfg.steps, or its tensor or optimizer file is missing or damaged."""
+    from ..formats import files
+
     folder = resume_folder(cfg)
     try:
         state = json.loads((folder / "state.json").read_text())
@@ -134,7 +137,33 @@ def check_resume(cfg: TrainConfig, prints: dict) -> Path:
             raise LoraKitError(f"{folder}: the checkpoint was made with a different {what[key]}")
     if step > cfg.steps:
         raise LoraKitError(f"{folder}: the checkpoint is at step {step}, beyond --steps {cfg.steps}")
+    files.read_header(folder / "trainable.safetensors")  # a missing or corrupt file: one line, before the model loads
+    _states(folder, mmap=True)
     return folder
+
+
+def _first_line(e: Exception) -> str:
+    """The gist of a library's error (torch's unpickling errors run to dozens of lines)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _states(folder: Path, mmap: bool = False) -> dict:
+    """The optimizer, LR-scheduler (and loss-scaler) states of a checkpoint; one error naming optimizer.pt when it
+    is missing or not such a file (`mmap`: only check it, without reading the tensors)."""
+    path = folder / "optimizer.pt"
+    if not path.is_file():
+        raise LoraKitError(f"{path}: no such file; the checkpoint is incomplete")
+    try:
+        if not zipfile.is_zipfile(path):  # what torch.save writes (and what torch's mmap error would not say)
+            raise ValueError("not a zip archive, as torch.save writes")
+        saved = torch.load(path, weights_only=True, mmap=mmap)
+    except Exception as e:  # a damaged file fails in pickle, zip or torch, each with its own error type
+        raise LoraKitError(
+            f"{path}: not a readable optimizer state ({_first_line(e)}); resume from another checkpoint"
+        ) from None
+    if not isinstance(saved, dict) or not {"optimizer", "scheduler"} <= saved.keys():
+        raise LoraKitError(f"{path}: not a lora-train optimizer state (no optimizer and scheduler entries)")
+    return saved
 
 
 def load_checkpoint(cfg, recipe: Recipe, pipe, optimizer, scheduler, scaler, prints: dict) -> int:
@@ -143,10 +172,13 @@ def load_checkpoint(cfg, recipe: Recipe, pipe, optimizer, scheduler, scaler, pri
 
     folder = check_resume(cfg, prints)
     tensors, _ = files.load(folder / "trainable.safetensors")
-    restore_tensors(recipe, pipe, tensors)
-    saved = torch.load(folder / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if scaler is not None and "scaler" in saved:
-        scaler.load_state_dict(saved["scaler"])
+    saved = _states(folder)
+    try:  # the fingerprints matched, so only an edited checkpoint gets here: still one line
+        restore_tensors(recipe, pipe, tensors)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise LoraKitError(f"{folder}: the checkpoint does not fit this run ({_first_line(e)})") from None
     return int(json.loads((folder / "state.json").read_text())["step"])

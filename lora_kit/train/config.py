@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..errors import LoraKitError
+from ..errors import LoraKitError, word_problem
 
 MODES = ("lora", "dreambooth", "textual-inversion", "pivotal")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -26,16 +26,22 @@ PRIOR_TARGETS = ("images", "base")
 INITS = ("kaiming", "gaussian")
 
 
-# lowest (or allowed) values of numeric fields; an unset (None) value is always fine
+# allowed values of numeric fields; an unset (None) value is always fine
 BOUNDS = (
-    (("steps", "batch_size", "grad_accum", "resolution", "rank", "conv_rank", "num_vectors", "num_class_images",
-      "validation_steps", "clip_skip"), lambda v: v >= 1, "it must be at least 1"),
+    (("steps", "batch_size", "grad_accum", "rank", "conv_rank", "num_class_images", "validation_steps", "clip_skip"),
+     lambda v: v >= 1, "it must be at least 1"),
     (("text_encoder_rank", "warmup_steps", "keep_tokens", "ti_steps", "save_every", "save_limit", "validate_every",
-      "seed", "weight_decay", "max_grad_norm", "noise_offset", "prior_loss_weight", "class_guidance"),
+      "weight_decay", "max_grad_norm", "noise_offset", "prior_loss_weight", "class_guidance"),
      lambda v: v >= 0, "it must be 0 or more"),
     (("alpha", "conv_alpha", "text_encoder_alpha", "lr", "text_encoder_lr", "ti_lr", "min_snr_gamma"),
      lambda v: v > 0, "it must be above 0"),
     (("dropout", "caption_dropout", "mask_floor"), lambda v: 0 <= v <= 1, "it must be in [0, 1]"),
+    # upper bounds where a larger value fails mid-run: torch seeds take 64 bits (below 2**63 leaves room for the
+    # seed + i of class image i); 8192 pixels a side is beyond any GPU's memory already (larger overflowed PIL); a
+    # CLIP prompt holds 75 tokens between its start and end tokens (more vectors were cut off, or overflowed)
+    (("seed",), lambda v: 0 <= v < 2**63, "it must be from 0 to 2**63 - 1 (9223372036854775807)"),
+    (("resolution",), lambda v: 1 <= v <= 8192, "it must be from 1 to 8192"),
+    (("num_vectors",), lambda v: 1 <= v <= 75, "it must be from 1 to 75 (the tokens a CLIP prompt holds)"),
 )  # fmt: skip
 KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", dict: "a table"}
 
@@ -184,6 +190,13 @@ class TrainConfig:
                     raise ConfigError(name, value, rule)
         if self.mode in ("textual-inversion", "pivotal") and not self.token:
             raise ConfigError("mode", self.mode, "it needs {token} (the new word to learn, e.g. '<sks>')")
+        for name in ("token", "init_token"):
+            if getattr(self, name) is not None and (problem := word_problem(getattr(self, name))):
+                raise ConfigError(name, getattr(self, name), problem)
+        if self.init_token is not None and len(self.init_token.split()) > 1:
+            # every vector would start from the mean of all the words' embeddings: one word says what is meant
+            raise ConfigError("init_token", self.init_token, "it must be one word (the new vectors start from its "
+                              "embedding, the mean of its pieces when the tokenizer splits it)")  # fmt: skip
         if self.class_prompt is not None and not split_prompts(self.class_prompt):
             raise ConfigError("class_prompt", self.class_prompt, "it names no prompt")
         if self.mode == "dreambooth" and not self.class_prompt:
@@ -203,11 +216,15 @@ class TrainConfig:
         return "\n".join(lines) + "\n"
 
     def fingerprint(self) -> str:
-        """What a checkpoint must share with the run that resumes it: everything that shapes the model or the data
-        order (not steps, checkpoint or logging settings)."""
+        """What a checkpoint must share with the run that resumes it: every setting that shapes the model or the data
+        order (not steps, checkpoint or logging settings). The model and data are not their paths: checkpoints.py
+        fingerprints their files (a folder spelled another way, or moved, is the same data); the class folder is
+        taken resolved."""
         loose = {"steps", "save_every", "save_limit", "resume", "validation_prompt", "validate_every",
-                 "validation_steps", "logdir", "force", "output", "save_dtype", "extra"}  # fmt: skip
+                 "validation_steps", "logdir", "force", "output", "save_dtype", "extra", "model", "data"}  # fmt: skip
         kept = {k: v for k, v in self.to_dict().items() if k not in loose}
+        if self.class_data is not None:
+            kept["class_data"] = str(Path(self.class_data).resolve())
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
     def beside_output(self, suffix: str) -> Path:

@@ -1,13 +1,19 @@
 """Training data: find images and captions, validate them, bucket by aspect ratio, and plan batches.
 
 Captions come from a lora-ppim `manifest.jsonl`, else from a same-name `.txt`, else from `--instance-prompt`.
-kohya repeat folders (`10_name/`) repeat their images. Every random choice (order, flips, caption dropout) is a pure
-function of (seed, step, sample), so a resumed run and a multi-process run see exactly the same data.
+kohya repeat folders (`10_name/`) repeat their images. An image that cannot be read (lora-ppim's check: not an
+image, corrupt, truncated, a decompression bomb) is skipped by name; anything else wrong with the data (a caption
+that is not UTF-8, a manifest field of the wrong type, a mask that is missing, unreadable or not its image's size,
+a folder that cannot be read) is one error at scan time, before the model loads.
+
+Every random choice (order, flips, caption dropout) is a pure function of (seed, step, sample), so a resumed run
+and a multi-process run see exactly the same data.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -18,6 +24,7 @@ import torch
 
 from ..errors import LoraKitError
 from ..preprocess.crop import MAX_ASPECT
+from ..preprocess.images import Rejected, decoded
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _REPEATS = re.compile(r"^(\d+)_(.+)$")
@@ -37,31 +44,112 @@ def _open(path: Path):
 
     img = Image.open(path)
     img.load()
-    return ImageOps.exif_transpose(img).convert("RGB")
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block: used as stored, as _size measured it
+        pass
+    return img.convert("RGB")
+
+
+def _orientation(img) -> int:
+    try:
+        return img.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block: used as stored
+        return 1
 
 
 def _size(path: Path) -> tuple[int, int] | None:
-    """(width, height) of a readable image, None for a corrupt or non-image file."""
-    from PIL import Image, UnidentifiedImageError
-
+    """(width, height) of a readable image, upright; None for a file lora-ppim would reject (not an image, corrupt,
+    truncated, a decompression bomb)."""
     try:
-        with Image.open(path) as img:
-            img.load()
+        with decoded(path, animated_ok=True) as img:  # an animated image trains on its first frame
             w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            orientation = _orientation(img)
+    except Rejected:
         return None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _mask_problem(mask: Path, image: Path, size: tuple[int, int]) -> str | None:
+    """Why the manifest's `mask` cannot weight the loss of `image` (upright `size`), or None: masks are read when a
+    batch is drawn, so they are checked here, before training starts."""
+    if not mask.is_file():
+        return f"mask {mask} of image {image}: no such file"
+    try:
+        with decoded(mask) as m:
+            mask_size = m.size
+    except Rejected as r:
+        return f"mask {mask} of image {image}: {r.reason} ({r.detail})"
+    if mask_size != size:
+        w, h = mask_size
+        return f"mask {mask} of image {image} is {w}x{h}, the image {size[0]}x{size[1]}; a mask must have its size"
+    return None
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The text of a caption file or manifest; one error naming it when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: Notepad's byte-order mark is not part of the caption
+    except UnicodeDecodeError as e:
+        raise LoraKitError(f"{path}: {what} is not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x})") from None
 
 
 def _txt_caption(image: Path, instance_prompt: str | None) -> str:
     """The caption of `image` from its same-name .txt, else the instance prompt ("" when neither)."""
     txt = image.with_suffix(".txt")
-    return txt.read_text().strip() if txt.is_file() else (instance_prompt or "")
+    return _read_text(txt, "the caption file").strip() if txt.is_file() else (instance_prompt or "")
+
+
+def files_under(root: Path, hidden: bool = True) -> list[Path]:
+    """Every file under `root`, sorted (symlinked folders not followed, as rglob; hidden files and folders left out
+    unless `hidden`). A folder that cannot be read is an error: rglob would skip it, and its images, silently."""
+
+    def refuse(e: OSError):
+        raise LoraKitError(f"{e.filename}: cannot read this folder ({e.strerror}), so its files would be left out")
+
+    found = []
+    for folder, dirs, names in os.walk(root, onerror=refuse):
+        if not hidden:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            names = [n for n in names if not n.startswith(".")]
+        found += [Path(folder, n) for n in names]
+    return sorted(p for p in found if p.is_file())
+
+
+# what the fields lora-train reads may hold (the others lora-ppim writes, source, width, ..., are for people)
+MANIFEST_FIELDS = {
+    "image": ((str,), "a path relative to the manifest"),
+    "caption": ((str, type(None)), "text or null"),
+    "mask": ((str, type(None)), "a path relative to the manifest, or null"),
+}
+
+
+def _manifest(manifest: Path, instance_prompt: str | None) -> list[Example]:
+    """The examples of a lora-ppim manifest.jsonl; one error naming the line of an entry that is not one."""
+    root, examples = manifest.parent, []
+    for n, line in enumerate(_read_text(manifest, "the manifest").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise LoraKitError(f"{manifest}: line {n} is not a manifest entry with an 'image'")
+        for key, (kinds, wanted) in MANIFEST_FIELDS.items():
+            value = entry.get(key)
+            if not isinstance(value, kinds) or (key == "image" and not value.strip()):
+                raise LoraKitError(f"{manifest}: line {n}: {key!r} is {value!r}; it must be {wanted}")
+        image = root / entry["image"]
+        mask = root / entry["mask"] if entry.get("mask") else None
+        caption = (entry.get("caption") or "").strip() or _txt_caption(image, instance_prompt)
+        examples.append(Example(image, caption, mask))
+    return examples
 
 
 def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[Example], list[Path]]:
-    """(usable examples, the unreadable images skipped) in `folder`; errors for what cannot train at all."""
+    """(usable examples, the unreadable images skipped) in `folder`; errors for what cannot train at all, or would
+    fail later (a caption that is not text, a bad manifest entry or mask)."""
     root = Path(folder)
     if root.is_file():
         raise LoraKitError(f"{root}: is a file; the data must be a folder of images (or a lora-ppim output folder)")
@@ -70,20 +158,12 @@ def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[E
     manifest = root / "manifest.jsonl"
     candidates: list[Example] = []
     if manifest.is_file():
-        for n, line in enumerate(manifest.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                image = root / entry["image"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise LoraKitError(f"{manifest}: line {n} is not a manifest entry with an 'image'") from None
-            mask = root / entry["mask"] if entry.get("mask") else None
-            candidates.append(Example(image, entry.get("caption") or _txt_caption(image, instance_prompt), mask))
+        candidates = _manifest(manifest, instance_prompt)
     else:
-        images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        found = files_under(root)
+        images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
         stems = {p.with_suffix("") for p in images}
-        orphans = [t for t in sorted(root.rglob("*.txt")) if t.with_suffix("") not in stems]
+        orphans = [t for t in found if t.suffix == ".txt" and t.with_suffix("") not in stems]
         if orphans:
             raise LoraKitError(f"{orphans[0]}: caption file without an image (expected {orphans[0].stem}.png/.jpg)")
         for p in images:
@@ -100,6 +180,8 @@ def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[E
             continue
         if not ex.caption:
             raise LoraKitError(f"{ex.image}: no caption (.txt, manifest) and no --instance-prompt")
+        if ex.mask is not None and (problem := _mask_problem(ex.mask, ex.image, size)):
+            raise LoraKitError(problem)
         ex.size = size
         examples.append(ex)
     if not examples:

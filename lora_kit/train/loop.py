@@ -158,9 +158,9 @@ def outputs(cfg: TrainConfig) -> list[Path]:
 def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] = ()) -> dict[str, str]:
     """Refuse now, before the model loads, what would fail or be lost later: an existing output (without force), an
     output that is or lies in an input (the data, a local model, `inputs`: always), the checkpoints or samples of an
-    earlier run (without force or resume), a missing checkpoint to resume from or one of another config, data or
-    model, class images drawn with other settings. Returns the run's fingerprints (what its checkpoints record)
-    when it saves or resumes checkpoints."""
+    earlier run (without force or resume), a missing or damaged checkpoint to resume from or one of another config,
+    data or model, class images drawn with other settings, a folder option (logdir, class_data) naming a file.
+    Returns the run's fingerprints (what its checkpoints record) when it saves or resumes checkpoints."""
     from ..formats import files
     from ..models import local_path
 
@@ -172,6 +172,8 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
         files.check_output(path, cfg.force, [cfg.data, *inputs, *([model] if model else [])])
     if cfg.mixed_precision == "fp16" and not _uses_cuda():  # the CPU has no fp16 autocast: one line, not a crash
         raise ConfigError("mixed_precision", "fp16", "it needs a CUDA GPU; use bf16 or no on the CPU")
+    for name in ("logdir", "class_data"):
+        _check_folder(cfg, name)
     if uses_prior(cfg):  # class images drawn with another prompt, model, ...
         check_class_folder(cfg)
     prints = fingerprints(cfg) if cfg.save_every or cfg.resume else {}
@@ -183,6 +185,20 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
         if used and not cfg.force and folder.is_dir() and any(folder.iterdir()):
             raise LoraKitError(f"{folder}: holds an earlier run's files (use --force to overwrite, or --resume)")
     return prints
+
+
+def _check_folder(cfg: TrainConfig, name: str) -> None:
+    """A folder option (logdir, class_data) naming a file, or a path under a file, is refused now: making the folder
+    would fail only after the model has loaded."""
+    value = getattr(cfg, name)
+    if value is None:
+        return
+    for path in (Path(value), *Path(value).parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "it names a file" if path == Path(value) else f"{path} is a file"
+                raise ConfigError(name, value, f"{where}; it must be a folder (made if missing)")
+            return
 
 
 def _uses_cuda() -> bool:
@@ -262,8 +278,9 @@ def train(
         names = ", ".join(str(p) for p in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
         note = f"; skipped {len(skipped)} unreadable image(s): {names}" if skipped else ""
         print(f"training {cfg.mode} on {len(examples)} images in {world} processes{note}", file=sys.stderr)
+    # the main process's bar only, and only on a terminal (None: as every lora_kit command), so a log holds no bar
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.mode, file=sys.stderr,
-               disable=not accelerator.is_main_process)  # fmt: skip
+               disable=None if accelerator.is_main_process else True)  # fmt: skip
     last_checkpoint = None
     try:
         for step in bar:

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import LoraKitError
 from .config import TrainConfig, split_prompts
-from .data import IMAGE_SUFFIXES, Example, scan
+from .data import IMAGE_SUFFIXES, Example, files_under, scan
 
 RECORD = "class-images.json"
 _DRAWN = re.compile(r"^class-(\d{5,})\.png$")
@@ -47,7 +47,7 @@ def _own(folder: Path) -> list[Path]:
     """The user's class images in `folder` (any image that is not a drawn one)."""
     if not folder.is_dir():
         return []
-    images = (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = (p for p in files_under(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
     return sorted(p for p in images if not (p.parent == folder and _DRAWN.match(p.name)))
 
 
@@ -111,7 +111,7 @@ def class_examples(cfg: TrainConfig, pipe, accelerator) -> list[Example]:
             tmp.write_text(json.dumps(record(cfg), indent=1) + "\n")
             tmp.rename(folder / RECORD)
         guidance = {} if cfg.class_guidance is None else {"guidance_scale": cfg.class_guidance}
-        for i in tqdm(missing, desc="class images", file=sys.stderr):
+        for i in tqdm(missing, desc="class images", file=sys.stderr, disable=None):
             g = torch.Generator().manual_seed(cfg.seed + i)
             prompt = prompts[i % len(prompts)]
             with torch.no_grad():
