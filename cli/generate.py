@@ -20,7 +20,8 @@ from ._common import command, friendly_errors
 @click.option("--negative-prompt", default=None, help="The negative prompt.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps (default: the pipeline's).")
 @click.option("--guidance", type=float, default=None, help="Guidance scale (default: the pipeline's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first image; image i uses seed+i.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Seed of the first image, 0 to 2**63 - 1; image i uses seed+i.")  # fmt: skip
 @click.option("--size", default=None, help="512 or WIDTHxHEIGHT such as 768x512 (default: the model's size).")
 @click.option("-n", "count", type=click.IntRange(min=1), default=1, show_default=True, help="Number of images.")
 @click.option(
@@ -29,16 +30,18 @@ from ._common import command, friendly_errors
     help="Also render every seed without the LoRAs and write compare.png: before (top) and after (bottom).",
 )
 @click.option("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
+@click.option("--allow-pickle", is_flag=True, help="Read legacy pickled .pt/.bin LoRAs (with torch weights_only).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the PNGs and grid.png.")
 @click.option("--force", is_flag=True, help="Write into OUTPUT even if it is not empty.")
 @friendly_errors
-def main(model, loras, prompt, negative_prompt, steps, guidance, seed, size, count, compare, device, output, force):
+def main(model, loras, prompt, negative_prompt, steps, guidance, seed, size, count, compare, device, allow_pickle,
+         output, force):  # fmt: skip
     """Generate images with LoRAs: `lora-generate --model M --lora subject.safetensors:0.9 --lora
     style.safetensors:0.7@0:1,0.6:0 --prompt "..." -n 4 -o out/` writes out/000-seed0.png ... and out/grid.png,
     each PNG carrying the prompt, seed, settings, adapters, weights and schedules in its text metadata."""
     from lora_kit import generate as gen
 
-    specs = gen.parse_loras(loras)
+    specs = gen.parse_loras(loras, allow_pickle)  # every file checked before the model opens
     settings = gen.Settings(prompt, negative_prompt, steps, guidance, seed, gen.parse_size(size) if size else None,
                             count, model)  # fmt: skip
     device = gen.check_device(device)
@@ -55,7 +58,7 @@ def main(model, loras, prompt, negative_prompt, steps, guidance, seed, size, cou
     # disable=None: no bar when stderr is not a terminal, so a log holds the error line alone; on a terminal the
     # with-block closes the bar (leave=False clears its line) before an error is printed
     with tqdm(total=total, desc="denoising", unit="step", leave=False, disable=None) as bar:
-        results, before = gen.render(pipe, settings, specs, compare, on_step=lambda: bar.update(1))
+        results, before = gen.render(pipe, settings, specs, compare, lambda: bar.update(1), allow_pickle)
     paths = gen.write(results, folder, seed, before=before)
     click.echo(f"wrote {count} image(s) and " + " and ".join(str(p) for p in paths[count:]))
 

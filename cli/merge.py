@@ -46,9 +46,12 @@ def _weights(n: int, alpha: float | None, weights: str | None) -> list[float]:
               help="Re-compress the merged LoRA to this rank by SVD.")  # fmt: skip
 @click.option("--conv-rank", type=click.IntRange(min=1), default=None,
               help="Rank for convs larger than 1x1 with --rank.")  # fmt: skip
+@click.option("--allow-pickle", is_flag=True,
+              help="Read pickled .pt/.bin LoRAs (torch weights_only): {name: tensor} files, and with a MODEL first "
+                   "also cloneofsimo's lists.")  # fmt: skip
 @output_options
 @friendly_errors
-def main(inputs, alpha, weights, rank, conv_rank, output, dtype, force):
+def main(inputs, alpha, weights, rank, conv_rank, allow_pickle, output, dtype, force):
     """Merge LoRA files: `lora-merge A B --alpha 0.6 -o OUT` writes a LoRA whose delta is exactly
     0.6*dA + 0.4*dB in every module (ranks are concatenated; --rank re-compresses and prints the error).
     Pivotal-tuning embeddings (`A.emb.safetensors`) are merged too; a token in both is an error.
@@ -66,13 +69,16 @@ def main(inputs, alpha, weights, rank, conv_rank, output, dtype, force):
     if _is_model(inputs[0]):
         if len(inputs) != 2 or weights:
             raise LoraKitError("with a MODEL first, give exactly one LoRA (and --alpha for its weight)")
+        if rank is not None or conv_rank is not None:
+            flag = "--rank" if rank is not None else "--conv-rank"
+            raise LoraKitError(f"{flag} re-compresses a merged LoRA; with a MODEL first the LoRA is collapsed into it")
         weight = 1.0 if alpha is None else alpha
-        out = tools.collapse_into_model(inputs[0], inputs[1], output, weight, torch_dtype(dtype), force)
+        out = tools.collapse_into_model(inputs[0], inputs[1], output, weight, torch_dtype(dtype), force, allow_pickle)
         click.echo(f"wrote the pipeline with {inputs[1]} collapsed at weight {weight:g} to {out}")
         return
     ws = _weights(len(inputs), alpha, weights)
     report = tools.merge(inputs, output, ws, rank=rank, conv_rank=conv_rank, dtype=torch_dtype(dtype), force=force,
-                         progress=progress("re-rank"))  # fmt: skip
+                         progress=progress("re-rank"), allow_pickle=allow_pickle)  # fmt: skip
     if rank is not None:
         click.echo(f"re-compressed to rank {rank}: relative error {report.total_error:.3e}")
     for note in report.notes:

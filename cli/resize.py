@@ -35,16 +35,20 @@ def _dynamic(spec: str | None) -> tuple[str, float] | None:
 @click.option("--dynamic", default=None,
               help="sv_ratio=N (keep singular values > S0/N), sv_fro=F (keep F of the Frobenius norm) or "
                    "sv_cumulative=F (keep F of the sum of singular values), per module.")  # fmt: skip
+@click.option(
+    "--allow-pickle", is_flag=True, help="Read a pickled .pt/.bin {name: tensor} input (torch weights_only)."
+)
 @output_options
 @friendly_errors
-def main(input, rank, conv_rank, dynamic, output, dtype, force):
+def main(input, rank, conv_rank, dynamic, allow_pickle, output, dtype, force):
     """Resize the LoRA in INPUT and write it to OUTPUT in the same format; each module's delta keeps its strength
     (alpha is rescaled), and the relative error of the truncation is printed."""
     from lora_kit import tools
 
     rule = _dynamic(dynamic)
     report = tools.resize(input, output, rank=rank, dynamic=rule, conv_rank=conv_rank,
-                          dtype=torch_dtype(dtype), force=force, progress=progress("resize"))  # fmt: skip
+                          dtype=torch_dtype(dtype), force=force, progress=progress("resize"),
+                          allow_pickle=allow_pickle)  # fmt: skip
     click.echo(f"ranks: {', '.join(f'{r} x{n}' for r, n in sorted(report.ranks.items()))}")
     if report.errors:
         worst = max(report.errors, key=report.errors.get)

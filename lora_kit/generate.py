@@ -47,6 +47,8 @@ def parse_lora(text: str) -> LoraSpec:
             path, weight = head, float(tail)
         except ValueError:
             pass
+    if not path.strip():  # Path("") is ".", the current folder
+        raise LoraKitError(f"--lora {text!r}: no file given; expected FILE[:WEIGHT][@SCHEDULE]")
     if not Path(path).exists():
         raise LoraKitError(f"--lora {text!r}: no such file {path!r}")
     if not math.isfinite(weight):
@@ -54,14 +56,17 @@ def parse_lora(text: str) -> LoraSpec:
     return LoraSpec(path, weight, sched)
 
 
-def parse_loras(texts: Sequence[str]) -> list[LoraSpec]:
+def parse_loras(texts: Sequence[str], allow_pickle: bool = False) -> list[LoraSpec]:
     """Every --lora, named: the file stem (dots as underscores, as lora_kit.load names it), made distinct with _2,
-    _3, ... when two files share a stem; the same file twice is an error."""
+    _3, ... when two files share a stem; the same file twice is an error. Each file gets the checks that need no
+    model (dispatch.precheck: a file, a pickle only with allow_pickle, a valid header) before one is opened."""
     from . import api
+    from .formats.dispatch import precheck
 
     specs, names, files = [], set(), {}
     for text in texts:
         spec = parse_lora(text)
+        precheck(spec.path, allow_pickle)
         file = Path(spec.path).resolve()
         if file in files:
             raise LoraKitError(f"--lora {text!r}: {spec.path} is given twice (also as --lora {files[file]!r})")
@@ -110,15 +115,15 @@ def check_device(name: str | None):
     return device
 
 
-def apply_loras(pipe, specs: Sequence[LoraSpec]) -> list[LoraSpec]:
+def apply_loras(pipe, specs: Sequence[LoraSpec], allow_pickle: bool = False) -> list[LoraSpec]:
     """Load each LoRA at its weight (as its spec's name, if it has one) and schedule it; returns the specs with their
-    adapter names."""
+    adapter names. Pickles are read only with allow_pickle (weights_only)."""
     from . import api, schedule
 
-    loaded = [
-        LoraSpec(s.path, s.weight, s.schedule, api.load(pipe, s.path, name=s.name or None, weight=s.weight))
-        for s in specs
-    ]
+    def load(s: LoraSpec) -> str:
+        return api.load(pipe, s.path, name=s.name or None, weight=s.weight, allow_pickle=allow_pickle)
+
+    loaded = [LoraSpec(s.path, s.weight, s.schedule, load(s)) for s in specs]
     scheduled = {s.name: s.schedule for s in loaded if s.schedule}
     if scheduled:
         schedule.schedule(pipe, scheduled)
@@ -129,6 +134,9 @@ def pipeline_default(pipe, argument: str):
     """The default of a pipeline __call__ argument (num_inference_steps, guidance_scale), None if it has none."""
     parameter = inspect.signature(pipe.__call__).parameters.get(argument)
     return None if parameter is None else parameter.default
+
+
+SEED_MAX = 2**63 - 1  # torch seeds take 64 bits; below 2**63 leaves room for seed + i of image i (as lora-train)
 
 
 @dataclass
@@ -143,6 +151,8 @@ class Settings:
     model: str = ""
 
     def __post_init__(self):
+        if not (isinstance(self.seed, int) and 0 <= self.seed <= SEED_MAX):
+            raise LoraKitError(f"--seed {self.seed!r}: it must be a whole number from 0 to 2**63 - 1 ({SEED_MAX})")
         if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise LoraKitError(f"--guidance {self.guidance}: the guidance scale must be a finite number >= 0")
 
@@ -189,17 +199,19 @@ def generate(pipe, settings: Settings, loras: Sequence[LoraSpec], on_step: Calla
     return out
 
 
-def render(pipe, settings: Settings, specs: Sequence[LoraSpec], compare: bool = False, on_step=None):
+def render(
+    pipe, settings: Settings, specs: Sequence[LoraSpec], compare: bool = False, on_step=None, allow_pickle=False
+):
     """The images with the LoRAs and, with `compare`, the same seeds without them (None otherwise): (after, before).
     Every LoRA is loaded, so checked against the model, before any denoising; for the baseline they are unloaded
     again, which restores the model exactly (added tokens too), so it is the base model's image."""
     from . import api
 
     if compare:
-        for spec in apply_loras(pipe, specs):
+        for spec in apply_loras(pipe, specs, allow_pickle):
             api.unload(pipe, spec.name)
     before = generate(pipe, settings, [], on_step) if compare else None
-    return generate(pipe, settings, apply_loras(pipe, specs), on_step), before
+    return generate(pipe, settings, apply_loras(pipe, specs, allow_pickle), on_step), before
 
 
 def a1111_parameters(record: dict) -> str:

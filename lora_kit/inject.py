@@ -57,13 +57,18 @@ def find_targets(model: nn.Module, targets: str | Target | Sequence) -> list[str
     return [p for p, _ in _layers(model) if p in paths]
 
 
-def _no_match_message(model: nn.Module, targets) -> str:
-    examples = [p for p, _ in _layers(model)][:6]
-    names = targets if isinstance(targets, str) else [t for t in resolve(targets)]
-    return (
-        f"no layer of {type(model).__name__} matches targets {names!r}; "
-        f"it has layers such as {', '.join(examples) or '(none)'}"
-    )
+def targeted(model: nn.Module, targets: str | Target | Sequence) -> list[str]:
+    """find_targets, refusing targets that select no layer (a preset for another kind of model, such as `dit` on
+    a UNet) in one line that names them and some layers the model has."""
+    paths = find_targets(model, targets)
+    if not paths:
+        examples = [p for p, _ in _layers(model)][:6]
+        names = targets if isinstance(targets, str) else [t for t in resolve(targets)]
+        raise LoraKitError(
+            f"no layer of {type(model).__name__} matches targets {names!r}; "
+            f"it has layers such as {', '.join(examples) or '(none)'}"
+        )
+    return paths
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -91,9 +96,7 @@ def inject_lora(
     """
     a_module(model)
     if paths is None:
-        paths = find_targets(model, targets)
-        if not paths:
-            raise LoraKitError(_no_match_message(model, targets))
+        paths = targeted(model, targets)
     plan = []
     for path in paths:
         layer = model.get_submodule(path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from torch import nn
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl", "sd3", "flux")
@@ -90,17 +92,15 @@ def local_path(spec: str):
     return path if path.exists() else None
 
 
-def open_pipeline(spec: str, dtype=None):
-    """A diffusers pipeline from a local folder or a hub id (the same code path), or `toy` for the shipped toy-world
-    model; one clear error otherwise."""
+def check_spec(spec: str) -> str:
+    """The folder or hub id a --model names (`toy`: the shipped model's folder), checked without opening it: a
+    pipeline folder with model_index.json, or something shaped like a hub id (owner/name)."""
     from pathlib import Path
 
     from .errors import LoraKitError
 
     if spec == TOY:
-        import torch
-
-        spec, dtype = toy_model(), dtype or torch.float32  # its files hold fp16 and fp32 parts
+        spec = toy_model()
         if not Path(spec, "model_index.json").is_file():
             raise LoraKitError(f"toy: the toy-world model is missing from this install ({spec})")
     path = Path(spec)
@@ -110,6 +110,43 @@ def open_pipeline(spec: str, dtype=None):
         raise LoraKitError(f"{spec}: not a diffusers pipeline folder (no model_index.json)")
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
         raise LoraKitError(f"{spec}: no such folder, and not a hub id (owner/name)")
+    return spec
+
+
+@contextmanager
+def _quiet_loggers():
+    """diffusers', transformers' and huggingface_hub's log lines silenced while a model opens: their notes on a
+    missing weight file ("An error occurred while trying to fetch ...", "Defaulting to unsafe serialization"), on
+    the hub offline ("Couldn't connect to the Hub") or on optional backends would turn our one-line error into three
+    (diffusers logs some at ERROR level, then raises: the exception is what we report). Their verbosity is restored
+    afterwards."""
+    import logging
+
+    import huggingface_hub.utils.logging as hub_logging
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+
+    loggers = (diffusers_logging, transformers.utils.logging, hub_logging)
+    levels = [logging_module.get_verbosity() for logging_module in loggers]
+    for logging_module in loggers:
+        logging_module.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logging_module, level in zip(loggers, levels, strict=True):
+            logging_module.set_verbosity(level)
+
+
+def open_pipeline(spec: str, dtype=None):
+    """A diffusers pipeline from a local folder or a hub id (the same code path), or `toy` for the shipped toy-world
+    model; one clear error otherwise."""
+    from .errors import LoraKitError
+
+    if spec == TOY:
+        import torch
+
+        dtype = dtype or torch.float32  # its files hold fp16 and fp32 parts
+    spec = check_spec(spec)
     import transformers
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -117,16 +154,11 @@ def open_pipeline(spec: str, dtype=None):
     # loading a local model takes a second: its per-component progress bars would only bury our own output
     diffusers_logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    # and transformers' notes on optional backends (torchvision for image processors no SD pipeline runs) would
-    # turn one-line errors into three
-    verbosity = transformers.utils.logging.get_verbosity()
-    transformers.utils.logging.set_verbosity_error()
     try:
-        pipe = DiffusionPipeline.from_pretrained(spec, **({"dtype": dtype} if dtype else {}))
+        with _quiet_loggers():
+            pipe = DiffusionPipeline.from_pretrained(spec, **({"dtype": dtype} if dtype else {}))
     except (OSError, ValueError) as e:
         raise LoraKitError(f"{spec}: cannot open the model ({str(e).splitlines()[0]})") from None
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -6,7 +6,6 @@ prints. The maths lives in `ops` (pure functions over LoRA dicts); this file onl
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -21,8 +20,8 @@ from . import ops
 from .errors import LoraKitError
 from .formats import embeddings as ti_files
 from .formats import files
-from .inject import find_targets
-from .models import architecture, local_path, open_pipeline, prediction_in
+from .inject import targeted
+from .models import architecture, check_spec, local_path, open_pipeline, prediction_in
 from .state import check_fits, components, modules
 from .targets import resolve
 
@@ -44,33 +43,26 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def _sidecar_tokens(path: Path) -> dict[str, dict]:
-    """{component: {token: (n, d)}} of a pivotal-tuning sidecar, read without a model."""
-    tensors, meta = files.load(path)
-    if ti_files.TOKENS_KEY in meta:  # SDXL {clip_l, clip_g}: rows split by the recorded token counts
-        out: dict[str, dict] = {}
-        for key, component in ti_files.SDXL_KEYS.items():
-            start = 0
-            for token, n in json.loads(meta[ti_files.TOKENS_KEY]):
-                out.setdefault(component, {})[token] = tensors[key][start : start + n]
-                start += n
-        return out
-    return {"text_encoder": dict(tensors)}
-
-
 def _merge_sidecars(inputs: Sequence[Path]) -> dict[str, dict]:
-    """The union of the inputs' pivotal-tuning tokens; a token in two sidecars is an error."""
+    """The union of the inputs' pivotal-tuning tokens, read and checked as lora_kit.load reads them
+    (ti_files.read_unplaced); a token in two sidecars, or tokens of one text encoder in two widths, is an error."""
     merged: dict[str, dict] = {}
     owner: dict[str, Path] = {}
     for path in inputs:
         side = ti_files.sidecar(path)
         if not side.exists():
             continue
-        for component, tokens in _sidecar_tokens(side).items():
+        for component, tokens in ti_files.read_unplaced(side).items():
             for token, vectors in tokens.items():
                 if token in merged.get(component, {}):
                     raise LoraKitError(
                         f"{side}: token {token!r} is also in {owner[token]}; rename it in one of them first"
+                    )
+                first = next(iter(merged.get(component, {}).items()), None)
+                if first is not None and first[1].shape[-1] != vectors.shape[-1]:
+                    raise LoraKitError(
+                        f"{side}: token {token!r} is {vectors.shape[-1]} wide but {first[0]!r} in {owner[first[0]]} "
+                        f"is {first[1].shape[-1]}: they are for different text encoders and cannot be merged"
                     )
                 merged.setdefault(component, {})[token] = vectors
                 owner[token] = side
@@ -87,11 +79,12 @@ def merge(
     dtype=None,
     force: bool = False,
     progress: Callable = _same,
+    allow_pickle: bool = False,
 ) -> Report:
     """Merge LoRA files into `output` with delta = sum_i weights[i] * delta_i; `rank` re-compresses by SVD.
 
     The inputs must be in one format and for one base model. Pivotal-tuning sidecars (`x.emb.safetensors`) are
-    merged too; a token present in two of them is an error.
+    merged too; a token present in two of them is an error. Pickled {name: tensor} inputs need allow_pickle.
     """
     from .formats.stored import architecture_of, one_spelling, read_lora, write_lora
 
@@ -101,8 +94,12 @@ def merge(
     if len(inputs) != len(weights):
         raise LoraKitError(f"{len(inputs)} LoRAs but {len(weights)} weights")
     ops.check_ranks(rank=rank, conv_rank=conv_rank)
+    if conv_rank is not None and rank is None:  # merged ranks are concatenated unless --rank re-compresses them
+        raise LoraKitError(
+            f"--conv-rank {conv_rank} without --rank: it is the rank of kxk convs when --rank re-compresses"
+        )
     files.check_output(output, force, inputs)
-    loaded = [read_lora(p) for p in inputs]
+    loaded = [read_lora(p, allow_pickle) for p in inputs]
     formats = {fmt for _, fmt, _ in loaded}
     if len(formats) > 1:
         raise LoraKitError(f"the inputs are in different formats ({', '.join(sorted(formats))}); convert them first")
@@ -113,6 +110,7 @@ def merge(
     tokens = _merge_sidecars(inputs)  # checked before anything is written
     if tokens:
         files.check_output(ti_files.sidecar(output), force, [ti_files.sidecar(p) for p in inputs])
+        ti_files.file_tensors(tokens, ti_files.sidecar(output))  # a sidecar no model could load: refused now
     arch, fmt = next((a for a in archs if a), None), formats.pop()
     # one spelling per module (lora_te_ / lora_te1_, SGM / diffusers block names, ...), so that two spellings sum
     pieces = one_spelling([state for state, _, _ in loaded], fmt, arch)
@@ -149,13 +147,15 @@ def resize(
     dtype=None,
     force: bool = False,
     progress: Callable = _same,
+    allow_pickle: bool = False,
 ) -> Report:
-    """Shrink a LoRA file to `rank` or by a dynamic rule (`("sv_fro", 0.9)`), keeping each delta's strength."""
+    """Shrink a LoRA file to `rank` or by a dynamic rule (`("sv_fro", 0.9)`), keeping each delta's strength
+    (a pickled {name: tensor} input needs allow_pickle)."""
     from .formats.stored import architecture_of, read_lora, write_lora
 
     ops.check_resize(rank, dynamic, conv_rank)
     files.check_output(output, force, [input])
-    state, fmt, meta = read_lora(input)
+    state, fmt, meta = read_lora(input, allow_pickle)
     resized, errors, total = ops.resize(state, rank, dynamic, conv_rank, progress=progress)
     kept = {k: v for k, v in meta.items() if k in KEPT_METADATA}
     dtype = dtype or given_dtype(state)
@@ -169,7 +169,8 @@ DEFAULT_TARGETS = {"unet": "locon", "transformer": "dit"}
 
 
 def targeted_weights(pipe, targets: str | None, text_encoders: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """{component: {'component.path': weight}} of the layers an extraction covers."""
+    """{component: {'component.path': weight}} of the layers an extraction covers; the preset of the UNet or
+    transformer must select some layer (inject.targeted)."""
     out = {}
     for comp, module in components(pipe).items():
         if comp.startswith("text_encoder"):
@@ -178,7 +179,7 @@ def targeted_weights(pipe, targets: str | None, text_encoders: bool) -> dict[str
             preset = "clip-all"
         else:
             preset = targets or DEFAULT_TARGETS[comp]
-        out[comp] = {f"{comp}.{p}": module.get_submodule(p).weight.detach() for p in find_targets(module, preset)}
+        out[comp] = {f"{comp}.{p}": module.get_submodule(p).weight.detach() for p in targeted(module, preset)}
     return out
 
 
@@ -194,11 +195,14 @@ def extract_pipelines(
     ops.check_ranks(rank=rank, conv_rank=conv_rank)
     if targets is not None:
         resolve(targets)  # an unknown preset: refused before any model is opened
-    base_pipe, tuned_pipe = open_pipeline(base), open_pipeline(tuned)
+    for spec in (base, tuned):  # a missing TUNED: refused before BASE is opened
+        check_spec(spec)
+    base_pipe = open_pipeline(base)
+    base_w = targeted_weights(base_pipe, targets, text_encoders)  # a preset matching no layer: before TUNED opens
+    tuned_pipe = open_pipeline(tuned)
     a, b = architecture(components(base_pipe)), architecture(components(tuned_pipe))
     if a != b:
         raise LoraKitError(f"{base} is {a} but {tuned} is {b}: extract needs two models of one architecture")
-    base_w = targeted_weights(base_pipe, targets, text_encoders)
     tuned_w = targeted_weights(tuned_pipe, targets, text_encoders)
     mismatch = ops.shape_mismatch(_flat(base_w), _flat(tuned_w))
     if mismatch:
@@ -258,10 +262,12 @@ def convert(
     """Rewrite a LoRA file (any supported format) as `to`; names are mapped through `model`'s modules, or through
     the real architecture the file is for, built on the meta device (models.meta_pipeline)."""
     from .formats import read, write
+    from .formats.dispatch import precheck
     from .formats.stored import architecture_of
     from .models import meta_pipeline
 
     files.check_output(output, force, [input, *([local_path(model)] if model and local_path(model) else [])])
+    precheck(input, allow_pickle)  # a missing file, a pickle not allowed, a bad header: before any model opens
     stored = _read_named(input)  # the file checked as stored before any model is built
     if model is not None:
         pipe = open_pipeline(model)
@@ -304,18 +310,27 @@ def inspect(path: str | os.PathLike) -> dict:
 
 
 def collapse_into_model(
-    model: str, lora: str | os.PathLike, output: str | os.PathLike, weight: float = 1.0, dtype=None, force=False
+    model: str,
+    lora: str | os.PathLike,
+    output: str | os.PathLike,
+    weight: float = 1.0,
+    dtype=None,
+    force=False,
+    allow_pickle: bool = False,
 ) -> Path:
     """Open MODEL, collapse LORA at `weight` (fp32 maths), save_pretrained to OUTPUT atomically (temp dir + rename).
-    With force an existing OUTPUT is replaced only if it is a pipeline folder holding neither input."""
+    With force an existing OUTPUT is replaced only if it is a pipeline folder holding neither input. LORA's file
+    is checked (dispatch.precheck) before MODEL is opened."""
     from .api import collapse, load
+    from .formats.dispatch import precheck
     from .models import TOY, toy_model
 
     out = Path(output)
     _check_pipeline_output(out, [Path(toy_model() if model == TOY else model), Path(lora)], force)
+    precheck(lora, allow_pickle)
     parent = out.resolve().parent
     pipe = open_pipeline(model)
-    load(pipe, lora, weight=weight)
+    load(pipe, lora, weight=weight, allow_pickle=allow_pickle)
     collapse(pipe)
     if dtype is not None:
         pipe.to(dtype)

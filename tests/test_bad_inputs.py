@@ -298,3 +298,143 @@ def test_headers_safetensors_refuses_are_refused_by_inspect(tmp_path):
         _fails(resize, [path, "--rank", "1", "-o", tmp_path / "o.safetensors"], str(path), message)
     ok = _raw(tmp_path / "ok.safetensors", {up: alpha(4, [1, 1]), down: alpha(0, [1, 1])}, b"\0" * 8)  # any order
     assert lora_kit.inspect(ok)["modules"] == 1 and load_file(ok)[up].shape == (1, 1)
+
+
+@pytest.mark.parametrize("content", [b"hello", b"\x80\x02}q\x00X", b"", bytes(range(256))])
+def test_a_file_that_is_no_pickle_is_one_line_with_allow_pickle(make_pipe, tmp_path, content):
+    """torch.load of bytes that are no pickle fails as KeyError, struct.error, ... (a traceback before)."""
+    bad, out = tmp_path / "text.pt", tmp_path / "o.safetensors"
+    bad.write_bytes(content)
+    _fails(merge, [bad, bad, "--allow-pickle", "-o", out], str(bad))
+    _fails(resize, [bad, "--rank", "1", "--allow-pickle", "-o", out], str(bad))
+    with pytest.raises(LoraKitError, match="text.pt: "):
+        lora_kit.load(make_pipe("sd1"), bad, allow_pickle=True)
+    assert not out.exists()
+
+
+def test_pickled_loras_need_allow_pickle_and_every_reading_command_has_it(files, tmp_path):
+    """The refusal says --allow-pickle: lora-merge, -resize, -convert and -generate all take it."""
+    from lora_kit.cli import generate
+    from safetensors.torch import load_file
+
+    pt, out = tmp_path / "good.pt", tmp_path / "o.safetensors"
+    torch.save(_good(), pt)
+    _fails(merge, [pt, files["good"], "-o", out], str(pt), "--allow-pickle")
+    _fails(resize, [pt, "--rank", "1", "-o", out], str(pt), "--allow-pickle")
+    for cmd in (merge, resize, convert, generate):
+        assert "--allow-pickle" in CliRunner().invoke(cmd.main, ["--help"]).output
+    ok = CliRunner().invoke(merge.main, [str(pt), str(files["good"]), "--allow-pickle", "-o", str(out)])
+    assert ok.exit_code == 0, ok.output
+    same = tmp_path / "same.safetensors"
+    assert CliRunner().invoke(merge.main, [str(files["good"])] * 2 + ["-o", str(same)]).exit_code == 0
+    assert load_file(out).keys() == load_file(same).keys()
+    assert all(torch.equal(t, load_file(same)[k]) for k, t in load_file(out).items())
+    small = tmp_path / "small.safetensors"
+    assert CliRunner().invoke(resize.main, [str(pt), "--rank", "1", "--allow-pickle", "-o", str(small)]).exit_code == 0
+    cloneofsimo = tmp_path / "list.pt"  # positional factors name no module: a model is needed (lora-convert)
+    torch.save([torch.zeros(4, 2), torch.zeros(2, 4)], cloneofsimo)
+    other = tmp_path / "other.safetensors"
+    _fails(resize, [cloneofsimo, "--rank", "1", "--allow-pickle", "-o", other], str(cloneofsimo), "lora-convert")
+
+
+@pytest.fixture
+def models_not_opened(monkeypatch):
+    """The checks under test come before any model is opened."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was opened")
+
+    monkeypatch.setattr("lora_kit.tools.open_pipeline", refuse)
+
+
+def test_merge_refuses_rank_flags_it_would_ignore(files, tmp_path, models_not_opened):
+    """--rank/--conv-rank re-compress a merged LoRA: with a MODEL first (a collapse) they did nothing, and
+    --conv-rank without --rank kept the concatenated ranks."""
+    out = tmp_path / "out"
+    _fails(merge, ["toy", files["good"], "--rank", "2", "-o", out], "--rank re-compresses a merged LoRA; with a MODEL")
+    _fails(merge, ["toy", files["good"], "--conv-rank", "1", "-o", out], "--conv-rank re-compresses")
+    _fails(merge, [files["good"], files["good"], "--conv-rank", "1", "-o", out], "--conv-rank 1 without --rank")
+    with pytest.raises(LoraKitError, match="without --rank"):
+        tools.merge([files["good"]] * 2, out, [0.5, 0.5], conv_rank=1)
+    assert not out.exists()
+
+
+def test_input_files_are_checked_before_a_model_opens(files, tmp_path, models_not_opened):
+    garbage, pt, out = tmp_path / "garbage.safetensors", tmp_path / "good.pt", tmp_path / "out"
+    garbage.write_bytes(b"hello")
+    torch.save(_good(), pt)
+    missing = tmp_path / "missing.safetensors"
+    _fails(merge, ["toy", missing, "-o", out], str(missing), "no such file")
+    _fails(merge, ["toy", garbage, "-o", out], str(garbage), "not a safetensors file")
+    _fails(merge, ["toy", pt, "-o", out], str(pt), "--allow-pickle")
+    _fails(convert, [pt, "--to", "kohya", "--model", "toy", "-o", out], str(pt), "--allow-pickle")
+    _fails(convert, [garbage, "--to", "kohya", "--model", "toy", "-o", out], str(garbage), "not a safetensors")
+    _fails(extract, ["toy", tmp_path / "no_model", "-o", out], str(tmp_path / "no_model"), "no such folder")
+    _fails(extract, ["toy", files["good"], "-o", out], "single-file checkpoints are not opened yet")
+    assert not out.exists()
+
+
+def test_extract_refuses_a_preset_that_matches_no_layer(tmp_path, monkeypatch):
+    """`dit` on a UNet selected nothing and was reported as 'TUNED does not differ'; TUNED is not even opened."""
+    from lora_kit import models
+
+    opened = []
+    monkeypatch.setattr(tools, "open_pipeline", lambda spec: opened.append(spec) or models.open_pipeline(spec))
+    _fails(extract, ["toy", "toy", "--targets", "dit", "-o", tmp_path / "o.safetensors"],
+           "no layer of UNet2DConditionModel matches targets 'dit'")  # fmt: skip
+    assert opened == ["toy"]
+
+
+def _with_sidecar(folder, name, embeddings, metadata=None):
+    """A good LoRA file `name`.safetensors with the pivotal-tuning sidecar `name`.emb.safetensors."""
+    save_file(_good(), folder / f"{name}.safetensors")
+    save_file(embeddings, folder / f"{name}.emb.safetensors", metadata=metadata)
+    return folder / f"{name}.safetensors"
+
+
+@pytest.mark.parametrize(
+    "embeddings, metadata, message",
+    [({"clip_l": torch.ones(1, 64), "clip_g": torch.ones(1, 64)}, {"lora_kit.tokens": "not json"},
+      "metadata lora_kit.tokens must be [[token, n], ...]"),
+     ({"clip_l": torch.ones(1, 64)}, {"lora_kit.tokens": '[["<x>", 1]]'}, "SDXL embedding without clip_g"),
+     ({"clip_l": torch.ones(2, 64), "clip_g": torch.ones(2, 32)}, {"lora_kit.tokens": '[["<x>", 1]]'},
+      "lora_kit.tokens counts 1 vectors, the file has 2"),
+     ({"<x>": torch.ones(1, 64, dtype=torch.int32)}, None, "must be a float tensor"),
+     ({"<y>": torch.ones(1, 32)}, None, "token '<y>' is 32 wide but '<x>' in")],
+)  # fmt: skip
+def test_merge_checks_pivotal_sidecars_as_load_does(tmp_path, embeddings, metadata, message):
+    """lora-merge read sidecars unchecked (JSONDecodeError, KeyError 'clip_g'), and wrote tokens of two widths into
+    one sidecar no model loads."""
+    ok = _with_sidecar(tmp_path, "ok", {"<x>": torch.ones(1, 64)})
+    bad = _with_sidecar(tmp_path, "bad", embeddings, metadata)
+    out = tmp_path / "out.safetensors"
+    _fails(merge, [ok, bad, "-o", out], str(bad.with_suffix(".emb.safetensors")), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.emb.safetensors", "bad.safetensors",
+                                                          "ok.emb.safetensors", "ok.safetensors"]  # fmt: skip
+
+
+def test_opening_a_model_logs_nothing_of_its_own(tmp_path):
+    """diffusers logged 'An error occurred while trying to fetch ...' and 'Defaulting to unsafe serialization'
+    before our error line; its verbosity is back afterwards."""
+    import logging
+    import shutil
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from lora_kit import models
+
+    folder = tmp_path / "model"
+    shutil.copytree(models.toy_model(), folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    before = diffusers_logging.get_verbosity()
+    for name in ("diffusers", "huggingface_hub", "transformers"):
+        logging.getLogger(name).addHandler(handler)
+    try:
+        with pytest.raises(LoraKitError, match="cannot open the model"):
+            models.open_pipeline(str(folder))
+    finally:
+        for name in ("diffusers", "huggingface_hub", "transformers"):
+            logging.getLogger(name).removeHandler(handler)
+    assert [r.getMessage() for r in records] == [] and diffusers_logging.get_verbosity() == before

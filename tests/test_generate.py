@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import randomize_adapters
 from lora_kit.cli import generate
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import lora_kit
 import lora_kit.generate as gen
@@ -197,6 +198,11 @@ def test_lora_argument_and_size_parsing(tmp_path):
         (["--lora", "{subject}@garbage"], "--lora '{subject}@garbage': schedule 'garbage': 'garbage' is not"),
         (["--lora", "{subject}@0:1,0:0"], "--lora '{subject}@0:1,0:0': schedule '0:1,0:0': progress values"),
         (["--lora", "{subject}", "--lora", "{subject}:0.5"], "--lora '{subject}:0.5': {subject} is given twice"),
+        (["--lora", ""], "--lora '': no file given"),  # Path('') is '.': it said '.: is a folder'
+        (["--lora", "@0:1"], "--lora '@0:1': no file given"),
+        (["--seed", "99999999999999999999999"], "'--seed': 99999999999999999999999 is not in the range 0<=x<="),
+        (["--seed", str(2**63)], "'--seed'"),
+        (["--seed", "-1"], "'--seed'"),
     ],
 )
 def test_bad_options_fail_in_one_line_before_the_model_opens(
@@ -317,8 +323,32 @@ def test_adapter_names_come_from_the_file_stems_and_stay_distinct(tmp_path):
              tmp_path / "c" / "x_2.safetensors", tmp_path / "my.style.safetensors"]  # fmt: skip
     for f in files:
         f.parent.mkdir(exist_ok=True)
-        f.write_bytes(b"")
+        save_file({}, f)  # a valid header: parse_loras checks each file's (what the loader reads comes later)
     specs = parse_loras([f"{files[0]}:0.5", *map(str, files[1:])])
     assert [(s.name, s.weight) for s in specs] == [("x", 0.5), ("x_2", 1), ("x_3", 1), ("x_2_2", 1), ("my_style", 1)]
     with pytest.raises(LoraKitError, match="given twice"):
         parse_loras([str(files[0]), str(tmp_path / "a" / ".." / "x.safetensors@0:1")])
+
+
+def test_lora_files_are_checked_before_the_model_opens(model_and_loras, tmp_path, no_model):
+    _, (subject, _) = model_and_loras
+    garbage, pt, out = tmp_path / "garbage.safetensors", tmp_path / "subject.pt", tmp_path / "out"
+    garbage.write_bytes(b"hello")
+    torch.save(load_file(subject), pt)
+    for lora, message in [(garbage, "not a safetensors file"), (pt, "(--allow-pickle)"), (tmp_path, "is a folder")]:
+        assert_one_error_line(invoke("toy", out, "--lora", lora), str(lora))
+        assert_one_error_line(invoke("toy", out, "--lora", lora), message)
+    with pytest.raises(LoraKitError, match="--seed 18446744073709551616: it must be a whole number from 0"):
+        gen.Settings("a dog", seed=2**64)
+    assert not out.exists()
+
+
+def test_allow_pickle_reads_a_pickled_lora(model_and_loras, tmp_path):
+    model, (subject, _) = model_and_loras
+    pt = tmp_path / "subject.pt"
+    torch.save(load_file(subject), pt)
+    assert invoke(model, tmp_path / "a", "--lora", subject).exit_code == 0
+    result = invoke(model, tmp_path / "b", "--lora", pt, "--allow-pickle")
+    assert result.exit_code == 0, result.output
+    a, b = (np.asarray(Image.open(tmp_path / d / "000-seed0.png")) for d in "ab")
+    assert np.array_equal(a, b)

@@ -68,6 +68,19 @@ def read(path: str | os.PathLike, target, *, allow_pickle: bool = False) -> tupl
     return checked(state, p), metadata
 
 
+def precheck(path: str | os.PathLike, allow_pickle: bool = False) -> None:
+    """The cheap checks of a LoRA (or embedding) file, made before a model is opened so that a bad file costs no
+    model load: it exists and is a file (or PEFT folder), a pickle is allowed, a safetensors header is valid."""
+    if peft.is_standalone(path):
+        return
+    p = files.check_input(path)
+    if p.suffix in files.PICKLES:
+        if not allow_pickle:
+            files.load_pickle(p, allow_pickle)  # raises: says how to allow it
+    else:
+        files.read_header(p)
+
+
 def checked(state: dict, source) -> dict:
     """A LoRA dict as read from `source`, once every module is well formed (check.module_problem: both factors,
     agreeing ranks, the shapes of a linear or conv adapter, a scalar alpha), its factors floating point and every

@@ -131,6 +131,42 @@ def _split(vectors: torch.Tensor, metadata: Mapping[str, str], token: str | None
     return {token or default_token(source): vectors}
 
 
+def entries(
+    obj: Mapping, metadata: Mapping[str, str], source: str, token: str | None = None
+) -> list[tuple[str, torch.Tensor, str | None]]:
+    """A loaded TI file -> [(token, (n, d) fp32 vectors, component or None)], checked without a model: a known
+    layout, float tensors, SDXL's clip_l and clip_g both there (as A1111 requires) with rows split by
+    `lora_kit.tokens`. Component None: the first text encoder as wide as the vectors (parse places them)."""
+    extra = sorted(set(obj) - set(_NAMED))
+    if "string_to_param" in obj:  # A1111; its other keys (name, step, string_to_token, ...) are bookkeeping
+        params = obj["string_to_param"]
+        if not isinstance(params, Mapping) or list(params) != ["*"]:
+            raise LoraKitError(f"{source}: string_to_param must be {{'*': tensor}}")
+        return [(token or default_token(source), _tensor(params["*"], "string_to_param['*']", source), None)]
+    if any(k in obj for k in SDXL_KEYS):
+        if extra:
+            raise LoraKitError(f"{source}: SDXL embedding with unknown keys {extra[:3]} (only clip_l, clip_g)")
+        missing = [k for k in SDXL_KEYS if k not in obj]
+        if missing:
+            raise LoraKitError(f"{source}: SDXL embedding without {missing[0]} (it needs both clip_l and clip_g)")
+        found = []
+        for key, component in SDXL_KEYS.items():
+            rows = _split(_tensor(obj[key], key, source), metadata, token, source)
+            found += [(tok, vectors, component) for tok, vectors in rows.items()]
+        return found
+    if "emb_params" in obj:  # kohya
+        if extra:
+            raise LoraKitError(f"{source}: kohya embedding with unknown keys {extra[:3]} (only emb_params)")
+        return [(token or default_token(source), _tensor(obj["emb_params"], "emb_params", source), None)]
+    # diffusers {token: vectors}, cloneofsimo <embed> tensors
+    if token is not None and len(obj) != 1:
+        raise LoraKitError(f"{source}: holds {len(obj)} tokens; token= renames only a file with one")
+    found = [(token or str(key), _tensor(value, f"embedding {key!r}", source), None) for key, value in obj.items()]
+    if not found:
+        raise LoraKitError(f"{source}: holds no embeddings")
+    return found
+
+
 def parse(
     obj: Mapping, metadata: Mapping[str, str], target, source: str, token: str | None = None
 ) -> dict[str, dict[str, torch.Tensor]]:
@@ -142,8 +178,7 @@ def parse(
             f"{source}: a textual-inversion embedding needs a pipeline with a tokenizer and text encoder"
         )
     placed: dict[str, dict[str, torch.Tensor]] = {}
-
-    def place(tok: str, vectors: torch.Tensor, component: str | None = None) -> None:
+    for tok, vectors, component in entries(obj, metadata, source, token):
         d = vectors.shape[1]
         if component is None:  # the first text encoder as wide as the vectors
             component = next((c for c, w in widths.items() if w == d), None)
@@ -154,32 +189,18 @@ def parse(
         elif widths[component] != d:
             raise LoraKitError(f"{source}: {tok!r} has width {d} but the {component} needs {widths[component]}")
         placed.setdefault(component, {})[tok] = vectors
-
-    extra = sorted(set(obj) - set(_NAMED))
-    if "string_to_param" in obj:  # A1111; its other keys (name, step, string_to_token, ...) are bookkeeping
-        params = obj["string_to_param"]
-        if not isinstance(params, Mapping) or list(params) != ["*"]:
-            raise LoraKitError(f"{source}: string_to_param must be {{'*': tensor}}")
-        place(token or default_token(source), _tensor(params["*"], "string_to_param['*']", source))
-    elif any(k in obj for k in SDXL_KEYS):
-        if extra:
-            raise LoraKitError(f"{source}: SDXL embedding with unknown keys {extra[:3]} (only clip_l, clip_g)")
-        for key, component in SDXL_KEYS.items():
-            if key in obj:
-                for tok, rows in _split(_tensor(obj[key], key, source), metadata, token, source).items():
-                    place(tok, rows, component)
-    elif "emb_params" in obj:  # kohya
-        if extra:
-            raise LoraKitError(f"{source}: kohya embedding with unknown keys {extra[:3]} (only emb_params)")
-        place(token or default_token(source), _tensor(obj["emb_params"], "emb_params", source))
-    else:  # diffusers {token: vectors}, cloneofsimo <embed> tensors
-        if token is not None and len(obj) != 1:
-            raise LoraKitError(f"{source}: holds {len(obj)} tokens; token= renames only a file with one")
-        for key, value in obj.items():
-            place(token or str(key), _tensor(value, f"embedding {key!r}", source))
-    if not placed:
-        raise LoraKitError(f"{source}: holds no embeddings")
     return placed
+
+
+def read_unplaced(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {token: (n, d)}} of a safetensors TI file without a model (lora-merge's sidecars): checked as
+    `read` checks it; tokens that do not say their text encoder are the first one's (`text_encoder`)."""
+    p = files.check_input(path)
+    obj, metadata = files.load(p)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for tok, vectors, component in entries(obj, metadata, str(p)):
+        out.setdefault(component or "text_encoder", {})[tok] = vectors
+    return out
 
 
 def read(
@@ -227,10 +248,29 @@ def write(
 ) -> Path:
     """{component: {token: (n, d)}} -> a TI file: diffusers `{token: (n, d)}` for one text encoder, SDXL
     `{clip_l, clip_g}` (with the tokens in `lora_kit.tokens`) for text_encoder + text_encoder_2."""
+    tensors, metadata = file_tensors(embeddings, path)
+    files.check_output(path, force)
+    return files.write_atomic(path, files.serialize(tensors, metadata), force)
+
+
+def file_tensors(
+    embeddings: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.PathLike
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the TI file `write` makes, checked so that a model can load it: the vectors of one
+    text encoder share a width, SDXL's two hold the same tokens. Callers that write other files first (lora-merge)
+    call it before any of them."""
     comps = {c: dict(e) for c, e in embeddings.items() if e}
     if not comps:
         raise LoraKitError(f"{path}: no embeddings to write")
-    files.check_output(path, force)
+    for component, embeds in comps.items():
+        widths = {t: v.shape[-1] for t, v in embeds.items()}
+        if len(set(widths.values())) > 1:
+            a, wa = next(iter(widths.items()))
+            b, wb = next((t, w) for t, w in widths.items() if w != wa)
+            raise LoraKitError(
+                f"{path}: the {component} embeddings {a!r} ({wa} wide) and {b!r} ({wb} wide) cannot share a text "
+                "encoder; no model loads such a file"
+            )
     if len(comps) == 1:
         (embeds,) = comps.values()
         tensors = {t: v.detach().reshape(-1, v.shape[-1]).contiguous() for t, v in embeds.items()}
@@ -248,4 +288,4 @@ def write(
         raise LoraKitError(
             f"{path}: cannot write embeddings for {sorted(comps)} in one file (one encoder or SDXL's two)"
         )
-    return files.write_atomic(path, files.serialize(tensors, metadata), force)
+    return tensors, metadata

@@ -136,8 +136,10 @@ def load_pickle(path: str | os.PathLike, allow_pickle: bool = False):
         with warnings.catch_warnings():  # torch's notes on odd pickles: the error below says what matters
             warnings.simplefilter("ignore")
             return torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+    except Exception as e:  # any failure to unpickle: bytes that are no pickle fail as KeyError, struct.error, ...
         first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, pickle.UnpicklingError | RuntimeError | OSError | EOFError | ValueError):
+            raise LoraKitError(f"{p}: not a torch pickle (unpickling it failed: {type(e).__name__} {first})") from None
         raise LoraKitError(f"{p}: cannot load this pickle with weights_only=True ({first})") from None
 
 

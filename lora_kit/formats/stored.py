@@ -21,10 +21,22 @@ from .dispatch import checked, metadata_for, sniff
 from .header import guess_architecture
 
 
-def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str, dict[str, str]]:
-    """(LoRA dict keyed as stored, format, header metadata), checked as every reader's (dispatch.checked)."""
+def read_lora(
+    path: str | os.PathLike, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], str, dict[str, str]]:
+    """(LoRA dict keyed as stored, format, header metadata), checked as every reader's (dispatch.checked). A pickled
+    {name: tensor} dict is read with allow_pickle (weights_only); cloneofsimo's lists name no module: refused."""
     p = files.check_input(path)
-    tensors, metadata = files.load(p)
+    if p.suffix in files.PICKLES:
+        obj = files.load_pickle(p, allow_pickle)
+        if isinstance(obj, list):
+            raise LoraKitError(
+                f"{p}: a cloneofsimo list of factors names no module; convert it first with "
+                "lora-convert --model MODEL --allow-pickle"
+            )
+        tensors, metadata = files.tensor_dict(obj, p), {}
+    else:
+        tensors, metadata = files.load(p)
     fmt = sniff(tensors, str(p))
     if fmt == "peft":
         state = peft.normalize(tensors, metadata, str(p))
