@@ -8,7 +8,7 @@
 # writes lands in $OUT: the GPU tests' log, each benchmark's log, and their RESULTS.md sections (each with the
 # routes table: what the unfused forward adds per route, layer by layer, to tune the route rule on this GPU).
 #   quick:   the GPU tests and the 512 px benchmark (about 4 minutes on an H200)
-#   full:    quick plus the 1024 px benchmark (about 6 minutes)
+#   full:    quick, the training-step benchmark (bench/train.py) and the 1024 px benchmark (about 7 minutes)
 #   compile: the GPU tests and the 512 px benchmark with the UNet compiled (CUDA graphs)
 set -u
 what=${1:-quick}
@@ -21,16 +21,17 @@ fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$out/gpu.txt" 2>&1
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$out/test_gpu.log" 2>&1
 echo "test_gpu: rc $?" >> "$out/summary.txt"
-run() {  # name, timeout, bench arguments...
-  local name=$1 limit=$2
-  shift 2
-  timeout "$limit" python3 bench/inference.py "$@" --results "$out/RESULTS.md" > "$out/$name.log" 2>&1
+run() {  # name, timeout, benchmark script, its arguments...
+  local name=$1 limit=$2 script=$3
+  shift 3
+  timeout "$limit" python3 "bench/$script" "$@" --results "$out/RESULTS.md" > "$out/$name.log" 2>&1
   echo "$name: rc $?" >> "$out/summary.txt"
 }
 case "$what" in
-  quick) run bench64 240 --steps 10 --rounds 3 ;;
-  full) run bench64 240 --steps 10 --rounds 3 && run bench128 200 --steps 6 --rounds 2 --latent 128 ;;
-  compile) run compiled64 330 --compile reduce-overhead --steps 10 --rounds 1 ;;
+  quick) run bench64 240 inference.py --steps 10 --rounds 3 ;;
+  full) run bench64 240 inference.py --steps 10 --rounds 3 && run train64 60 train.py --steps 5 --rounds 2 &&
+    run bench128 180 inference.py --steps 6 --rounds 2 --latent 128 ;;
+  compile) run compiled64 330 inference.py --compile reduce-overhead --steps 10 --rounds 1 ;;
   *) echo "usage: bash bench/gpu.sh [quick|full|compile]" >&2; exit 2 ;;
 esac
 cat "$out/summary.txt"

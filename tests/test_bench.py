@@ -180,3 +180,43 @@ def test_peer_training_is_reproducible_whatever_ran_before(tmp_path):
     a, b = (load_file(str(f)) for f in files)
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_bench_quick_compares_like_with_like(tmp_path):
+    """bench/train.py runs end to end; and its two configurations train the same thing: given the same factors,
+    lora_kit's adapters and the peer's peft layers give the same loss and the same gradients."""
+    import torch
+
+    bench = load("train")
+    results = tmp_path / "RESULTS.md"
+    assert bench.main(["--quick", "--steps", "1", "--rounds", "1", "--results", str(results)]) == 0
+    text = results.read_text()
+    assert "## bench/train.py (quick)" in text and "| lora_kit |" in text and "| diffusers+peft |" in text
+
+    args = bench.main.__globals__["argparse"].Namespace(quick=True, seed=0, gradient_checkpointing=False)
+    unet = bench.build_unet(args, torch.device("cpu"), torch.float32)
+    args.batch, args.latent_size = 2, unet.config.sample_size
+    batch = bench.inputs(unet, args, torch.device("cpu"), torch.float32, 0)
+    paths = bench.find_targets(unet, "attn")
+    g = torch.Generator().manual_seed(1)
+    factors, grads = {}, {}
+
+    def factor(name: str) -> tuple[str, str]:  # (the layer's path, down or up) from either library's names
+        layer = name.split(".adapters.")[0].split(".lora_")[0]
+        return layer, "down" if name.endswith(".down") or ".lora_A." in name else "up"
+
+    for config in bench.CONFIGS:
+        with bench.adapted(unet, config, paths, rank=4) as params:
+            named = {factor(n): p for n, p in unet.named_parameters() if p.requires_grad}
+            assert len(named) == len(params) == 2 * len(paths)
+            with torch.no_grad():  # the same factors in both
+                for key, p in sorted(named.items()):
+                    p.copy_(factors.setdefault(key, torch.randn(p.shape, generator=g) * 0.1))
+            loss = bench.loss_of(unet, batch, torch.device("cpu"), autocast=False)
+            loss.backward()
+            grads[config] = (loss.item(), {key: p.grad.clone() for key, p in named.items()})
+            unet.zero_grad(set_to_none=True)
+    (loss_a, grads_a), (loss_b, grads_b) = grads["lora_kit"], grads["diffusers+peft"]
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and grads_a.keys() == grads_b.keys()
+    for key, grad in grads_a.items():
+        torch.testing.assert_close(grad, grads_b[key], atol=1e-6, rtol=1e-4)
