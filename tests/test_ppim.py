@@ -587,5 +587,9 @@ def test_token_and_filename_words():
     assert apply_token("sks dog", "sks") == "sks dog"
     assert apply_token("", "sks") == "sks"
     assert apply_token("a cat", None) == "a cat"
+    # the token is inserted as written, never read as a regex replacement template (backslashes, \g<0>)
+    assert apply_token("a photo of a man", r"\g<0>_sks", ["man"]) == r"a photo of a \g<0>_sks"
+    assert apply_token("a Man", r"ohwx\style", ["man"]) == r"a ohwx\style"
+    assert apply_token("a woman", "C:\\x", ["man"]) == "C:\\x, a woman"
     assert filename_words(Path("dir/red_dog-01.final.jpg")) == "red dog final"
     assert filename_words(Path("IMG_0042.JPG")) == "IMG"

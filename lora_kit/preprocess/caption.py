@@ -34,7 +34,8 @@ def apply_token(caption: str, token: str | None, replace: list[str] | None = Non
         return caption
     if replace:
         pattern = r"(?<!\w)(?:" + "|".join(re.escape(w) for w in replace) + r")(?!\w)"
-        new, n = re.subn(pattern, token, caption, flags=re.IGNORECASE)
+        # a function, not the token itself: re.subn would read a backslash in the token as a group reference
+        new, n = re.subn(pattern, lambda _: token, caption, flags=re.IGNORECASE)
         if n:
             return new
     if re.search(rf"(?<!\w){re.escape(token)}(?!\w)", caption):
