@@ -225,6 +225,29 @@ def test_pixels_exif_cmyk_16bit_alpha(photos, template_run):
     assert (la[:, :12] == 0).all() and (la[:, 20:] == 255).all()
 
 
+def test_multi_frame_photos_use_frame_0_and_only_animations_are_rejected(tmp_path):
+    """A camera JPEG with an MPF preview (PIL: MPO, 2 frames) and a multi-page TIFF are one photo each (frame 0);
+    an APNG and an animated WebP are animations."""
+    src = tmp_path / "in"
+    src.mkdir()
+    photo, extra = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (64, 48), (30, 30, 200))
+    photo.save(src / "DSC_0001.JPG", "MPO", save_all=True, append_images=[extra.resize((16, 12))])
+    photo.save(src / "pages.tif", save_all=True, append_images=[extra])
+    for name in ("anim.png", "anim.webp"):
+        photo.save(src / name, save_all=True, append_images=[extra], duration=100)
+    out = tmp_path / "out"
+    assert ppim(src, out, *SMALL, "--token", "sks").exit_code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {Path(r["source"]).name: r["reason"] for r in report["rejected"]} == {
+        "anim.png": "animated",
+        "anim.webp": "animated",
+    }
+    entries = read_manifest(out)
+    assert sorted(Path(e["source"]).name for e in entries) == ["DSC_0001.JPG", "pages.tif"]
+    for e in entries:  # the first frame: red, not the blue second frame
+        assert np.abs(np.asarray(Image.open(out / e["image"]), dtype=np.int32) - (200, 30, 30)).max() < 10
+
+
 def test_train_reads_the_output(photos, template_run):
     """lora-train's data scanner takes the folder as it is: manifest captions, no masks, every image."""
     from lora_kit.train.data import scan

@@ -16,6 +16,9 @@ from pathlib import Path
 SIDECARS = {".txt", ".caption", ".json", ".jsonl", ".xmp", ".md", ".toml", ".yaml", ".yml", ".csv", ".npz", ".npy"}
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
+# Formats whose frames are a sequence in time. Other multi-frame files hold one photo plus extras, and their first
+# frame is the photo: a camera JPEG with an MPF preview (PIL: MPO), a multi-page TIFF, a PSD's layers, an ICO's sizes.
+ANIMATED_FORMATS = {"GIF", "PNG", "WEBP", "AVIF", "FLI"}
 
 
 class Rejected(Exception):
@@ -55,8 +58,9 @@ def sha256_file(path: Path) -> str:
 @contextlib.contextmanager
 def decoded(path: Path, animated_ok: bool = False):
     """`path` opened and fully decoded (its first frame), for the `with` block; Rejected for what is not one readable
-    image: not an image, too large (a decompression bomb), unreadable, corrupt, truncated, or animated (unless
-    `animated_ok`). The one check of an image file: lora-ppim's inputs, lora-train's images and masks."""
+    image: not an image, too large (a decompression bomb), unreadable, corrupt, truncated, or animated (a GIF, APNG,
+    WebP, AVIF or FLI with several frames, unless `animated_ok`). The one check of an image file: lora-ppim's inputs,
+    lora-train's images and masks."""
     from PIL import Image, ImageFile, UnidentifiedImageError
 
     # A library elsewhere may have switched this on globally; a half-grey truncated photo must not slip through.
@@ -75,7 +79,7 @@ def decoded(path: Path, animated_ok: bool = False):
                 frames = getattr(img, "n_frames", 1)
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 raise Rejected("corrupt", str(e) or type(e).__name__) from None
-            if frames > 1 and not animated_ok:
+            if frames > 1 and img.format in ANIMATED_FORMATS and not animated_ok:
                 raise Rejected("animated", f"{img.format} with {frames} frames")
             try:
                 img.load()
