@@ -225,6 +225,29 @@ def test_pixels_exif_cmyk_16bit_alpha(photos, template_run):
     assert (la[:, :12] == 0).all() and (la[:, 20:] == 255).all()
 
 
+def test_colour_key_transparency_survives_16_bit_and_icc(tmp_path):
+    """A PNG tRNS colour key is transparency too: the transparent pixels show --background also where the 16-bit
+    rescale or the ICC conversion makes a new image (they came out black, the stored colour)."""
+    from PIL import ImageCms
+
+    from lora_kit.preprocess.images import open_image
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    other = srgb.replace("sRGB".encode("utf-16-be"), "xRGB".encode("utf-16-be"))  # not skipped as sRGB
+    grey16 = np.full((8, 8), 30000, np.uint16)
+    grey16[:, 4:] = 0  # right half: the key
+    rgb = Image.new("RGB", (8, 8), (255, 0, 0))
+    rgb.paste((0, 0, 0), (4, 0, 8, 8))
+    cases = [(Image.fromarray(grey16), {"transparency": 0}, (117, 117, 117)),
+             (Image.fromarray((grey16 >> 8).astype(np.uint8)), {"transparency": 0}, (117, 117, 117)),
+             (rgb, {"transparency": (0, 0, 0), "icc_profile": other}, (255, 0, 0)),
+             (rgb, {"transparency": (0, 0, 0), "icc_profile": srgb}, (255, 0, 0))]  # fmt: skip
+    for n, (img, info, left) in enumerate(cases):
+        img.save(tmp_path / f"{n}.png", **info)
+        out = np.asarray(open_image(tmp_path / f"{n}.png", (0, 128, 255), 1).image, dtype=np.int32)
+        assert np.abs(out[:, :4] - left).max() <= 1 and (out[:, 4:] == (0, 128, 255)).all(), n
+
+
 def test_multi_frame_photos_use_frame_0_and_only_animations_are_rejected(tmp_path):
     """A camera JPEG with an MPF preview (PIL: MPO, 2 frames) and a multi-page TIFF are one photo each (frame 0);
     an APNG and an animated WebP are animations."""

@@ -112,12 +112,15 @@ def open_image(path: Path, background: tuple[int, int, int], min_size: int) -> L
 
 
 def to_rgb(img, background: tuple[int, int, int], warnings: list[str]):
-    """8-bit RGB from any PIL mode: 16-bit scaled (not clipped), ICC profile applied, alpha over `background`."""
+    """8-bit RGB from any PIL mode: 16-bit scaled (not clipped), ICC profile applied, alpha over `background`.
+
+    The alpha (a channel, or a PNG tRNS colour key) is taken first and composited last: the 16-bit rescale and the
+    ICC conversion make new images that carry neither."""
     import numpy as np
     from PIL import Image
 
     icc = img.info.get("icc_profile")
-    has_alpha = img.mode in _ALPHA_MODES or "transparency" in img.info
+    alpha = _alpha(img)
     if img.mode in _HIGH_BIT_MODES:
         a = np.asarray(img).astype(np.float64)
         # PIL's own convert("L") clips 16-bit values at 255 (an all-white photo); scale the 16-bit range instead.
@@ -128,18 +131,34 @@ def to_rgb(img, background: tuple[int, int, int], warnings: list[str]):
         a = np.asarray(img).astype(np.float64)
         a = a * 255.0 if a.max() <= 1.0 else a
         img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
-    elif img.mode not in ("RGB", "RGBA", "CMYK", "L"):
-        try:
-            img = img.convert("RGBA" if has_alpha else "RGB")
+    elif img.mode not in ("RGB", "CMYK", "L"):
+        try:  # via RGBA where there is alpha: PIL warns about P -> RGB with a transparent palette entry
+            img = img.convert("RGBA").convert("RGB") if alpha is not None else img.convert("RGB")
         except (ValueError, OSError) as e:
             raise Rejected("unsupported mode", f"PIL mode {img.mode}: {e}") from None
     if icc:
         img = _apply_icc(img, icc, warnings)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img.convert("RGB")
+    img = img.convert("RGB")
+    if alpha is None:
+        return img
+    return Image.composite(img, Image.new("RGB", img.size, background), alpha)
+
+
+def _alpha(img):
+    """The opacity of `img` as an 8-bit L image, or None when it is opaque: its alpha channel, or 255 except where
+    a pixel equals the PNG colour key (tRNS), compared at the stored bit depth."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode not in _ALPHA_MODES and "transparency" not in img.info:
+        return None
+    if img.mode in _HIGH_BIT_MODES:
+        opaque = np.asarray(img) != img.info["transparency"]
+        return Image.fromarray(np.where(opaque, 255, 0).astype(np.uint8), "L")
+    try:
+        return img.convert("RGBA").getchannel("A")
+    except (ValueError, OSError) as e:
+        raise Rejected("unsupported mode", f"PIL mode {img.mode} with transparency: {e}") from None
 
 
 def _apply_icc(img, icc: bytes, warnings: list[str]):
@@ -150,8 +169,7 @@ def _apply_icc(img, icc: bytes, warnings: list[str]):
         src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         if "srgb" in ImageCms.getProfileDescription(src).lower().replace(" ", ""):
             return img  # already what we write
-        out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
-        return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode=out_mode)
+        return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
         warnings.append(f"embedded ICC profile not applied ({e}); colours converted without it")
         return img
