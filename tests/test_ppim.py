@@ -557,6 +557,17 @@ def test_bad_input(models, photos, tmp_path):
     assert _hashes(photos) == before
 
 
+def test_a_lora_ppim_output_is_not_an_input(simple_photos, tmp_path):
+    """Its masks/ would be taken as photos: refused in one line, as the input or inside it; its images/ alone work."""
+    prepared = tmp_path / "in" / "prepared"
+    assert ppim(simple_photos, prepared, *SMALL, "--token", "sks").exit_code == 0
+    again = tmp_path / "again"
+    _bad([prepared, again, *SMALL, "--token", "sks"], "is a lora-ppim output (manifest.jsonl)", written=again)
+    _bad([tmp_path / "in", again, *SMALL, "--token", "sks"], "holds, in prepared/, a lora-ppim output", written=again)
+    assert ppim(prepared / "images", again, *SMALL, "--token", "sks").exit_code == 0
+    assert sorted(Path(e["source"]).name for e in read_manifest(again)) == ["square.png", "tall.png", "wide.png"]
+
+
 def test_template_placeholders_and_float_flags_are_checked(photos, tmp_path):
     """Only plain {token} and {filename} in --template ({token.upper} wrote '<built-in method upper ...>' into every
     caption); nan and inf are refused where they passed the range checks (--mask-blur inf, nan)."""

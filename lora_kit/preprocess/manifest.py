@@ -44,6 +44,12 @@ def check_paths(input_dir: str, output_dir: str, force: bool) -> tuple[Path, Pat
     if not src.is_dir():
         raise LoraKitError(f"{input_dir}: not a folder (give the folder of images)")
     src, out = src.resolve(), out.resolve()
+    if (earlier := earlier_output(src)) is not None:
+        where = "is" if earlier == src else f"holds, in {earlier.relative_to(src).as_posix()}/,"
+        raise LoraKitError(
+            f"{input_dir}: {where} a lora-ppim output ({MANIFEST}) whose masks/ are not photos; "
+            f"give the original photos ({REPORT} names their folder), or its images/ folder alone"
+        )
     if out == src:
         raise LoraKitError(f"{output_dir}: the output folder is the input folder (inputs are never modified)")
     if src in out.parents:
@@ -61,6 +67,15 @@ def check_paths(input_dir: str, output_dir: str, force: bool) -> tuple[Path, Pat
                 raise LoraKitError(f"{output_dir}: not empty and not a lora-ppim output (no {MANIFEST}); "
                                    "refusing to replace it even with --force")  # fmt: skip
     return src, out
+
+
+def earlier_output(src: Path) -> Path | None:
+    """The first lora-ppim output (a folder with a manifest.jsonl) in `src` or under it, hidden folders aside (the
+    inputs skip them), else None: taking one as photos would train on its masks."""
+    for p in sorted(src.rglob(MANIFEST)):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts):
+            return p.parent
+    return None
 
 
 class Staging:
