@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+
 import click
 
 from ._common import command, friendly_errors, progress
@@ -146,8 +150,28 @@ def main(input_dir, output_dir, **options):
     from lora_kit.preprocess import PreprocessConfig, run
 
     config = PreprocessConfig(input_dir=input_dir, output_dir=output_dir, **options)
-    summary = run(config, progress=progress("lora-ppim"))
+    with stopped_like_ctrl_c():
+        summary = run(config, progress=progress("lora-ppim"))
     click.echo(summary.line)
+
+
+@contextlib.contextmanager
+def stopped_like_ctrl_c():
+    """SIGTERM (kill, timeout) and SIGHUP (a closed terminal) end the run by an exception, as Ctrl-C does, so that
+    the staging folder is removed on the way out (by default they end the process at once and leave it behind)."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)  # the exit status a shell shows for death by that signal
+
+    # only the main thread may set handlers; one set by others (nohup's ignored SIGHUP) is left as it is
+    main = threading.current_thread() is threading.main_thread()
+    signals = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {s: signal.signal(s, stop) for s in signals if main and signal.getsignal(s) is signal.SIG_DFL}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -617,6 +617,46 @@ def test_failure_midway_leaves_nothing(photos, tmp_path, monkeypatch):
     assert replaced.exit_code == 0 and read_manifest(out)[0]["caption"] == "a photo of ohwx"
 
 
+def test_sigterm_removes_the_staging_folder(simple_photos, tmp_path):
+    """kill/timeout (SIGTERM) end a run as Ctrl-C does: no hidden folder is left beside the output (a real process:
+    the signal is sent to itself in the middle of the run)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys, time\n"
+        "from lora_kit.preprocess import caption\n"
+        "from lora_kit.cli.ppim import main\n"
+        "def killed(self, images, sources):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "caption.TemplateCaptioner.__call__ = killed\n"
+        "main(sys.argv[1:])\n"
+    )
+    args = [simple_photos, tmp_path / "out", *SMALL, "--token", "sks"]
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM and list(tmp_path.iterdir()) == [], done.stderr
+
+
+def test_a_killed_runs_staging_folder_is_swept_by_the_next_run(simple_photos, tmp_path):
+    """What a SIGKILLed run left (its process is gone) goes when lora-ppim next writes that output; the staging
+    folder of a running process and those of other outputs stay."""
+    import subprocess
+    import sys
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              check=True).stdout)  # fmt: skip
+    stale = tmp_path / f".out.{gone}-k3_x9abc.ppim-tmp"
+    (stale / "images").mkdir(parents=True)
+    (stale / "images" / "a.png").write_bytes(b"half written")
+    kept = [tmp_path / f".out.{os.getppid()}-abcd1234.ppim-tmp", tmp_path / f".other.{gone}-abcd1234.ppim-tmp"]
+    for p in kept:
+        p.mkdir()
+    assert ppim(simple_photos, tmp_path / "out", *SMALL, "--token", "sks").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(p.name for p in kept)])
+
+
 def test_help_is_fast_and_light():
     import subprocess
     import sys

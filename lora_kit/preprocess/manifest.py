@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from ..formats import files
 
 MANIFEST = "manifest.jsonl"
 REPORT = "report.json"
+STAGING_SUFFIX = ".ppim-tmp"
 
 
 @dataclass
@@ -78,9 +80,35 @@ def earlier_output(src: Path) -> Path | None:
     return None
 
 
+def sweep_stale(final: Path) -> list[Path]:
+    """Remove the staging folders of `final` left by lora-ppim runs that were killed (SIGKILL, a crash, a power
+    cut): those named by `Staging` with the id of a process that no longer runs. A running one's is kept."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\d+)-[a-z0-9_]+{re.escape(STAGING_SUFFIX)}")
+    removed = []
+    for p in final.parent.iterdir() if final.parent.is_dir() else []:
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not _running(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # Windows' os.kill(pid, 0) would end the process
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (OverflowError, OSError):
+        return True  # another user's process (PermissionError), or no way to tell: not ours to touch
+    return True
+
+
 class Staging:
-    """A temporary folder beside `final`; `commit()` swaps it into place, leaving the block without commit (an
-    error, Ctrl-C) removes it and any parent folders it had to create."""
+    """A temporary folder beside `final` (`.NAME.PID-XXXXXXXX.ppim-tmp`); `commit()` swaps it into place, leaving
+    the block without commit (an error, Ctrl-C, SIGTERM in the CLI) removes it and any parent folders it had to
+    create; what a killed run left is swept by the next run to the same output."""
 
     def __init__(self, final: Path):
         self.final = final
@@ -94,7 +122,9 @@ class Staging:
             for p in reversed(missing):
                 p.mkdir()
                 self._made.append(p)
-            made = tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".ppim-tmp", dir=self.final.parent)
+            sweep_stale(self.final)
+            made = tempfile.mkdtemp(prefix=f".{self.final.name}.{os.getpid()}-", suffix=STAGING_SUFFIX,
+                                    dir=self.final.parent)  # fmt: skip
             self.path = Path(made)
             files.ordinary(made)  # mkdtemp makes it private; the output is an ordinary folder
         except OSError as e:
@@ -119,7 +149,7 @@ class Staging:
             os.replace(self.final, old / "x")
         try:
             os.replace(self.path, self.final)
-        except OSError:
+        except BaseException:  # also Ctrl-C/SIGTERM between the two renames: the earlier output goes back
             if old is not None:
                 os.replace(old / "x", self.final)
             raise
