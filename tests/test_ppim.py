@@ -281,6 +281,27 @@ def test_train_reads_the_output(photos, template_run):
     assert {ex.caption for ex in examples} >= {"a photo of sks good"} and all(ex.mask is None for ex in examples)
 
 
+def test_repeat_folders_weigh_the_same_after_lora_ppim(tmp_path):
+    """kohya N_name folders: lora-train samples lora-ppim's output of a folder as often as the folder itself."""
+    from lora_kit.train.data import Plan, scan
+
+    src, out = tmp_path / "in", tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for folder, n in (("10_sks dog", 2), ("1_dog", 3), (".", 1)):
+        for i in range(n):
+            _save(src / folder / f"{i}.png", Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)))
+    assert ppim(src, out, *SMALL, "--token", "sks").exit_code == 0
+
+    def draws(folder: Path, base: Path) -> dict[str, int]:
+        examples, _ = scan(folder, "sks")
+        plan = Plan(examples, 1, 32, 16, 0)
+        drawn = [examples[i].image.relative_to(base).parent.as_posix() for n in range(plan.per_epoch)
+                 for i in plan.batch(n)]  # fmt: skip
+        return {name: drawn.count(name) for name in set(drawn)}
+
+    assert draws(src, src) == draws(out, out / "images") == {"10_sks dog": 20, "1_dog": 3, ".": 1}
+
+
 # ---------------------------------------------------------------------------------------------- caption modes
 @pytest.fixture(scope="session")
 def simple_photos(tmp_path_factory) -> Path:

@@ -1,10 +1,11 @@
 """Training data: find images and captions, validate them, bucket by aspect ratio, and plan batches.
 
 Captions come from a lora-ppim `manifest.jsonl`, else from a same-name `.txt`, else from `--instance-prompt`.
-kohya repeat folders (`10_name/`) repeat their images. An image that cannot be read (lora-ppim's check: not an
-image, corrupt, truncated, a decompression bomb) is skipped by name; anything else wrong with the data (a caption
-that is not UTF-8, a manifest field of the wrong type, a mask that is missing, unreadable or not its image's size,
-a folder that cannot be read) is one error at scan time, before the model loads.
+kohya repeat folders (`10_name/`) repeat their images, also a manifest's (lora-ppim keeps them: `images/10_name/`).
+An image that cannot be read (lora-ppim's check: not an image, corrupt, truncated, a decompression bomb) is skipped
+by name; anything else wrong with the data (a caption that is not UTF-8, a manifest field of the wrong type, a mask
+that is missing, unreadable or not its image's size, a folder that cannot be read) is one error at scan time, before
+the model loads.
 
 Every random choice (order, flips, caption dropout) is a pure function of (seed, step, sample), so a resumed run
 and a multi-process run see exactly the same data.
@@ -100,6 +101,13 @@ def _txt_caption(image: Path, instance_prompt: str | None) -> str:
     return _read_text(txt, "the caption file").strip() if txt.is_file() else (instance_prompt or "")
 
 
+def _repeats(image: Path, root: Path) -> int:
+    """kohya's repeat folders: an image directly in a folder `N_name` below `root` counts N times, others once. The
+    same for a manifest's images, so lora-ppim's images/N_name/ (it keeps the input's folders) repeat as before."""
+    match = _REPEATS.match(image.parent.name) if image.parent != root else None
+    return int(match.group(1)) if match else 1
+
+
 def files_under(root: Path, hidden: bool = True) -> list[Path]:
     """Every file under `root`, sorted (symlinked folders not followed, as rglob; hidden files and folders left out
     unless `hidden`). A folder that cannot be read is an error: rglob would skip it, and its images, silently."""
@@ -143,7 +151,7 @@ def _manifest(manifest: Path, instance_prompt: str | None) -> list[Example]:
         image = root / entry["image"]
         mask = root / entry["mask"] if entry.get("mask") else None
         caption = (entry.get("caption") or "").strip() or _txt_caption(image, instance_prompt)
-        examples.append(Example(image, caption, mask))
+        examples.append(Example(image, caption, mask, repeats=_repeats(image, root)))
     return examples
 
 
@@ -168,8 +176,7 @@ def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[E
             raise LoraKitError(f"{orphans[0]}: caption file without an image (expected {orphans[0].stem}.png/.jpg)")
         for p in images:
             caption = _txt_caption(p, instance_prompt)
-            match = _REPEATS.match(p.parent.name) if p.parent != root else None
-            candidates.append(Example(p, caption, None, repeats=int(match.group(1)) if match else 1))
+            candidates.append(Example(p, caption, None, repeats=_repeats(p, root)))
     if not candidates:
         raise LoraKitError(f"{root}: no images (jpg, png, webp) found")
     examples, skipped = [], []
