@@ -183,8 +183,9 @@ def set_weights(target, weights: Mapping[str, float | Mapping[str, float] | Sequ
 
     - a float: every module of every component;
     - a dict of components and/or UNet blocks: {"unet": 1.0, "text_encoder": 0.5} (A1111's te:unet pair), or
-      {"down": w, "mid": w, "up": w} (every adapted module in those blocks, convs included), or both at once;
-      components and blocks left out keep their weights;
+      {"down": w, "mid": w, "up": w} (every adapted module in those blocks, convs included), or both at once:
+      a block key is the more specific and wins over "unet" in its block, whatever the dict order
+      ({"unet": 0.8, "down": 0.2} == {"down": 0.2, "unet": 0.8}); components and blocks left out keep their weights;
     - a kohya "LBW" block vector (a list, or a comma-separated string), as in sd-webui-lora-block-weight, which
       sets every module: BASE (the text encoders), IN00.., M00, OUT00.. in SGM block numbering. Full layouts have
       26 entries for SD1/SD2 and 20 for SDXL (BASE, IN00-IN11, M00, OUT00-OUT11 / BASE, IN00-IN08, M00,
@@ -205,7 +206,7 @@ def set_weights(target, weights: Mapping[str, float | Mapping[str, float] | Sequ
                         settings.append((wrapper.adapters[name], paths[path]))
             continue
         spec = w if isinstance(w, Mapping) else {c: w for c in comps}
-        for key, value in spec.items():
+        for key, value in sorted(spec.items(), key=lambda kv: kv[0] in BLOCKS):  # components, then blocks over them
             if key in BLOCKS and "unet" in comps:
                 pairs = [(p, m) for p, m in lora_modules(comps["unet"]) if p.startswith(BLOCKS[key])]
             elif key in comps:

@@ -35,6 +35,19 @@ def test_per_adapter_component_and_block_weights_equal_diffusers(make_pipe, two_
         assert_outputs_close(pipeline_outputs(ours), pipeline_outputs(theirs), atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", [{"unet": 0.8, "down": 0.2}, {"down": 0.2, "unet": 0.8}])
+def test_a_block_key_wins_over_the_unet_key_whatever_the_order(make_pipe, two_loras, spec):
+    """{"unet": w, "down": v}: the down blocks take v, the rest of the UNet w, in either dict order (as diffusers'
+    {"unet": {"down": v, "mid": w, "up": w}})."""
+    _, b = two_loras
+    theirs, ours = make_pipe("sd1"), make_pipe("sd1")
+    theirs.load_lora_weights(str(b), adapter_name="b")
+    theirs.set_adapters(["b"], [{"unet": {"down": 0.2, "mid": 0.8, "up": 0.8}}])
+    lora_kit.load(ours, b)
+    lora_kit.set_weights(ours, {"b": spec})
+    assert_outputs_close(pipeline_outputs(ours), pipeline_outputs(theirs), atol=1e-5)
+
+
 def test_text_encoder_strength_acts_only_on_the_text_encoder(make_pipe, two_loras):
     a, _ = two_loras
     base = pipeline_outputs(make_pipe("sd1"))
