@@ -66,8 +66,9 @@ def load(
     CLIPTextModelWithProjection is text_encoder_2), else `component="text_encoder_2"` says it; it then keeps that
     name for `save`. A textual-inversion embedding file adds its tokens instead, and a LoRA brings its
     pivotal-tuning sidecar `x.emb.safetensors` (and cloneofsimo's "<embed>" tokens or `x.ti.pt`); `token` names the
-    token of a file that does not name it. Pickles are read only with allow_pickle (weights_only). Nothing changes
-    on error. Returns the name.
+    token of a file that does not name it. Pickles are read only with allow_pickle (weights_only). `replace=True`
+    swaps the adapter of that name for the file's (its tokens may be reused); the name keeps its step schedule
+    when the new adapter is in the UNet/transformer. Nothing changes on error. Returns the name.
     """
     p = Path(path)
     name, weight = name or default_name(p), finite(weight, "weight")
@@ -110,13 +111,14 @@ def _load(target, path, name: str, weight: float, allow_pickle: bool, token: str
     else:
         state, _ = formats.read(path, target, allow_pickle=allow_pickle)
         embeds = ti_files.read_bundled(path, target, token=token, allow_pickle=allow_pickle)
-    if name in _names(target):  # replace: the new file must fit before the old adapter goes
+    replacing = name in _names(target)
+    pairs, owned = ti_files.encoders(target), _records(target).get(name, {}) if replacing else {}
+    for component, tokens in embeds.items():  # before the model changes: every token new (or the replaced one's)
+        embeddings.check_new(*pairs[component], tokens, where=str(path), leaving=owned.get(component, ()))
+    if replacing:  # everything checked: now the old adapter goes (its schedule stays with the name)
         if state:
             check_fits(target, state, source=str(path))
-        unload(target, name)
-    pairs = ti_files.encoders(target)
-    for component, tokens in embeds.items():  # before the model changes: every token must be new
-        embeddings.check_new(*pairs[component], tokens, where=str(path))
+        _remove(target, name)
     if state:
         load_lora_state_dict(target, state, name=name, weight=weight, source=str(path))
     added = {c: embeddings.add_tokens(*pairs[c], tokens) for c, tokens in embeds.items()}
@@ -138,12 +140,16 @@ def unload(target, name: str) -> None:
     tokens and embedding rows its load added: the tokenizers and embedding matrices are as before the load."""
     if name not in _names(target):
         raise LoraKitError(f"no adapter named {name!r}; loaded: {_names(target)}")
+    _remove(target, name)
+    _follow_changes(target)
+
+
+def _remove(target, name: str) -> None:
     for module in components(target).values():
         remove_lora(module, name)
     pairs = ti_files.encoders(target)
     for component, entries in _records(target).pop(name, {}).items():
         embeddings.remove_tokens(*pairs[component], entries)
-    _follow_changes(target)
 
 
 def save(

@@ -26,8 +26,15 @@ def _matrix(text_encoder: nn.Module) -> torch.Tensor:
     return text_encoder.get_input_embeddings().weight
 
 
-def check_new(tokenizer, text_encoder: nn.Module, embeddings: Mapping[str, torch.Tensor], where: str = "") -> None:
-    """Raise LoraKitError unless every token of `embeddings` ({token: (n, d)}) can be added as a new token."""
+def check_new(
+    tokenizer,
+    text_encoder: nn.Module,
+    embeddings: Mapping[str, torch.Tensor],
+    where: str = "",
+    leaving: Sequence[str] = (),
+) -> None:
+    """Raise LoraKitError unless every token of `embeddings` ({token: (n, d)}) can be added as a new token.
+    `leaving`: tokenizer entries that will be removed first (those of an adapter being replaced), so free."""
     where = f"{where}: " if where else ""
     vocab = tokenizer.get_vocab()
     rows, width = _matrix(text_encoder).shape
@@ -47,7 +54,7 @@ def check_new(tokenizer, text_encoder: nn.Module, embeddings: Mapping[str, torch
         if not torch.isfinite(vectors).all():
             raise LoraKitError(f"{where}embedding {token!r} holds NaN or inf")
         for entry in expand(token, vectors.shape[0]):
-            if entry in vocab:
+            if entry in vocab and entry not in leaving:
                 raise LoraKitError(f"{where}token {entry!r} already exists in the tokenizer; choose another token")
             if entry in seen:
                 raise LoraKitError(f"{where}token {entry!r} is given twice")

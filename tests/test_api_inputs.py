@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import forward_main, randomize_adapters
+from conftest import forward_main, forward_text, randomize_adapters
 from safetensors.torch import load_file, save_file
 
 import lora_kit
+import lora_kit.embeddings
 from lora_kit.errors import LoraKitError
 from lora_kit.inject import adapter_names, inject_lora
 
@@ -36,6 +37,34 @@ def test_replace_with_a_bad_file_keeps_the_old_adapter(make_pipe, two_loras, tmp
     with pytest.raises(LoraKitError, match="does not fit the model"):
         lora_kit.load(pipe, bad, name="x", replace=True)
     _same(before, _state(pipe))
+
+
+def test_replace_whose_tokens_clash_keeps_the_old_adapter(make_pipe, two_loras, tmp_path):
+    """load(replace=True) checks the new file's tokens before the old adapter goes: a token that another adapter
+    owns is refused with the old adapter, its tokens and the outputs as they were; the replaced adapter's own
+    tokens are free for the new file."""
+    a, _ = two_loras
+    g = torch.Generator().manual_seed(0)
+    vectors = {n: torch.randn(n, 32, generator=g) for n in (1, 2, 3)}
+    save_file({"<aa>": vectors[2]}, tmp_path / "ti_a.safetensors")
+    save_file({"<bb>": vectors[3]}, tmp_path / "ti_b.safetensors")
+    (tmp_path / "style.safetensors").write_bytes(a.read_bytes())  # a LoRA whose pivotal sidecar takes <bb>
+    save_file({"<bb>": vectors[1]}, tmp_path / "style.emb.safetensors")
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe, tmp_path / "ti_a.safetensors", name="x")
+    lora_kit.load(pipe, tmp_path / "ti_b.safetensors", name="y")
+    lora_kit.load(pipe, a, name="z", weight=0.8)
+    before, vocab, text = _state(pipe), pipe.tokenizer.get_added_vocab(), forward_text(pipe.text_encoder)
+    for name, path in [("x", "ti_b.safetensors"), ("z", "style.safetensors")]:
+        with pytest.raises(LoraKitError, match="'<bb>' already exists"):
+            lora_kit.load(pipe, tmp_path / path, name=name, replace=True)
+        _same(before, _state(pipe))
+        assert pipe.tokenizer.get_added_vocab() == vocab and torch.equal(forward_text(pipe.text_encoder), text)
+        assert lora_kit.api._names(pipe) == ["z", "x", "y"]
+    save_file({"<aa>": vectors[1]}, tmp_path / "ti_a2.safetensors")  # x's own token, now one vector
+    lora_kit.load(pipe, tmp_path / "ti_a2.safetensors", name="x", replace=True)
+    assert "<aa>_1" not in pipe.tokenizer.get_added_vocab()
+    assert torch.equal(lora_kit.embeddings.get_embedding(pipe.tokenizer, pipe.text_encoder, "<aa>"), vectors[1])
 
 
 @pytest.mark.parametrize("weight", ["abc", None, float("nan"), float("inf")])

@@ -231,6 +231,24 @@ def test_schedule_follows_loads_and_unloads_and_refuses_bad_input(make_pipe, two
     assert str(lora_kit.schedule.parse("0:1.0, 0.4:0.6 ,1:0")) == "0:1,0.4:0.6,1:0"
 
 
+def test_a_replaced_adapter_keeps_its_schedule(make_pipe, two_loras):
+    """load(replace=True) keeps the name's step schedule: the new adapter runs scheduled, as if it had been loaded
+    and scheduled fresh."""
+    a, b = two_loras
+    spec = "0:1,1:-1"
+    fresh = make_pipe("sd1")
+    lora_kit.load(fresh, b, name="x", weight=0.7)
+    lora_kit.schedule(fresh, {"x": spec})
+    expected = _denoise(fresh, "sd1", steps=4)
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe, a, name="x")
+    lora_kit.schedule(pipe, {"x": spec})
+    _denoise(pipe, "sd1", steps=2)
+    lora_kit.load(pipe, b, name="x", weight=0.7, replace=True)
+    assert lora_kit.schedule.scheduled_names(pipe) == ["x"]
+    assert torch.equal(_denoise(pipe, "sd1", steps=4), expected)
+
+
 # --- fused mode ----------------------------------------------------------------------------------------------
 
 
