@@ -18,7 +18,7 @@ from ._common import command, friendly_errors, progress
     "--resolution",
     default="512",
     show_default=True,
-    help="Crop size: 512 or WxH (768x512). With --crop none, the pixel budget W*H.",
+    help="Crop size: 512 or WxH (768x512). With --crop none one number, lora-train's --resolution.",
 )
 @click.option(
     "--crop",
@@ -26,8 +26,16 @@ from ._common import command, friendly_errors, progress
     show_default=True,
     metavar="center|subject|random:N|none",
     help="center; subject (centred on the --mask, needs it); random:N (N crops per image, random "
-    "position and zoom up to 1.5x); none (keep the aspect ratio for lora-train's buckets, at most 4:1: the "
-    "excess centre-cropped).",
+    "position and zoom up to 1.5x); none (keep the aspect ratio: each image at its lora-train bucket for "
+    "--resolution and --bucket-step, at most 4:1, so lora-train does not resize it again).",
+)
+@click.option(
+    "--bucket-step",
+    type=int,
+    default=64,
+    show_default=True,
+    help="--crop none: bucket sides are multiples of this, as lora-train's for the model: 64 for SD1.x/SD2.x, "
+    "32 for SDXL, 16 for SD3, FLUX and the toy model.",
 )
 @click.option(
     "--upscale/--no-upscale",

@@ -508,10 +508,13 @@ def test_crop_geometry():
                 assert 0 <= top <= centre[1] * size[1] <= bottom <= size[1]
             for c in crop.plan(size, target, "random", count=4, upscale=True, seed="x"):
                 assert c.size == target and 0 <= c.box[0] and c.box[2] <= size[0] + 1e-9
-            (n,) = crop.plan(size, target, "none")
-            assert n.size[0] * n.size[1] <= max(target[0] * target[1], size[0] * size[1]) * 1.01
-            assert abs(n.size[0] / n.size[1] - size[0] / size[1]) < 0.01
-    (n,) = crop.plan((20000, 300), (64, 64), "none")  # a panorama: the centre 4:1 of it, as lora-train buckets it
+    for size in [(4000, 3000), (300, 1200), (512, 512), (513, 700), (20000, 300)]:
+        for res, step in [(512, 64), (1024, 32), (64, 16)]:  # none: the image's bucket, centre-cropped to its aspect
+            (n,) = crop.plan(size, (res, res), "none", upscale=True, step=step)
+            left, top, right, bottom = n.box
+            assert n.size == crop.bucket(size, res, step)
+            assert abs((right - left) / (bottom - top) - n.size[0] / n.size[1]) < 1e-9
+    (n,) = crop.plan((20000, 300), (64, 64), "none", step=16)  # a panorama: its centre 4:1, lora-train's bucket
     assert n.size == (128, 32) and n.box == (9400.0, 0.0, 10600.0, 300.0)
     img = Image.new("RGB", (640, 480))
     assert crop.apply(img, crop.plan((640, 480), (256, 256), "center")[0], "lanczos").size == (256, 256)
@@ -519,11 +522,42 @@ def test_crop_geometry():
         crop.plan((300, 300), (512, 512), "center")
 
 
-def test_no_crop_keeps_aspect_and_small_images_need_upscale(simple_photos, tmp_path):
+def test_a_bucket_is_its_own_bucket():
+    """lora-train takes an image that has the size of a bucket as it is, so nothing lora-ppim --crop none writes is
+    resized a second time (rounding each side of the image's bucket again moved 1 in 5 of them)."""
+    from lora_kit.train.data import bucket
+
+    for res in (32, 100, 512, 768, 1024):
+        for step in (8, 16, 32, 64):
+            for w in range(1, 5000, 7):
+                b = bucket((w, 1000), res, step)
+                assert bucket(b, res, step) == b and b[0] % step == 0 and b[1] % step == 0, (w, res, step)
+
+
+def test_no_crop_writes_lora_trains_bucket_and_small_images_need_upscale(simple_photos, tmp_path):
+    """--crop none: every image at its lora-train bucket (--resolution, --bucket-step), which lora-train then loads
+    without resizing; photos smaller than their bucket are "too small" without --upscale, as in the other modes."""
+    from lora_kit.train.data import Plan, load, scan
+
     out = tmp_path / "none"
-    assert ppim(simple_photos, out, *SMALL, "--token", "sks", "--crop", "none").exit_code == 0
+    assert ppim(simple_photos, out, *SMALL, "--token", "sks", "--crop", "none", "--bucket-step", "8").exit_code == 0
     sizes = {Path(e["source"]).name: (e["width"], e["height"]) for e in read_manifest(out)}
-    assert sizes["wide.png"] == (64, 16) and sizes["tall.png"] == (21, 50) and sizes["square.png"] == (32, 32)
+    assert sizes == {"wide.png": (64, 16), "tall.png": (24, 48), "square.png": (32, 32)}  # 4:1, 5:12 -> 1:2, 1:1
+    examples, _ = scan(out)
+    plan = Plan(examples, 1, 32, 8, 0)
+    for ex, size in zip(examples, plan.sizes, strict=True):
+        assert size == ex.size
+        pixels, _ = load(ex, size, flip=False)  # the written pixels exactly: no second resampling
+        written = np.asarray(Image.open(ex.image), dtype=np.float32) / 127.5 - 1.0
+        assert np.array_equal(pixels.permute(1, 2, 0).numpy(), written)
+    # at 64 the 48x48 square cannot fill its 64x64 bucket without --upscale; the others fill theirs exactly
+    fit = {"wide.png": (128, 32), "tall.png": (40, 96)}
+    for extra, kept in (([], fit), (["--upscale"], {"square.png": (64, 64)})):
+        again = tmp_path / f"none64{len(extra)}"
+        args = ["--resolution", "64", "--min-size", "16", "--token", "sks", "--crop", "none", "--bucket-step", "8"]
+        assert ppim(simple_photos, again, *args, *extra).exit_code == 0
+        sizes = {Path(e["source"]).name: (e["width"], e["height"]) for e in read_manifest(again)}
+        assert kept.items() <= sizes.items() and ("square.png" in sizes) == bool(extra)
     # 64x64 crops: too small without --upscale, exact size with it
     small = ppim(simple_photos, tmp_path / "small", "--resolution", "64", "--min-size", "16", "--token", "sks")
     assert small.exit_code == 2 and "too small" in small.output and not (tmp_path / "small").exists()
@@ -573,6 +607,8 @@ def test_bad_input(models, photos, tmp_path):
     _bad([photos, out, *ok, "--crop", "subject"], "--crop subject needs --mask")
     _bad([photos, out, *ok, "--crop", "random:0"], "--crop 'random:0'")
     _bad([photos, out, *ok, "--resolution", "big"], "--resolution 'big'")
+    _bad([photos, out, *ok, "--crop", "none", "--resolution", "64x32"], "with --crop none give one number")
+    _bad([photos, out, *ok, "--crop", "none", "--bucket-step", "0"], "--bucket-step 0 is not allowed")
     _bad([photos, out, *SMALL, "--template", "a photo of {token}"], "give token")
     _bad([photos, out, *ok, "--background", "nocolour"], "--background 'nocolour'", written=out)
     assert _hashes(photos) == before

@@ -8,6 +8,7 @@ import string
 from dataclasses import dataclass, fields
 
 from ..errors import LoraKitError, flag, word_problem
+from .crop import BUCKET_STEP
 
 CROPS = ("center", "subject", "random:N", "none")
 CAPTIONS = ("template", "clip-tags", "model")
@@ -41,8 +42,11 @@ def template_fields(template: str) -> set[str]:
 class PreprocessConfig:
     input_dir: str = ""
     output_dir: str = ""
-    resolution: str = "512"  # "512" (square) or "WxH"; with crop=none the pixel budget W*H
+    resolution: str = "512"  # "512" (square) or "WxH"; with crop=none one number: lora-train's --resolution
     crop: str = "center"  # center | subject (centred on the mask) | random:N (N crops per image) | none (keep aspect)
+    # crop=none writes each image at its lora-train bucket, whose sides are multiples of the model's step: 64 for
+    # SD1.x/SD2.x, 32 for SDXL, 16 for SD3, FLUX and the toy model
+    bucket_step: int = BUCKET_STEP
     upscale: bool = False  # enlarge images smaller than the crop instead of rejecting them ("too small")
     resample: str = "lanczos"  # plain resampling filter for images; masks always use bilinear
     min_size: int = 256  # shorter side in pixels below which an image is rejected, upscaling or not
@@ -93,7 +97,10 @@ class PreprocessConfig:
             self.crop_mode  # noqa: B018 - parses crop
         except ValueError:
             bad("crop", f"choose one of {', '.join(CROPS)} (N a whole number >= 1)")
-        for name in ("min_size", "top_k", "max_new_tokens", "batch_size"):
+        if self.crop_mode == "none" and self.size[0] != self.size[1]:
+            bad("resolution", "with --crop none give one number, lora-train's --resolution (each image is written "
+                "at its bucket: about that squared in pixels, at its own aspect ratio)")  # fmt: skip
+        for name in ("min_size", "top_k", "max_new_tokens", "batch_size", "bucket_step"):
             if getattr(self, name) < 1:
                 bad(name, "it must be at least 1")
         if not 0 <= self.mask_threshold < 1:

@@ -1,4 +1,6 @@
-"""Crop geometry: where each crop window lies in the upright source image, and resizing image and mask through it.
+"""Crop geometry: where each crop window lies in the upright source image, and resizing image and mask through it;
+and lora-train's aspect-ratio buckets (`bucket`, here so that lora-ppim --crop none writes exactly what lora-train
+takes, without importing torch).
 
 A window is (left, top, right, bottom) in source pixels (floats) with the target's aspect ratio; resizing through
 it with PIL's `box=` argument gives exactly the requested size without an intermediate image.
@@ -6,7 +8,8 @@ it with PIL's `box=` argument gives exactly the requested size without an interm
 
 from __future__ import annotations
 
-import math
+import functools
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -16,7 +19,8 @@ Box = tuple[float, float, float, float]
 
 # The most a random crop zooms in beyond the smallest window that covers the target (1.5 = up to 2/3 of a side).
 MAX_RANDOM_ZOOM = 1.5
-MAX_ASPECT = 4.0  # the widest aspect ratio lora-train's buckets take (train/data.py: bucket), 4:1 as kohya's
+MAX_ASPECT = 4.0  # the widest aspect ratio lora-train's buckets take, 4:1 as kohya's
+BUCKET_STEP = 64  # bucket sides are multiples of the model's step; 64 is SD1.x/SD2.x's (and kohya's default)
 
 
 @dataclass
@@ -25,27 +29,54 @@ class Crop:
     size: tuple[int, int]  # (width, height) written
 
 
-def plan(size: tuple[int, int], target: tuple[int, int], mode: str, count: int = 1,
-         centre: tuple[float, float] | None = None, upscale: bool = False, seed: str = "0") -> list[Crop]:  # fmt: skip
-    """The crops of one image. `centre` is (x, y) in [0, 1] image fractions (the mask's centroid for `subject`);
-    `seed` makes random crops a function of the run's seed and the image alone."""
+def bucket(size: tuple[int, int], resolution: int, step: int, enabled: bool = True) -> tuple[int, int]:
+    """lora-train's (width, height) for an image of `size`: near resolution^2 pixels at the image's aspect ratio
+    (at most 4:1), both multiples of `step`. An image that already has the size of a bucket keeps it, so a bucket
+    is its own bucket: what lora-ppim --crop none writes is not resized again."""
+    if not enabled:
+        return resolution, resolution
+    if tuple(size) in buckets(resolution, step):
+        return tuple(size)
     w, h = size
-    tw, th = target
-    if mode == "none":
-        # Keep the aspect ratio (lora-train buckets it) and about tw*th pixels; only enlarge when asked to. Beyond
-        # the buckets' 1:4..4:1 the excess is centre-cropped: lora-train would crop it anyway.
-        aspect = min(max(w / h, 1 / MAX_ASPECT), MAX_ASPECT)
-        cw, ch = min(w, h * aspect), min(h, w / aspect)
-        s = math.sqrt(tw * th / (cw * ch))
-        if s > 1 and not upscale:
-            s = 1.0
-        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
-        return [Crop(box, (max(1, round(cw * s)), max(1, round(ch * s))))]
-    check_fits(size, target, mode, upscale)
+    return _sides(min(max(w / h, 1 / MAX_ASPECT), MAX_ASPECT), resolution, step)
+
+
+def _sides(aspect: float, resolution: int, step: int) -> tuple[int, int]:
+    bw = max(step, round(resolution * aspect**0.5 / step) * step)
+    bh = max(step, round(resolution / aspect**0.5 / step) * step)
+    return bw, bh
+
+
+@functools.lru_cache(maxsize=32)
+def buckets(resolution: int, step: int) -> frozenset[tuple[int, int]]:
+    """Every size `bucket` gives some aspect ratio: _sides at each aspect where a side's rounding changes (a side is
+    k + 1/2 steps) and between each two such aspects."""
+    lo, hi = 1 / MAX_ASPECT, MAX_ASPECT
+    halves = [(k + 0.5) * step / resolution for k in range(int(resolution * hi / step) + 2)]
+    aspects = sorted(a for a in {lo, hi, *(x * x for x in halves), *(1 / (x * x) for x in halves)} if lo <= a <= hi)
+    aspects += [(a + b) / 2 for a, b in itertools.pairwise(aspects)]
+    return frozenset(_sides(a, resolution, step) for a in aspects)
+
+
+def target(size: tuple[int, int], resolution: tuple[int, int], mode: str, step: int = BUCKET_STEP) -> tuple[int, int]:
+    """The (width, height) written for an image of `size`: `resolution` for the fixed crops; for `none`, lora-train's
+    bucket of the image at `resolution` (square: lora-train's --resolution) and `step`."""
+    return bucket(size, resolution[0], step) if mode == "none" else resolution
+
+
+def plan(size: tuple[int, int], resolution: tuple[int, int], mode: str, count: int = 1,
+         centre: tuple[float, float] | None = None, upscale: bool = False, seed: str = "0",
+         step: int = BUCKET_STEP) -> list[Crop]:  # fmt: skip
+    """The crops of one image, each of `target(size, resolution, mode, step)`. `centre` is (x, y) in [0, 1] image
+    fractions (the mask's centroid for `subject`); `seed` makes random crops a function of the run's seed and the
+    image alone."""
+    check_fits(size, resolution, mode, upscale, step)
+    w, h = size
+    tw, th = target(size, resolution, mode, step)
     cover = max(tw / w, th / h)  # the scale at which the image just covers the target
-    if mode in ("center", "subject"):
+    if mode in ("center", "subject", "none"):  # none: the target is the image's bucket, cropped as lora-train would
         cx, cy = centre if (mode == "subject" and centre is not None) else (0.5, 0.5)
-        return [Crop(window(size, target, cover, (cx * w, cy * h)), target)]
+        return [Crop(window(size, (tw, th), cover, (cx * w, cy * h)), (tw, th))]
     if mode == "random":
         rng = random.Random(f"{seed}")
         crops = []
@@ -55,18 +86,19 @@ def plan(size: tuple[int, int], target: tuple[int, int], mode: str, count: int =
                 s = max(cover, min(s, 1.0))
             cw, ch = tw / s, th / s
             left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-            crops.append(Crop((left, top, left + cw, top + ch), target))
+            crops.append(Crop((left, top, left + cw, top + ch), (tw, th)))
         return crops
     raise ValueError(mode)
 
 
-def check_fits(size: tuple[int, int], target: tuple[int, int], mode: str, upscale: bool) -> None:
-    """Rejected("too small") when a fixed-size crop would have to enlarge the image and enlarging is off."""
+def check_fits(size: tuple[int, int], resolution: tuple[int, int], mode: str, upscale: bool,
+               step: int = BUCKET_STEP) -> None:  # fmt: skip
+    """Rejected("too small") when the crop (its bucket for `none`) would have to enlarge the image and enlarging is
+    off."""
     w, h = size
-    if mode != "none" and not upscale and (w < target[0] or h < target[1]):
-        raise Rejected(
-            "too small", f"{w}x{h} cannot fill a {target[0]}x{target[1]} crop without enlarging (--upscale)"
-        )
+    tw, th = target(size, resolution, mode, step)
+    if not upscale and (w < tw or h < th):
+        raise Rejected("too small", f"{w}x{h} cannot fill a {tw}x{th} crop without enlarging (--upscale)")
 
 
 def window(size: tuple[int, int], target: tuple[int, int], scale: float, centre: tuple[float, float]) -> Box:

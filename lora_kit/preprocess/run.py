@@ -116,7 +116,7 @@ def _batches(paths, src: Path, config, summary: Summary, report):
         seen[digest] = path
         try:
             loaded = open_image(path, config.background_rgb, config.min_size)
-            crops.check_fits(loaded.image.size, config.size, config.crop_mode, config.upscale)
+            crops.check_fits(loaded.image.size, config.size, config.crop_mode, config.upscale, config.bucket_step)
         except Rejected as r:
             summary.rejected[r.reason] += 1
             report["rejected"].append({"source": str(path), "reason": r.reason, "detail": r.detail})
@@ -141,7 +141,7 @@ def _process(batch: list[_Item], config, captioner, masker, stage: Staging, summ
         if config.crop_mode == "subject" and centre is None:
             item.warnings.append(f"mask for {config.mask!r} is empty: crop centred on the image instead")
         plan = crops.plan(item.image.size, config.size, config.crop_mode, config.crops_per_image, centre,
-                          config.upscale, seed=f"{config.seed}:{item.sha256}")  # fmt: skip
+                          config.upscale, seed=f"{config.seed}:{item.sha256}", step=config.bucket_step)  # fmt: skip
         for c in plan:
             image = crops.apply(item.image, c, config.resample)
             mask = None

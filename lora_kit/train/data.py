@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraKitError
-from ..preprocess.crop import MAX_ASPECT
+from ..preprocess.crop import bucket  # shared with lora-ppim --crop none
 from ..preprocess.images import Rejected, decoded
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -194,17 +194,6 @@ def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[E
     if not examples:
         raise LoraKitError(f"{root}: none of the {len(candidates)} images could be read")
     return examples, skipped
-
-
-def bucket(size: tuple[int, int], resolution: int, step: int, enabled: bool = True) -> tuple[int, int]:
-    """(width, height) near resolution^2 pixels at the image's aspect ratio, both multiples of `step`."""
-    if not enabled:
-        return resolution, resolution
-    w, h = size
-    aspect = min(max(w / h, 1 / MAX_ASPECT), MAX_ASPECT)
-    bw = max(step, round(resolution * aspect**0.5 / step) * step)
-    bh = max(step, round(resolution / aspect**0.5 / step) * step)
-    return bw, bh
 
 
 def load(example: Example, size: tuple[int, int], flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
