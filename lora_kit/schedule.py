@@ -112,13 +112,11 @@ def current_step(timesteps: Sequence[float], step_index: int | None, begin_index
 
 class Scheduled:
     """The forward pre-hook: works out the step from the pipeline's scheduler and sets each scheduled adapter's
-    factor on every adapted module of the model. Holds the pipeline weakly (no reference cycle through the UNet)."""
+    factor on every adapted module of the model. Holds the pipeline schedule() was last called on, weakly (no
+    reference cycle through the UNet); once that pipeline is gone a call is an error, not a frozen factor."""
 
     def __init__(self, pipe, model: nn.Module):
-        try:
-            self.pipe = weakref.ref(pipe)
-        except TypeError:  # an object without weak references (a SimpleNamespace standing in for a pipeline)
-            self.pipe = lambda: pipe
+        self.bind(pipe)
         self.model = model
         self.fns: dict[str, Callable] = {}
         self.adapters: dict[str, list[LoraAdapter]] = {}
@@ -128,6 +126,13 @@ class Scheduled:
         self.timesteps: tuple[object, list[float]] = (None, [])  # the scheduler's tensor and its values
         self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
         self.after = model.register_forward_hook(self.built)  # the batch built after a call, not within a step
+
+    def bind(self, pipe) -> None:
+        """Read this pipeline's scheduler from now on (pipelines sharing the model: from_pipe, **pipe.components)."""
+        try:
+            self.pipe = weakref.ref(pipe)
+        except TypeError:  # an object without weak references (a SimpleNamespace standing in for a pipeline)
+            self.pipe = lambda: pipe
 
     def refresh(self) -> None:
         """Re-collect the scheduled adapters (after loads and unloads) with factor 1 until the next step."""
@@ -153,7 +158,11 @@ class Scheduled:
     def __call__(self, module, args, kwargs):
         pipe = self.pipe()
         if pipe is None:
-            return None
+            raise LoraKitError(
+                f"the schedules {list(self.fns)} follow the scheduler of the pipeline lora_kit.schedule was called "
+                f"on, and that pipeline is gone: call lora_kit.schedule(pipe, ...) on the pipeline that runs this "
+                f"{type(self.model).__name__} (or lora_kit.unschedule on it)"
+            )
         scheduler = pipe.scheduler
         if scheduler.timesteps is None or len(scheduler.timesteps) == 0:
             return None  # called outside a denoising loop
@@ -207,7 +216,10 @@ def schedule(pipe, schedules: Mapping[str, Callable | str]) -> None:
     """Give adapters a strength that changes over the denoising steps: {name: s}, s a callable
     s(progress, step, timestep) -> float or a spec string "0:1.0,0.4:0.6,1:0.0" (piecewise linear over progress).
     The effective weight in the UNet/transformer is weight x s; text encoders keep the static weight. Calling it
-    again adds or replaces schedules; `unschedule` removes them."""
+    again adds or replaces schedules; `unschedule` removes them.
+
+    The schedules live on the model and read the scheduler of the pipeline this was last called on: pipelines that
+    share the model (`from_pipe`, `Img2Img(**pipe.components)`) call it again on the one they run."""
     model, hook = _hook(pipe)
     if isinstance(pipe, nn.Module) or model is None or not hasattr(pipe, "scheduler"):
         raise LoraKitError("schedule needs a diffusers pipeline (a unet or transformer, and its scheduler)")
@@ -220,6 +232,7 @@ def schedule(pipe, schedules: Mapping[str, Callable | str]) -> None:
     if hook is None:
         hook = Scheduled(pipe, model)
         setattr(model, HOOK, hook)
+    hook.bind(pipe)  # a pipeline sharing the model (from_pipe) runs with its own scheduler
     hook.fns.update(fns)
     hook.refresh()
 

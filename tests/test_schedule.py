@@ -186,6 +186,44 @@ def test_the_model_sees_the_schedule_at_every_step(make_pipe, arch, monkeypatch)
     np.testing.assert_allclose(np.array(hook.seen), [[0.5, 2.0]] * 2, atol=1e-4)
 
 
+def test_a_pipeline_sharing_the_unet_runs_the_schedule_on_its_own_scheduler(make_pipe):
+    """schedule() on a from_pipe pipeline makes the hook read that pipeline's scheduler (it read the first one's
+    stale DDIM timesteps); once the pipeline it follows is gone, a call is an error, not factors frozen at their
+    last value, and schedule() on the live pipeline binds it."""
+    import gc
+
+    import diffusers
+
+    spec = "0:1,1:-1"
+
+    def adapted(scheduler_class):
+        pipe = make_pipe("sd1")
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        inject_lora(pipe.unet, "attn", rank=2, name="a")
+        randomize_adapters(pipe, seed=3)
+        lora_kit.schedule(pipe, {"a": spec})
+        return pipe
+
+    expected = _denoise(adapted(diffusers.EulerDiscreteScheduler), "sd1", steps=4)
+    pipe = adapted(diffusers.DDIMScheduler)
+    _denoise(pipe, "sd1", steps=2)
+    euler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    other = diffusers.StableDiffusionPipeline.from_pipe(pipe, scheduler=euler)
+    other.set_progress_bar_config(disable=True)
+    lora_kit.schedule(other, {"a": spec})
+    assert torch.equal(_denoise(other, "sd1", steps=4), expected)
+
+    pipe = adapted(diffusers.EulerDiscreteScheduler)
+    other = diffusers.StableDiffusionPipeline.from_pipe(pipe)  # the same scheduler object
+    other.set_progress_bar_config(disable=True)
+    del pipe
+    gc.collect()
+    with pytest.raises(LoraKitError, match="pipeline is gone: call lora_kit.schedule"):
+        _denoise(other, "sd1", steps=4)
+    lora_kit.schedule(other, {"a": spec})
+    assert torch.equal(_denoise(other, "sd1", steps=4), expected)
+
+
 def test_zero_schedule_is_the_base_and_constant_schedule_the_static_weight(make_pipe):
     base = _denoise(make_pipe("sd1"), "sd1")
     pipe = make_pipe("sd1")
