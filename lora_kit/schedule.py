@@ -7,7 +7,8 @@ users keep their own step callbacks, and every diffusers pipeline that calls its
 (SD1.x/SD2.x, SDXL, SD3 and FLUX were tested).
 
     step      index of the current timestep in scheduler.timesteps (the scheduler's own step counter when it keeps
-              one, else the timestep the model is called with, matched to the scheduler's list)
+              one: step_index, or PNDM's count of step() calls, whose list repeats timesteps; else the timestep the
+              model is called with, matched to the scheduler's list)
     steps     len(scheduler.timesteps);  progress = step / (steps - 1), from 0 to 1
     timestep  scheduler.timesteps[step], in the scheduler's units (0..1000 for SD and flow-matching alike)
 
@@ -95,8 +96,8 @@ def current_step(timesteps: Sequence[float], step_index: int | None, begin_index
     Schedulers that count steps (Euler, DPM-Solver, flow matching, ...) say it through step_index, which they
     start on their first step() (or scale_model_input) call: before it the step is begin_index when a pipeline
     set one, else found from the model's timestep argument; a counter past the end is left over from a finished
-    run. DDIM/DDPM/PNDM keep no counter and are always matched. Matching allows for pipelines that pass
-    timestep / 1000 (FLUX)."""
+    run. DDIM/DDPM keep no counter and are always matched (PNDM counts in its own way: Scheduled.step). Matching
+    allows for pipelines that pass timestep / 1000 (FLUX)."""
     if step_index is not None and 0 <= step_index < len(timesteps):
         return step_index
     if step_index is None and begin_index is not None:
@@ -124,6 +125,8 @@ class Scheduled:
         self.batch: FactorBatch | None = None  # all their factors in a few ops, while it stays valid
         self.last: dict[str, float] = {}  # the factor each name has now, so an unchanged step touches nothing
         self.timesteps: tuple[object, list[float]] = (None, [])  # the scheduler's tensor and its values
+        self.counts = False  # the scheduler is a PNDM (see step)
+        self.offset: int | None = None  # PNDM: index of its first step in this run (img2img starts later)
         self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
         self.after = model.register_forward_hook(self.built)  # the batch built after a call, not within a step
 
@@ -168,11 +171,10 @@ class Scheduled:
             return None  # called outside a denoising loop
         if self.timesteps[0] is not scheduler.timesteps:  # read a (GPU) tensor once per set_timesteps, not per step
             self.timesteps = (scheduler.timesteps, [float(t) for t in scheduler.timesteps.tolist()])
+            self.counts, self.offset = _is_pndm(scheduler), None
         timesteps = self.timesteps[1]
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        step = current_step(
-            timesteps, getattr(scheduler, "step_index", None), getattr(scheduler, "begin_index", None), timestep
-        )
+        step = self.step(pipe, timesteps, timestep)
         steps, t = len(timesteps), timesteps[step]
         progress = step / (steps - 1) if steps > 1 else 0.0
         factors = {name: finite(fn(progress, step, t), f"the schedule of {name!r} at step {step}: it gave")
@@ -188,6 +190,23 @@ class Scheduled:
             self.last.update(changed)
         return None
 
+    def step(self, pipe, timesteps: list[float], timestep) -> int:
+        """current_step, but for PNDM (SD1.x/SD2.x's default), whose list repeats timesteps ([751, 501, 501, 251, 1])
+        and which keeps no step_index: it counts its step() calls in `counter`, one per timestep of the run, so the
+        step is counter + the index of the run's first timestep (0, or where img2img starts: found by value, and
+        where that value repeats, from the pipeline's count of the timesteps it runs)."""
+        scheduler = pipe.scheduler
+        counter = scheduler.counter if self.counts else None
+        if counter is None or not 0 <= counter < len(timesteps):
+            step_index, begin_index = getattr(scheduler, "step_index", None), getattr(scheduler, "begin_index", None)
+            return current_step(timesteps, step_index, begin_index, timestep)
+        if counter == 0 or self.offset is None:
+            first = current_step(timesteps, None, None, timestep)
+            same = [i for i in range(first, len(timesteps)) if timesteps[i] == timesteps[first]]
+            start = len(timesteps) - getattr(pipe, "_num_timesteps", -1)  # the pipeline runs timesteps[start:]
+            self.offset = max(0, (start if len(same) > 1 and start in same else first) - counter)
+        return min(counter + self.offset, len(timesteps) - 1)
+
     def _batch(self) -> FactorBatch | None:
         """Every layer's factors in a few ops from now on, once every layer keeps its plan (see FactorBatch)."""
         try:
@@ -200,6 +219,12 @@ class Scheduled:
         """After a call (which keeps each layer's plan): build the batch there rather than within the next step."""
         if self.batch is None and self.fns:
             self.batch = self._batch()
+
+
+def _is_pndm(scheduler) -> bool:
+    from diffusers import PNDMScheduler  # loaded already: a pipeline is running
+
+    return isinstance(scheduler, PNDMScheduler)
 
 
 def _hook(target) -> tuple[nn.Module | None, Scheduled | None]:

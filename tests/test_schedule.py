@@ -224,6 +224,42 @@ def test_a_pipeline_sharing_the_unet_runs_the_schedule_on_its_own_scheduler(make
     assert torch.equal(_denoise(other, "sd1", steps=4), expected)
 
 
+@pytest.mark.parametrize(
+    "scheduler, kwargs, img2img",
+    [
+        ("PNDMScheduler", {"skip_prk_steps": True}, None),  # SD1.5's: [751, 501, 501, 251, 1]
+        ("PNDMScheduler", {"skip_prk_steps": False}, None),  # PRK warm-up: every other timestep repeats
+        ("PNDMScheduler", {"skip_prk_steps": True}, 0.75),  # img2img from the first of the repeated pair
+        ("PNDMScheduler", {"skip_prk_steps": True}, 0.5),  # ... and from the second
+        ("HeunDiscreteScheduler", {}, None),  # two model calls per step
+    ],
+)
+def test_the_schedule_sees_the_pipelines_own_step(make_pipe, scheduler, kwargs, img2img):
+    """step = the index in scheduler.timesteps of the timestep the pipeline's loop is at (its callback says it),
+    also where the list repeats timesteps (PNDM: steps 0,1,1,3,4 were seen instead of 0..4)."""
+    import diffusers
+
+    pipe = make_pipe("sd1")
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **kwargs)
+    inject_lora(pipe.unet, "attn", rank=2, name="a")
+    seen, loop = [], []
+    lora_kit.schedule(pipe, {"a": lambda p, s, t: seen.append((p, s, t)) or 1.0})
+    call = {}
+    if img2img is not None:
+        pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+        pipe.set_progress_bar_config(disable=True)
+        lora_kit.schedule(pipe, {"a": lambda p, s, t: seen.append((p, s, t)) or 1.0})
+        call = {"image": torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "strength": img2img}
+    pipe("x", num_inference_steps=4, output_type="latent", **call,
+         callback_on_step_end=lambda p, i, t, k: loop.append((i, float(t))) or k)  # fmt: skip
+    timesteps = pipe.scheduler.timesteps.tolist()
+    start = len(timesteps) - len(loop)
+    assert (start > 0) == (img2img is not None) and len(seen) == len(loop)
+    assert [s for _, s, _ in seen] == [start + i for i, _ in loop]
+    assert [p for p, _, _ in seen] == pytest.approx([(start + i) / (len(timesteps) - 1) for i, _ in loop])
+    assert [t for _, _, t in seen] == [timesteps[start + i] for i, _ in loop] == [t for _, t in loop]
+
+
 def test_zero_schedule_is_the_base_and_constant_schedule_the_static_weight(make_pipe):
     base = _denoise(make_pipe("sd1"), "sd1")
     pipe = make_pipe("sd1")
