@@ -17,12 +17,16 @@ from ._common import command, friendly_errors
                    "it there. The schedule is piecewise linear over progress 0..1 and multiplies the weight in the "
                    "UNet/transformer only.")  # fmt: skip
 @click.option("--prompt", required=True, help="The prompt.")
-@click.option("--negative-prompt", default=None, help="The negative prompt.")
+@click.option("--negative-prompt", default=None,
+              help="The negative prompt (classifier-free guidance: needs --guidance above 1; refused where the "
+                   "model would ignore it, as FLUX, whose --guidance is distilled guidance).")  # fmt: skip
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps (default: the pipeline's).")
 @click.option("--guidance", type=float, default=None, help="Guidance scale (default: the pipeline's).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
               help="Seed of the first image, 0 to 2**63 - 1; image i uses seed+i.")  # fmt: skip
-@click.option("--size", default=None, help="512 or WIDTHxHEIGHT such as 768x512 (default: the model's size).")
+@click.option("--size", default=None,
+              help="512 or WIDTHxHEIGHT such as 768x512, multiples of 8 (16 for SD3 and FLUX; default: the model's "
+                   "size).")  # fmt: skip
 @click.option("-n", "count", type=click.IntRange(min=1), default=1, show_default=True, help="Number of images.")
 @click.option(
     "--compare",

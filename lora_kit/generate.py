@@ -81,7 +81,8 @@ def parse_loras(texts: Sequence[str], allow_pickle: bool = False) -> list[LoraSp
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '768x512' -> (768, 512) as (width, height); multiples of 8."""
+    """'512' -> (512, 512); '768x512' -> (768, 512) as (width, height); multiples of 8 (models with a larger
+    multiple, SD3 and FLUX: 16, are checked once open: check_pipeline)."""
     parts = text.lower().split("x")
     try:
         w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
@@ -155,6 +156,54 @@ class Settings:
             raise LoraKitError(f"--seed {self.seed!r}: it must be a whole number from 0 to 2**63 - 1 ({SEED_MAX})")
         if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise LoraKitError(f"--guidance {self.guidance}: the guidance scale must be a finite number >= 0")
+        if self.negative_prompt is not None and self.guidance is not None and self.guidance <= 1:
+            raise LoraKitError(_NO_CFG.format(f"--guidance {self.guidance:g}"))
+
+
+_NO_CFG = (
+    "--negative-prompt has no effect at {}: pipelines use it through classifier-free guidance, which runs at a "
+    "guidance scale above 1; raise --guidance or leave the negative prompt out"
+)
+
+
+def size_multiple(pipe) -> int:
+    """What the pipeline's width and height must be multiples of: the VAE's scale factor times the latent patch the
+    backbone takes (SD3: its transformer's patch_size; FLUX: its image processor's factor, 2x2 packed latents)."""
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    processor = getattr(getattr(pipe, "image_processor", None), "config", None)
+    return math.lcm(factor * int(getattr(pipe, "patch_size", 1)), int(getattr(processor, "vae_scale_factor", factor)))
+
+
+def check_pipeline(pipe, settings: Settings) -> None:
+    """The settings that only the opened pipeline can check, before any LoRA is loaded or any step runs: the size
+    against the model's own multiple, and a negative prompt against guidance that would ignore it."""
+    if settings.size is not None:
+        multiple = size_multiple(pipe)
+        if any(v % multiple for v in settings.size):
+            w, h = settings.size
+            raise LoraKitError(
+                f"--size {w}x{h}: {type(pipe).__name__} needs width and height in multiples of {multiple} (its VAE "
+                "factor times its latent patch)"
+            )
+    if settings.negative_prompt is None:
+        return
+    parameters = inspect.signature(pipe.__call__).parameters
+    name = type(pipe).__name__
+    if "negative_prompt" not in parameters:
+        raise LoraKitError(f"--negative-prompt: {name} takes no negative prompt")
+    if "true_cfg_scale" in parameters:  # FLUX: guidance_scale is distilled guidance; negatives need true CFG
+        raise LoraKitError(
+            f"--negative-prompt has no effect on {name}: its --guidance is distilled guidance, and it uses a negative "
+            "prompt only with true classifier-free guidance (true_cfg_scale), which lora-generate does not run; "
+            "leave the negative prompt out"
+        )
+    unet = getattr(pipe, "unet", None)
+    if getattr(getattr(unet, "config", None), "time_cond_proj_dim", None) is not None:
+        raise LoraKitError(f"--negative-prompt has no effect on {name}: its UNet is guidance-distilled (LCM), so it "
+                           "runs no classifier-free guidance; leave the negative prompt out")  # fmt: skip
+    guidance = settings.guidance if settings.guidance is not None else pipeline_default(pipe, "guidance_scale")
+    if isinstance(guidance, int | float) and guidance <= 1:
+        raise LoraKitError(_NO_CFG.format(f"{name}'s default guidance {guidance:g}"))
 
 
 def generate(pipe, settings: Settings, loras: Sequence[LoraSpec], on_step: Callable[[], None] | None = None):
@@ -164,12 +213,11 @@ def generate(pipe, settings: Settings, loras: Sequence[LoraSpec], on_step: Calla
 
     from . import __version__
 
+    check_pipeline(pipe, settings)
     steps = settings.steps or pipeline_default(pipe, "num_inference_steps")
     guidance = settings.guidance if settings.guidance is not None else pipeline_default(pipe, "guidance_scale")
     kwargs = {"num_inference_steps": steps, "guidance_scale": guidance}
     if settings.negative_prompt is not None:
-        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
-            raise LoraKitError(f"{type(pipe).__name__} takes no negative prompt")
         kwargs["negative_prompt"] = settings.negative_prompt
     if settings.size is not None:
         kwargs["width"], kwargs["height"] = settings.size
@@ -207,6 +255,7 @@ def render(
     again, which restores the model exactly (added tokens too), so it is the base model's image."""
     from . import api
 
+    check_pipeline(pipe, settings)
     if compare:
         for spec in apply_loras(pipe, specs, allow_pickle):
             api.unload(pipe, spec.name)

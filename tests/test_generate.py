@@ -203,6 +203,8 @@ def test_lora_argument_and_size_parsing(tmp_path):
         (["--seed", "99999999999999999999999"], "'--seed': 99999999999999999999999 is not in the range 0<=x<="),
         (["--seed", str(2**63)], "'--seed'"),
         (["--seed", "-1"], "'--seed'"),
+        (["--negative-prompt", "a cat", "--guidance", "1"], "--negative-prompt has no effect at --guidance 1: "),
+        (["--negative-prompt", "a cat", "--guidance", "0.5"], "--negative-prompt has no effect at --guidance 0.5: "),
     ],
 )
 def test_bad_options_fail_in_one_line_before_the_model_opens(
@@ -352,3 +354,81 @@ def test_allow_pickle_reads_a_pickled_lora(model_and_loras, tmp_path):
     assert result.exit_code == 0, result.output
     a, b = (np.asarray(Image.open(tmp_path / d / "000-seed0.png")) for d in "ab")
     assert np.array_equal(a, b)
+
+
+def _sd3_with_16x_latents(folder):
+    """A tiny SD3 pipeline as the real ones are: an 8x VAE and transformer patches of 2, so sizes in 16s."""
+    import diffusers as d
+    from conftest import clip_config, clip_tokenizer, t5_encoder, t5_tokenizer
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tok, tok2, tok3 = (
+        clip_tokenizer(str(folder / "t1")),
+        clip_tokenizer(str(folder / "t2"), pad_token="!"),
+        t5_tokenizer(),
+    )
+    vae = d.AutoencoderKL(
+        latent_channels=4, block_out_channels=(4, 4, 4, 4), layers_per_block=1, norm_num_groups=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )  # fmt: skip
+    transformer = d.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    )  # fmt: skip
+    pipe = d.StableDiffusion3Pipeline(
+        scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+        text_encoder=CLIPTextModelWithProjection(clip_config(tok, proj=32)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(clip_config(tok2, proj=32)), tokenizer_2=tok2,
+        text_encoder_3=t5_encoder(tok3), tokenizer_3=tok3,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if hasattr(component, "eval"):
+            component.eval()  # built from configs in training mode (T5 dropout)
+    return pipe
+
+
+def test_the_size_is_checked_against_the_models_own_multiple(tmp_path, monkeypatch):
+    """SD3 takes sizes in multiples of 16 (8x VAE, patch 2): --size 40 passed parse_size's multiples of 8 and
+    ended in diffusers' ValueError (a traceback, exit 1). Now one line, exit 2, nothing written; 48 gives the image
+    the pipeline gives from Python."""
+    pipe = _sd3_with_16x_latents(tmp_path)
+    monkeypatch.setattr("lora_kit.models.open_pipeline", lambda *args, **kwargs: pipe)
+    out = tmp_path / "out"
+    for size in ["40", "48x40"]:
+        assert_one_error_line(
+            invoke("sd3", out, "--size", size),
+            "StableDiffusion3Pipeline needs width and height in multiples of 16",
+        )
+        assert not out.exists()
+    result = invoke("sd3", out, "--size", "48x32")
+    assert result.exit_code == 0, result.output
+    expected = pipe("a dog", num_inference_steps=1, width=48, height=32, generator=torch.Generator().manual_seed(0))
+    image = Image.open(out / "000-seed0.png")
+    assert image.size == (48, 32)
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected.images[0]))
+
+
+def test_a_negative_prompt_the_model_would_ignore_is_refused(make_pipe, model_and_loras, tmp_path, monkeypatch):
+    """FluxPipeline uses a negative prompt only with true CFG (true_cfg_scale > 1), which lora-generate does not run:
+    the image was the same with and without it, and the PNG recorded it. Refused in one line, nothing written; on
+    an SD pipeline at --guidance above 1 the negative prompt is taken and changes the image."""
+    flux = make_pipe("flux")
+    monkeypatch.setattr("lora_kit.models.open_pipeline", lambda *args, **kwargs: flux)
+    out = tmp_path / "out"
+    assert_one_error_line(
+        invoke("flux", out, "--negative-prompt", "a cat"),
+        "--negative-prompt has no effect on FluxPipeline: its --guidance is distilled guidance",
+    )
+    assert not out.exists()
+    assert invoke("flux", out).exit_code == 0  # without it: fine
+    monkeypatch.undo()
+    model, _ = model_and_loras
+    images = []
+    for extra in [[], ["--negative-prompt", "a cat"]]:
+        shutil.rmtree(out)
+        assert invoke(model, out, "--guidance", "2", *extra).exit_code == 0
+        images.append(np.asarray(Image.open(out / "000-seed0.png")))
+    assert not np.array_equal(*images)
