@@ -15,7 +15,7 @@ from . import schedule as schedules
 from .errors import LoraKitError, finite
 from .formats import embeddings as ti_files
 from .formats.dispatch import bare_component
-from .inject import adapter_names, collapse_lora, lora_modules, remove_lora
+from .inject import adapter_names, check_in_memory, collapse_lora, lora_modules, remove_lora
 from .state import COMPONENT_TAG, check_fits, components, given_dtype, load_lora_state_dict, lora_state_dict
 
 BLOCKS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
@@ -180,6 +180,8 @@ def collapse(target, name: str | None = None) -> None:
     scheduled = [n for n in schedules.scheduled_names(target) if name is None or n == name]
     if scheduled:
         raise LoraKitError(f"adapters {scheduled} have a step schedule, which cannot be baked in: unschedule first")
+    for module in components(target).values():  # every component checked before any changes
+        check_in_memory(module)
     for module in components(target).values():
         collapse_lora(module, name)
 

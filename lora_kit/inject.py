@@ -169,11 +169,23 @@ def remove_lora(model: nn.Module, name: str | None = None) -> list[str]:
     return touched
 
 
+def check_in_memory(model: nn.Module) -> None:
+    """LoraKitError unless every adapted layer's base weight holds values: sequential CPU offload keeps them on the
+    meta device (accelerate streams them in per call), where nothing can be baked into them."""
+    for path, wrapper in lora_modules(model):
+        if wrapper.base.weight.is_meta:
+            raise LoraKitError(
+                f"cannot collapse into {type(model).__name__}.{path}: its base weight is on the meta device "
+                "(sequential CPU offload holds it elsewhere); collapse before enabling the offload"
+            )
+
+
 def collapse_lora(model: nn.Module, name: str | None = None) -> list[str]:
     """Bake adapter `name` (every enabled adapter when None), at its weight, into the base weights and remove it.
 
     The deltas are summed in fp32 and checked for finiteness before any base weight is written.
     """
+    check_in_memory(model)
     deltas = []
     for path, wrapper in lora_modules(model):
         if name is not None and name not in wrapper.adapters:

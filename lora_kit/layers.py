@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from . import functional
+from . import functional, offload
 
 _SERIALS = itertools.count()  # adapter identities and epochs that, unlike id(), are never reused within a process
 _PLAIN = frozenset({"weight", "factor", "enabled"})  # LoraAdapter's plain Python attributes
@@ -348,8 +348,8 @@ class LoraWrapper(nn.Module):
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"rank {rank} is not in 1..{self.max_rank} (min of in and out features) for this module")
         down_shape, up_shape = self._factor_shapes(rank)
-        adapter = LoraAdapter(
-            down_shape, up_shape, rank if alpha is None else alpha, dropout, init, device=self.base.weight.device
+        adapter = LoraAdapter(  # (beside the base weight; under sequential offload on its execution device)
+            down_shape, up_shape, rank if alpha is None else alpha, dropout, init, device=offload.home(self.base)
         )
         self.adapters[name] = adapter
         return adapter
@@ -458,6 +458,7 @@ class LoraWrapper(nn.Module):
         stack_key = (dtype, *[(a.serial, a.tensors_key()) for a in active])
 
         def stack():
+            offload.reclaim(active)  # (factors offloaded by accelerate after the load: taken back, once)
             up = torch.cat([a.up for a in active], dim=1).to(torch.promote_types(dtype, torch.float32))
             return torch.cat([a.down for a in active]).to(dtype), up
 

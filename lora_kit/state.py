@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from . import offload
 from .errors import LoraKitError, finite
 from .inject import _layers, adapter_names, attach_adapter, lora_modules
 from .layers import LoraWrapper
@@ -106,6 +107,7 @@ def lora_state_dict(target, name: str | None = None) -> dict[str, torch.Tensor]:
         for path, wrapper in lora_modules(module):
             if name in wrapper.adapters:
                 a = wrapper.adapters[name]
+                offload.reclaim([a], strict=False)  # (offloaded after the load: its values are in accelerate's map)
                 prefix = f"{component}.{path}."
                 state[prefix + "lora_down.weight"] = a.down.detach().clone()
                 state[prefix + "lora_up.weight"] = a.up.detach().clone()

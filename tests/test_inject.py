@@ -199,3 +199,39 @@ def test_wrappers_and_adapters_take_the_mode_of_the_layer_they_join():
     with torch.no_grad():
         assert torch.equal(model(x), model(x))  # no dropout drawn
     assert model[0]._plan is not None and model[1]._plan is not None
+
+
+@pytest.mark.parametrize("order", ["offload then load", "load then offload"])
+def test_sequential_cpu_offload_runs_the_loaded_lora(make_pipe, two_loras, tmp_path, order):
+    """accelerate's sequential offload (what enable_sequential_cpu_offload does to each component; on the UNet alone,
+    as transformers' CLIP does not run under it on the CPU) keeps every layer's weights on meta between calls. Loaded
+    after it, the adapters were made on meta (the file's values lost); loaded before, accelerate moved them to meta
+    and the wrapper, which never calls them, computed with garbage. Now the adapters live on the execution device:
+    the pipeline gives what it gives without offload, save writes the file's values, collapse is refused."""
+    from accelerate import cpu_offload
+    from safetensors.torch import load_file
+
+    a, _ = two_loras
+
+    def denoise(pipe):
+        g = torch.Generator().manual_seed(0)
+        return pipe("a photo", num_inference_steps=2, generator=g, output_type="latent").images
+
+    reference = make_pipe("sd1")
+    lora_kit.load(reference, a, weight=0.8)
+    expected, base = denoise(reference), denoise(make_pipe("sd1"))
+    pipe = make_pipe("sd1")
+    if order == "offload then load":
+        cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+    lora_kit.load(pipe, a, weight=0.8)
+    if order == "load then offload":
+        cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+    lora_kit.save(pipe, tmp_path / "saved.safetensors")  # (before any call: offloaded adapters read back too)
+    saved, given = load_file(tmp_path / "saved.safetensors"), load_file(a)
+    assert saved.keys() == given.keys() and all(torch.equal(saved[k], given[k]) for k in saved)
+    for _ in range(2):
+        torch.testing.assert_close(denoise(pipe), expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+    assert (expected - base).abs().max() > 0.1
+    with pytest.raises(LoraKitError, match="base weight is on the meta device"):
+        lora_kit.collapse(pipe)
+    torch.testing.assert_close(denoise(pipe), expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
