@@ -29,7 +29,7 @@ run() {  # name, timeout, benchmark script, its arguments...
 }
 case "$what" in
   quick) run bench64 240 inference.py --steps 10 --rounds 3 ;;
-  full) run bench64 240 inference.py --steps 10 --rounds 3 && run train64 60 train.py --steps 5 --rounds 2 &&
+  full) run bench64 240 inference.py --steps 10 --rounds 3 && run train64 60 train.py --steps 10 &&
     run bench128 180 inference.py --steps 6 --rounds 2 --latent 128 ;;
   compile) run compiled64 330 inference.py --compile reduce-overhead --steps 10 --rounds 1 ;;
   *) echo "usage: bash bench/gpu.sh [quick|full|compile]" >&2; exit 2 ;;

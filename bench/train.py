@@ -4,11 +4,12 @@ adapters as peft layers, the way diffusers' train_text_to_image_lora.py adds the
 Both put rank-r adapters (alpha = r) on the same layers of the same UNet (the `attn` preset: to_q, to_k, to_v,
 to_out.0, what diffusers' example targets; `--targets kohya` for kohya's default), train them in fp32 on a frozen
 base (fp32 on a CPU; on a GPU a bf16 base under bf16 autocast, as the diffusers example with --mixed_precision bf16),
-on the same noisy latents, timesteps and text states, with the same epsilon MSE loss. The configurations take turns,
-round by round in alternating order, and a ratio is the median over rounds of that round's ratio (a VM whose speed
-drifts favours neither). Memory: what autograd saves for the backward pass during one forward (every saved tensor's
-storage counted once: the activations a training step holds, the figure that grows with batch and resolution), the
-trainable parameters with their gradients and AdamW state, and on a GPU the step's peak allocated memory.
+on the same noisy latents, timesteps and text states, with the same epsilon MSE loss. Each configuration trains
+its own copy of the UNet, and they take steps in turn, in alternating order; the ratio is the median of the pairs'
+ratios (a VM whose speed drifts favours neither). Memory: what autograd saves for the backward pass during one
+forward (every saved tensor's storage counted once: the activations a training step holds, the figure that grows
+with batch and resolution), the trainable parameters with their gradients and AdamW state, and on a GPU how far a
+step's allocated memory rises above what was resident before it.
 `--gradient-checkpointing` runs both with the UNet's gradient checkpointing.
 
     python bench/train.py              # SD1.5-sized UNet from config (random weights), rank 16; latents 32x32,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import platform
@@ -116,29 +118,32 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_steps(unet, params, batch, steps: int, device, autocast: bool) -> tuple[list[float], int]:
-    """`steps` training steps; their wall times, and (on a GPU) the peak memory allocated during them."""
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        loss_of(unet, batch, device, autocast).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return times, peak
+def timed_step(unet, optimizer, batch: dict, device, autocast: bool) -> float:
+    """One training step; its wall time."""
+    sync(device)
+    start = time.perf_counter()
+    loss_of(unet, batch, device, autocast).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def step_peak(unet, optimizer, batch: dict, device, autocast: bool) -> int:
+    """On a GPU, how far one training step's allocated memory rises above what was resident before it."""
+    if device.type != "cuda":
+        return 0
+    sync(device)
+    resident = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    timed_step(unet, optimizer, batch, device, autocast)
+    return torch.cuda.max_memory_allocated(device) - resident
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny SD1 UNet of the test suite (seconds)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per turn, after the first (3; quick 4)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds over both configurations (2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed pairs of steps, after a warm-up (6; quick 8)")
     parser.add_argument("--latent", type=int, default=None, help="latent size (64 on a GPU, 32 on a CPU)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (4 on a GPU, 1 on a CPU)")
     parser.add_argument("--rank", type=int, default=16)
@@ -153,42 +158,41 @@ def main(argv=None) -> int:
     args.shown = argv[:cut] + argv[cut + 2 :]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    steps = args.steps or (4 if args.quick else 3)
+    args.steps = args.steps or (8 if args.quick else 6)
     args.batch = args.batch or (4 if gpu else 1)
     dtype = torch.bfloat16 if gpu else torch.float32  # the frozen base; the adapters train in fp32 either way
     unet = build_unet(args, device, dtype)
     args.latent_size = unet.config.sample_size if args.quick else (args.latent or (64 if gpu else 32))
     rank = 4 if args.quick else args.rank
     paths = find_targets(unet, args.targets)
+    unets = {"lora_kit": unet, "diffusers+peft": copy.deepcopy(unet)}  # each configuration on its own copy
+    batch = inputs(unet, args, device, dtype, args.seed)
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    per_round: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    memory: dict[str, dict[str, int]] = {}
-    for r in range(args.rounds):
-        batch = inputs(unet, args, device, dtype, args.seed + r)
-        for config in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
-            torch.manual_seed(args.seed)
-            with adapted(unet, config, paths, rank) as params:
-                _, *rest = train_steps(unet, params, batch, steps + 1, device, gpu)[0]
-                _, peak = train_steps(unet, params, batch, 1, device, gpu)
-                if config not in memory:
-                    state = sum(p.numel() * p.element_size() for p in params) * 4  # weights, grads, AdamW's two
-                    memory[config] = {"saved": saved_bytes(unet, batch, device, gpu), "state": state, "peak": peak}
-            times[config] += rest
-            per_round[config].append(statistics.median(rest))
-            print(f"round {r + 1}/{args.rounds} {config:>14}: {', '.join(f'{t:.3f}' for t in rest)} s", flush=True)
+    with contextlib.ExitStack() as stack:
+        params = {c: stack.enter_context(adapted(unets[c], c, paths, rank)) for c in CONFIGS}
+        optimizers = {c: torch.optim.AdamW(params[c], lr=1e-4) for c in CONFIGS}
+        memory = {}
+        for c in CONFIGS:  # (the first step, a warm-up, also gives the GPU's figure)
+            state = sum(p.numel() * p.element_size() for p in params[c]) * 4  # weights, gradients, AdamW's two
+            peak = step_peak(unets[c], optimizers[c], batch, device, gpu)
+            memory[c] = {"saved": saved_bytes(unets[c], batch, device, gpu), "state": state, "peak": peak}
+        for i in range(args.steps):  # step by step in turn, in alternating order: the machine's drift cancels
+            for c in CONFIGS if i % 2 == 0 else CONFIGS[::-1]:
+                times[c].append(timed_step(unets[c], optimizers[c], batch, device, gpu))
+            print(f"pair {i + 1}/{args.steps}: " + ", ".join(f"{c} {times[c][-1]:.3f} s" for c in CONFIGS), flush=True)
     median = {c: statistics.median(ts) for c, ts in times.items()}
-    ratio = statistics.median(a / b for a, b in zip(per_round["lora_kit"], per_round["diffusers+peft"], strict=True))
+    ratio = statistics.median(a / b for a, b in zip(times["lora_kit"], times["diffusers+peft"], strict=True))
     for c in CONFIGS:
         m = memory[c]
-        peak = f"; peak {m['peak'] / 2**20:.0f} MiB" if gpu else ""
+        peak = f"; step peak {m['peak'] / 2**20:.0f} MiB" if gpu else ""
         print(f"{c:>14}: {median[c] * 1000:9.1f} ms/step; saved for backward {m['saved'] / 2**20:.1f} MiB; "
               f"adapter state {m['state'] / 2**20:.1f} MiB{peak}")  # fmt: skip
     print(f"lora_kit / diffusers+peft: {ratio:.3f}x per training step")
-    write_results(args, steps, device, dtype, rank, len(paths), median, ratio, memory)
+    write_results(args, device, dtype, rank, len(paths), median, ratio, memory)
     return 0
 
 
-def write_results(args, steps, device, dtype, rank, layers, median, ratio, memory) -> None:
+def write_results(args, device, dtype, rank, layers, median, ratio, memory) -> None:
     gpu = device.type == "cuda"
     where = torch.cuda.get_device_name(device) if gpu else f"{platform.machine()}, {torch.get_num_threads()} threads"
     model = "tiny SD1 UNet (tests/conftest.py)" if args.quick else "SD1.5-sized UNet (random weights)"
@@ -203,13 +207,14 @@ def write_results(args, steps, device, dtype, rank, layers, median, ratio, memor
         f"{model}, base {str(dtype).removeprefix('torch.')}"
         + (" under bf16 autocast" if gpu else "")
         + f", latents {args.latent_size}x{args.latent_size}, batch {args.batch}; rank-{rank} adapters (alpha = rank) "
-        f"on the {layers} layers of the `{args.targets}` preset, trained in fp32 with AdamW; {steps} steps x "
-        f"{args.rounds} round(s) per configuration after each turn's first step, rounds interleaved in alternating "
-        "order. Saved for backward: what autograd keeps from one forward (each storage once); adapter state: "
-        "weights, gradients and AdamW's two moments.",
+        f"on the {layers} layers of the `{args.targets}` preset, trained in fp32 with AdamW; each configuration on "
+        f"its own copy of the UNet, {args.steps} steps each after a warm-up step, taken in turn in alternating order. "
+        "Saved for backward: what autograd keeps from one forward (each storage once); adapter state: "
+        "weights, gradients and AdamW's two moments"
+        + ("; step peak: how far a step's allocated memory rises above what was resident before it." if gpu else "."),
         "",
         "| configuration | ms / step | saved for backward (MiB) | adapter state (MiB) |"
-        + (" peak (MiB) |" if gpu else ""),
+        + (" step peak (MiB) |" if gpu else ""),
         "|---|---|---|---|" + ("---|" if gpu else ""),
         *[
             f"| {c} | {median[c] * 1000:.1f} | {memory[c]['saved'] / mib:.1f} | {memory[c]['state'] / mib:.1f} |"
@@ -217,8 +222,8 @@ def write_results(args, steps, device, dtype, rank, layers, median, ratio, memor
             for c in CONFIGS
         ],
         "",
-        f"lora_kit / diffusers+peft: **{ratio:.3f}x** per training step (the median over rounds of each round's "
-        f"ratio); saved for backward **{memory['lora_kit']['saved'] / memory['diffusers+peft']['saved']:.3f}x**.",
+        f"lora_kit / diffusers+peft: **{ratio:.3f}x** per training step (the median of the pairs' "
+        f"ratios); saved for backward **{memory['lora_kit']['saved'] / memory['diffusers+peft']['saved']:.3f}x**.",
         "",
     ]
     _results.write_section(args.results, lines)

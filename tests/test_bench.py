@@ -189,7 +189,7 @@ def test_train_bench_quick_compares_like_with_like(tmp_path):
 
     bench = load("train")
     results = tmp_path / "RESULTS.md"
-    assert bench.main(["--quick", "--steps", "1", "--rounds", "1", "--results", str(results)]) == 0
+    assert bench.main(["--quick", "--steps", "2", "--results", str(results)]) == 0
     text = results.read_text()
     assert "## bench/train.py (quick)" in text and "| lora_kit |" in text and "| diffusers+peft |" in text
 
