@@ -16,6 +16,7 @@ from .errors import LoraKitError, finite
 from .formats import embeddings as ti_files
 from .formats.dispatch import bare_component
 from .inject import adapter_names, check_in_memory, collapse_lora, lora_modules, remove_lora
+from .models import ARCH_TAG
 from .state import COMPONENT_TAG, check_fits, components, given_dtype, load_lora_state_dict, lora_state_dict
 
 BLOCKS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
@@ -81,27 +82,31 @@ def load(
     return name
 
 
-def _role(target, path, component: str | None) -> str | None:
+def _role(target, path, component: str | None) -> tuple[str | None, str | None]:
     if not isinstance(target, nn.Module):
         if component is not None:
             raise LoraKitError(f"component={component!r} is for a bare module; a pipeline names its own components")
-        return None
+        return None, None
     return bare_component(target, path, component)
 
 
 @contextmanager
-def _playing(target, role: str | None):
-    """A bare module plays component `role` (state.component_name reads it) from here on; undone on error."""
-    if role is None:
+def _playing(target, role: tuple[str | None, str | None]):
+    """A bare module plays component `role[0]` (state.component_name reads it) of architecture `role[1]`
+    (models.architecture reads it; None keeps what it was) from here on; undone on error."""
+    component, arch = role
+    if component is None:
         yield
         return
     module = getattr(target, "_orig_mod", target)
-    before = module.__dict__.get(COMPONENT_TAG)
-    module.__dict__[COMPONENT_TAG] = role
+    before = {tag: module.__dict__.get(tag) for tag in (COMPONENT_TAG, ARCH_TAG)}
+    module.__dict__[COMPONENT_TAG] = component
+    if arch is not None:
+        module.__dict__[ARCH_TAG] = arch
     try:
         yield
     except BaseException:
-        module.__dict__[COMPONENT_TAG] = before
+        module.__dict__.update(before)
         raise
 
 
@@ -167,7 +172,7 @@ def save(
     SD1/SD2/SDXL/FLUX, peft for SD3); dtype None = the dtype the adapter was loaded in (an fp16 file is written
     back in fp16, bit-exact), fp32 for adapters trained here or loaded from files of several dtypes. `component`
     says which text encoder a bare one is (as in `load`)."""
-    with _playing(target, _role(target, None, component) if component is not None else None):
+    with _playing(target, _role(target, None, component) if component is not None else (None, None)):
         state = lora_state_dict(target, name)
         dtype = dtype or given_dtype(target, name)
         return formats.write(path, state, target, format=format, dtype=dtype, metadata=metadata, force=force)

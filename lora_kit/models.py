@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from torch import nn
 
 ARCHITECTURES = ("sd1", "sd2", "sdxl", "sd3", "flux")
+ARCH_TAG = "_lora_kit_architecture"  # on a bare module: the architecture of the file it was loaded from (api.load)
 
 # kohya `ss_base_model_version` and SAI `modelspec.architecture` (for a LoRA) per architecture, for epsilon
 # prediction; v-prediction SD1/SD2 differ (base_model_metadata)
@@ -57,7 +58,10 @@ def prediction_in(metadata) -> str | None:
 
 
 def architecture(comps: dict[str, nn.Module]) -> str:
-    """The architecture of a pipeline's components ({'unet': ..., 'text_encoder': ...})."""
+    """The architecture of a pipeline's components ({'unet': ..., 'text_encoder': ...}); a bare module loaded
+    from a file that said it (ARCH_TAG) is of that architecture, else its class says."""
+    if len(comps) == 1 and (tagged := next(iter(comps.values())).__dict__.get(ARCH_TAG)):
+        return tagged
     if "transformer" in comps:
         cls = type(comps["transformer"]).__name__
         return "flux" if "Flux" in cls else "sd3"

@@ -354,6 +354,12 @@ def test_bare_text_encoder_takes_its_own_adapters(make_pipe, tmp_path):
     assert torch.equal(forward_text(bare), base) and not list(lora_modules(bare))
     lora_kit.load(bare, path, component="text_encoder_2")
     torch.testing.assert_close(forward_text(bare), forward_text(sd3.text_encoder_2), atol=1e-6, rtol=0)
+    # saved, it is SD3's text_encoder_2 (its class is SDXL's): what the pipeline wrote for it, SD3's names
+    header, meta = files.read_header(lora_kit.save(bare, tmp_path / "sd3-te2.safetensors"))
+    assert meta["lora_kit.architecture"] == "sd3" and meta["ss_base_model_version"] == "sd3"
+    written, original = files.load(tmp_path / "sd3-te2.safetensors")[0], files.load(path)[0]
+    assert written.keys() == {k for k in original if k.startswith("text_encoder_2.")}
+    assert all(torch.equal(t, original[k]) for k, t in written.items())
 
 
 def test_sd2_metadata_follows_the_prediction_type(make_pipe, tmp_path):

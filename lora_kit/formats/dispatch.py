@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import LoraKitError
-from ..models import architecture, base_model_metadata, prediction_type
+from ..models import ARCHITECTURES, architecture, base_model_metadata, prediction_type
 from ..ops import cast, uniform_alpha
 from ..state import COMPONENTS, components, modules, split_key
 from . import check, files, kohya, legacy, peft
@@ -116,13 +116,15 @@ _TEXT_ENCODERS = {
 _KOHYA_TE = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 
 
-def bare_component(module: nn.Module, path, component: str | None = None) -> str | None:
-    """The component a bare module plays for the LoRA file at `path` (None: the one its class says).
+def bare_component(module: nn.Module, path, component: str | None = None) -> tuple[str | None, str | None]:
+    """(the component a bare module plays for the LoRA file at `path` (None: the one its class says), the
+    architecture the file is for when the module can be that component there (None: its class says)).
 
     `component` (the caller's word) is checked against the module's kind. A bare text encoder of a safetensors file
     is the one text encoder the file holds adapters for that a module of its class can be in the file's
     architecture (a CLIPTextModelWithProjection is SDXL's text_encoder_2); when two remain (SD3's two CLIPs) the
-    caller must say which, rather than load another encoder's factors.
+    caller must say which, rather than load another encoder's factors. The architecture goes with it because a
+    bare encoder's class does not tell it (SD3's text_encoder_2 is SDXL's class): models.architecture reads it.
     """
     module = getattr(module, "_orig_mod", module)
     cls = type(module).__name__
@@ -133,13 +135,32 @@ def bare_component(module: nn.Module, path, component: str | None = None) -> str
             raise LoraKitError(f"component={component!r}: only a bare text encoder needs one, not a {cls}")
         if component not in encoders:
             raise LoraKitError(f"component={component!r}: a bare {cls} is one of {', '.join(encoders)}")
-        return component
+    held, arch = _held_encoders(path) if text_encoder else (set(), None)
+    allowed = _TEXT_ENCODERS.get(arch, {}).get(cls)
+    if component is not None:
+        return component, arch if allowed is not None and component in allowed else None
+    if not held:  # no text-encoder adapters (or no LoRA): the reader says what is wrong with the file
+        return None, None
+    fits = sorted(c for c in held if allowed is None or c in allowed)
+    if len(fits) == 1:
+        return fits[0], arch if allowed is not None else None
     p = Path(path)
-    if not text_encoder or not p.is_file() or p.suffix in files.PICKLES or peft.is_standalone(p):
-        return None
+    if not fits:
+        raise LoraKitError(f"{p}: holds no adapters for a bare {cls} (it has adapters for {', '.join(sorted(held))})")
+    raise LoraKitError(
+        f"{p}: holds adapters for {' and '.join(fits)}, and a bare {cls} could be either; pass component= one of them"
+    )
+
+
+def _held_encoders(path) -> tuple[set[str], str | None]:
+    """(the text encoders a safetensors LoRA file holds adapters for, the architecture it is for); nothing for
+    other files (pickles, PEFT folders, cloneofsimo's positional keys: each of those is for one module)."""
+    p = Path(path) if path is not None else None
+    if p is None or not p.is_file() or p.suffix in files.PICKLES or peft.is_standalone(p):
+        return set(), None
     header, metadata = files.read_header(p)
-    if legacy.is_legacy(header):  # cloneofsimo's positional keys: each file is for one module
-        return None
+    if legacy.is_legacy(header):
+        return set(), None
     arch = guess_architecture(list(header), metadata)
     held = set()
     for key in header:
@@ -149,17 +170,7 @@ def bare_component(module: nn.Module, path, component: str | None = None) -> str
             te = "text_encoder_2" if arch == "flux" else "text_encoder_3"
         held.add(te or (first if first.startswith("text_encoder") else None))
     held.discard(None)
-    if not held:  # no text-encoder adapters (or no LoRA): the reader says what is wrong with the file
-        return None
-    allowed = _TEXT_ENCODERS.get(arch, {}).get(cls)
-    fits = sorted(c for c in held if allowed is None or c in allowed)
-    if len(fits) == 1:
-        return fits[0]
-    if not fits:
-        raise LoraKitError(f"{p}: holds no adapters for a bare {cls} (it has adapters for {', '.join(sorted(held))})")
-    raise LoraKitError(
-        f"{p}: holds adapters for {' and '.join(fits)}, and a bare {cls} could be either; pass component= one of them"
-    )
+    return held, arch if arch in ARCHITECTURES else None
 
 
 def metadata_for(
