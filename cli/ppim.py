@@ -27,15 +27,15 @@ from ._common import command, friendly_errors, progress
     metavar="center|subject|random:N|none",
     help="center; subject (centred on the --mask, needs it); random:N (N crops per image, random "
     "position and zoom up to 1.5x); none (keep the aspect ratio: each image at its lora-train bucket for "
-    "--resolution and --bucket-step, at most 4:1, so lora-train does not resize it again).",
+    "--resolution and --bucket-step, at most 4:1, which lora-train does not resize again).",
 )
 @click.option(
     "--bucket-step",
     type=int,
     default=64,
     show_default=True,
-    help="--crop none: bucket sides are multiples of this, as lora-train's for the model: 64 for SD1.x/SD2.x, "
-    "32 for SDXL, 16 for SD3, FLUX and the toy model.",
+    help="--crop none: bucket sides are multiples of this. 64 suits every model: lora-train takes a step-64 "
+    "bucket as it is at its step for SD1.x/SD2.x (64), SDXL (32) and SD3, FLUX, the toy model (16).",
 )
 @click.option(
     "--upscale/--no-upscale",

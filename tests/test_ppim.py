@@ -534,6 +534,18 @@ def test_a_bucket_is_its_own_bucket():
                 assert bucket(b, res, step) == b and b[0] % step == 0 and b[1] % step == 0, (w, res, step)
 
 
+def test_a_coarse_bucket_is_its_own_bucket_at_finer_steps():
+    """lora-ppim --crop none at its default step (64) writes what lora-train takes as it is for SDXL (32) and SD3,
+    FLUX, the toy model (16) too: at 1024, 22 of the 49 step-64 buckets were resized again at step 32, 32 at 16."""
+    from lora_kit.preprocess import crop
+
+    for res in (512, 768, 1024, 1536):
+        for w in range(100, 8000, 13):
+            (c,) = crop.plan((w, 1000), (res, res), "none", upscale=True, step=64)
+            for step in (64, 32, 16, 8):
+                assert crop.bucket(c.size, res, step) == c.size, (w, res, step)
+
+
 def test_no_crop_writes_lora_trains_bucket_and_small_images_need_upscale(simple_photos, tmp_path):
     """--crop none: every image at its lora-train bucket (--resolution, --bucket-step), which lora-train then loads
     without resizing; photos smaller than their bucket are "too small" without --upscale, as in the other modes."""

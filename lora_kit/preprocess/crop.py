@@ -8,8 +8,6 @@ it with PIL's `box=` argument gives exactly the requested size without an interm
 
 from __future__ import annotations
 
-import functools
-import itertools
 import random
 from dataclasses import dataclass
 
@@ -20,7 +18,7 @@ Box = tuple[float, float, float, float]
 # The most a random crop zooms in beyond the smallest window that covers the target (1.5 = up to 2/3 of a side).
 MAX_RANDOM_ZOOM = 1.5
 MAX_ASPECT = 4.0  # the widest aspect ratio lora-train's buckets take, 4:1 as kohya's
-BUCKET_STEP = 64  # bucket sides are multiples of the model's step; 64 is SD1.x/SD2.x's (and kohya's default)
+BUCKET_STEP = 64  # bucket sides are multiples of the model's step; 64 (SD1.x/SD2.x, kohya's default) is the coarsest
 
 
 @dataclass
@@ -30,32 +28,37 @@ class Crop:
 
 
 def bucket(size: tuple[int, int], resolution: int, step: int, enabled: bool = True) -> tuple[int, int]:
-    """lora-train's (width, height) for an image of `size`: near resolution^2 pixels at the image's aspect ratio
-    (at most 4:1), both multiples of `step`. An image that already has the size of a bucket keeps it, so a bucket
-    is its own bucket: what lora-ppim --crop none writes is not resized again."""
+    """lora-train's (width, height) for an image of `size`: the image's own size when that is a bucket already
+    (`is_bucket`), else near resolution^2 pixels at the image's aspect ratio (at most 4:1), both multiples of `step`.
+    So what lora-ppim --crop none writes at step 64 is not resized again by a model whose step is 64, 32 or 16."""
     if not enabled:
         return resolution, resolution
-    if tuple(size) in buckets(resolution, step):
+    if is_bucket(size, resolution, step):
         return tuple(size)
     w, h = size
     return _sides(min(max(w / h, 1 / MAX_ASPECT), MAX_ASPECT), resolution, step)
+
+
+def is_bucket(size: tuple[int, int], resolution: int, step: int) -> bool:
+    """Whether lora-train takes an image of `size` as it is: both sides multiples of `step`, at most 4:1, and its
+    pixels within the budget of a bucket at the coarsest step that divides both sides (`step` doubled while it does,
+    up to BUCKET_STEP): rounding each side to a multiple of that step moves resolution^2 by at most half a step
+    times the sides of a 4:1 bucket, plus a quarter step^2. So a bucket of `_sides` at step 64 is its own bucket at
+    steps 32 and 16 as well, and what lora-ppim --crop none writes at its default step is not resized again."""
+    w, h = size
+    if w <= 0 or h <= 0 or w % step or h % step or not 1 / MAX_ASPECT <= w / h <= MAX_ASPECT:
+        return False
+    coarse = step
+    while coarse * 2 <= BUCKET_STEP and w % (coarse * 2) == 0 and h % (coarse * 2) == 0:
+        coarse *= 2
+    slack = coarse / 2 * (MAX_ASPECT**0.5 + MAX_ASPECT**-0.5) * resolution + coarse**2 / 4
+    return abs(w * h - resolution**2) <= slack
 
 
 def _sides(aspect: float, resolution: int, step: int) -> tuple[int, int]:
     bw = max(step, round(resolution * aspect**0.5 / step) * step)
     bh = max(step, round(resolution / aspect**0.5 / step) * step)
     return bw, bh
-
-
-@functools.lru_cache(maxsize=32)
-def buckets(resolution: int, step: int) -> frozenset[tuple[int, int]]:
-    """Every size `bucket` gives some aspect ratio: _sides at each aspect where a side's rounding changes (a side is
-    k + 1/2 steps) and between each two such aspects."""
-    lo, hi = 1 / MAX_ASPECT, MAX_ASPECT
-    halves = [(k + 0.5) * step / resolution for k in range(int(resolution * hi / step) + 2)]
-    aspects = sorted(a for a in {lo, hi, *(x * x for x in halves), *(1 / (x * x) for x in halves)} if lo <= a <= hi)
-    aspects += [(a + b) / 2 for a, b in itertools.pairwise(aspects)]
-    return frozenset(_sides(a, resolution, step) for a in aspects)
 
 
 def target(size: tuple[int, int], resolution: tuple[int, int], mode: str, step: int = BUCKET_STEP) -> tuple[int, int]:
