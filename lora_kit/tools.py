@@ -43,9 +43,10 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def _merge_sidecars(inputs: Sequence[Path]) -> dict[str, dict]:
-    """The union of the inputs' pivotal-tuning tokens, read and checked as lora_kit.load reads them
-    (ti_files.read_unplaced); a token in two sidecars, or tokens of one text encoder in two widths, is an error."""
+def _merge_sidecars(inputs: Sequence[Path]) -> tuple[dict[str, dict], dict[str, Path]]:
+    """(the union of the inputs' pivotal-tuning tokens, read and checked as lora_kit.load reads them
+    (ti_files.read_unplaced), {token: the sidecar it came from}); a token in two sidecars is an error (tokens of one
+    text encoder in two widths are refused by ti_files.file_tensors, which names both sidecars)."""
     merged: dict[str, dict] = {}
     owner: dict[str, Path] = {}
     for path in inputs:
@@ -58,15 +59,9 @@ def _merge_sidecars(inputs: Sequence[Path]) -> dict[str, dict]:
                     raise LoraKitError(
                         f"{side}: token {token!r} is also in {owner[token]}; rename it in one of them first"
                     )
-                first = next(iter(merged.get(component, {}).items()), None)
-                if first is not None and first[1].shape[-1] != vectors.shape[-1]:
-                    raise LoraKitError(
-                        f"{side}: token {token!r} is {vectors.shape[-1]} wide but {first[0]!r} in {owner[first[0]]} "
-                        f"is {first[1].shape[-1]}: they are for different text encoders and cannot be merged"
-                    )
                 merged.setdefault(component, {})[token] = vectors
                 owner[token] = side
-    return merged
+    return merged, owner
 
 
 def merge(
@@ -107,10 +102,10 @@ def merge(
     if len({a for a in archs if a}) > 1:
         pairs = ", ".join(f"{p}: {a}" for p, a in zip(inputs, archs, strict=True))
         raise LoraKitError(f"the inputs are for different base models ({pairs})")
-    tokens = _merge_sidecars(inputs)  # checked before anything is written
+    tokens, owners = _merge_sidecars(inputs)  # checked before anything is written
     if tokens:
         files.check_output(ti_files.sidecar(output), force, [ti_files.sidecar(p) for p in inputs])
-        ti_files.file_tensors(tokens, ti_files.sidecar(output))  # a sidecar no model could load: refused now
+        ti_files.file_tensors(tokens, ti_files.sidecar(output), owners)  # a sidecar no model could load: refused now
     arch, fmt = next((a for a in archs if a), None), formats.pop()
     # one spelling per module (lora_te_ / lora_te1_, SGM / diffusers block names, ...), so that two spellings sum
     pieces = one_spelling([state for state, _, _ in loaded], fmt, arch)

@@ -231,6 +231,14 @@ def test_merge_carries_pivotal_embeddings_and_refuses_a_shared_token(two_loras, 
     clash = _run(merge, [a, b, "-o", tmp_path / "clash.safetensors"])
     assert clash.exit_code == 2 and "'<a>'" in clash.output and "rename" in clash.output
     assert not (tmp_path / "clash.safetensors").exists()
+    # tokens of one encoder in two widths: refused once (ti_files.file_tensors), naming both sidecars
+    ti_files.write(ti_files.sidecar(b), {"text_encoder": {"<b>": torch.ones(1, 16)}}, force=True)
+    wide = _run(merge, [a, b, "-o", tmp_path / "wide.safetensors"])
+    assert wide.exit_code == 2 and "'<b>' is 16 wide but '<a>' in" in wide.output, wide.output
+    assert str(ti_files.sidecar(a)) in wide.output and str(ti_files.sidecar(b)) in wide.output
+    assert (
+        not (tmp_path / "wide.safetensors").exists() and not ti_files.sidecar(tmp_path / "wide.safetensors").exists()
+    )
 
 
 def test_merge_sums_two_spellings_of_one_module(make_pipe, tmp_path):

@@ -254,11 +254,13 @@ def write(
 
 
 def file_tensors(
-    embeddings: Mapping[str, Mapping[str, torch.Tensor]], path: str | os.PathLike
+    embeddings: Mapping[str, Mapping[str, torch.Tensor]],
+    path: str | os.PathLike,
+    owners: Mapping[str, os.PathLike] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of the TI file `write` makes, checked so that a model can load it: the vectors of one
     text encoder share a width, SDXL's two hold the same tokens. Callers that write other files first (lora-merge)
-    call it before any of them."""
+    call it before any of them; `owners` ({token: file it came from}) lets a refusal name those files."""
     comps = {c: dict(e) for c, e in embeddings.items() if e}
     if not comps:
         raise LoraKitError(f"{path}: no embeddings to write")
@@ -267,9 +269,10 @@ def file_tensors(
         if len(set(widths.values())) > 1:
             a, wa = next(iter(widths.items()))
             b, wb = next((t, w) for t, w in widths.items() if w != wa)
+            where, other = (owners[b], f" in {owners[a]}") if owners else (path, "")
             raise LoraKitError(
-                f"{path}: the {component} embeddings {a!r} ({wa} wide) and {b!r} ({wb} wide) cannot share a text "
-                "encoder; no model loads such a file"
+                f"{where}: the {component} token {b!r} is {wb} wide but {a!r}{other} is {wa}: they are for different "
+                f"text encoders, and no model loads them from one file ({path})"
             )
     if len(comps) == 1:
         (embeds,) = comps.values()
