@@ -365,6 +365,24 @@ def test_resume_takes_the_same_data_spelled_or_placed_otherwise(data, tmp_path, 
         check_resume(other, fingerprints(other))
 
 
+def test_resume_refuses_data_edited_in_a_hidden_folder(data, tmp_path):
+    """The data fingerprint covers exactly what scan() trains on: an image and caption under .extra/ are read, so
+    editing the caption changes the data (the fingerprint left hidden folders out, and --resume took it)."""
+    import shutil
+
+    from lora_kit.train.checkpoints import data_fingerprint
+    from lora_kit.train.data import scan
+
+    folder = Path(shutil.copytree(data, tmp_path / "d"))
+    (folder / ".extra").mkdir()
+    shutil.copy(folder / "img0.png", folder / ".extra" / "x.png")
+    (folder / ".extra" / "x.txt").write_text("one caption")
+    assert folder / ".extra" / "x.png" in [ex.image for ex in scan(folder)[0]]
+    before = data_fingerprint(folder)
+    (folder / ".extra" / "x.txt").write_text("two caption")  # the same size
+    assert data_fingerprint(folder) != before
+
+
 @pytest.mark.parametrize(("arch", "clip_skip", "message"), [
     ("sd1", 50, "clip_skip is 50; it must be at most 2, the layers of this model's text encoder"),
     ("sdxl", 2, "clip_skip is 2; it does not apply to sdxl"),

@@ -2,16 +2,17 @@
 scheduler and fp16 loss-scaler states, and `state.json` (the step, the run's --steps, and fingerprints of the
 config, the data and the model, which `--resume` must match).
 
-The data's fingerprint covers the files training reads (images, masks, .txt captions, manifest.jsonl): every
-name and size, and the content of the captions and the manifest. The model's covers a local model folder: every
-file's name and size, and the content of everything but the weights (configs, tokenizer files). A hub id is taken by
-its name.
+The data's fingerprint covers the files training reads, as data.candidates finds them (images, masks, captions,
+manifest.jsonl, hidden folders included): every name and size, and the content of the captions and the manifest.
+The model's covers a local model folder: every file's name and size, and the content of everything but the weights
+(configs, tokenizer files). A hub id is taken by its name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from ..errors import LoraKitError
 from .config import TrainConfig
-from .data import IMAGE_SUFFIXES, files_under
+from .data import candidates, files_under
 from .recipes import Recipe, checkpoint_tensors, restore_tensors
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf", ".onnx", ".msgpack", ".h5")
@@ -40,13 +41,20 @@ def _files_digest(root: Path, wanted, read) -> str:
     return h.hexdigest()[:16]
 
 
-def data_fingerprint(folder: str | Path) -> str:
+def data_fingerprint(folder: str | Path, instance_prompt: str | None = None) -> str:
+    """A digest of the files training reads, as data.candidates finds them: each image's and mask's path and size,
+    each caption (from the manifest or a .txt), its repeats, and the manifest's content."""
     root = Path(folder)
-    if not root.is_dir():
-        raise LoraKitError(f"{root}: no such data folder")
-    captions = (".txt", ".jsonl")
-    return _files_digest(root, lambda p: p.suffix.lower() in IMAGE_SUFFIXES + captions,
-                         lambda p: p.suffix.lower() in captions)  # fmt: skip
+    h = hashlib.sha256()
+    for ex in candidates(root, instance_prompt):
+        for path in (ex.image, ex.mask):
+            size = path.stat().st_size if path is not None and path.is_file() else -1
+            h.update(f"{os.path.relpath(path, root) if path else ''}\0{size}\0".encode())
+        h.update(f"{ex.caption}\0{ex.repeats}\0".encode())
+    manifest = root / "manifest.jsonl"
+    if manifest.is_file():
+        h.update(hashlib.sha256(manifest.read_bytes()).digest())
+    return h.hexdigest()[:16]
 
 
 def model_fingerprint(spec: str) -> str:
@@ -60,7 +68,8 @@ def model_fingerprint(spec: str) -> str:
 
 def fingerprints(cfg: TrainConfig) -> dict[str, str]:
     """What a checkpoint must share with the run that resumes it."""
-    return {"config": cfg.fingerprint(), "data": data_fingerprint(cfg.data), "model": model_fingerprint(cfg.model)}
+    data = data_fingerprint(cfg.data, cfg.instance_prompt)
+    return {"config": cfg.fingerprint(), "data": data, "model": model_fingerprint(cfg.model)}
 
 
 def _checkpoints(cfg: TrainConfig) -> list[Path]:

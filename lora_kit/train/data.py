@@ -155,32 +155,36 @@ def _manifest(manifest: Path, instance_prompt: str | None) -> list[Example]:
     return examples
 
 
-def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[Example], list[Path]]:
-    """(usable examples, the unreadable images skipped) in `folder`; errors for what cannot train at all, or would
-    fail later (a caption that is not text, a bad manifest entry or mask)."""
+def candidates(folder: str | Path, instance_prompt: str | None = None) -> list[Example]:
+    """The examples `scan` considers, before any image is opened: a manifest's entries, else every image under
+    `folder` (hidden folders too) with its .txt caption. The one rule for which files training reads, which the
+    resume fingerprint (checkpoints.data_fingerprint) covers too."""
     root = Path(folder)
     if root.is_file():
         raise LoraKitError(f"{root}: is a file; the data must be a folder of images (or a lora-ppim output folder)")
     if not root.is_dir():
         raise LoraKitError(f"{root}: no such data folder")
     manifest = root / "manifest.jsonl"
-    candidates: list[Example] = []
     if manifest.is_file():
-        candidates = _manifest(manifest, instance_prompt)
-    else:
-        found = files_under(root)
-        images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
-        stems = {p.with_suffix("") for p in images}
-        orphans = [t for t in found if t.suffix == ".txt" and t.with_suffix("") not in stems]
-        if orphans:
-            raise LoraKitError(f"{orphans[0]}: caption file without an image (expected {orphans[0].stem}.png/.jpg)")
-        for p in images:
-            caption = _txt_caption(p, instance_prompt)
-            candidates.append(Example(p, caption, None, repeats=_repeats(p, root)))
-    if not candidates:
+        return _manifest(manifest, instance_prompt)
+    found = files_under(root)
+    images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+    stems = {p.with_suffix("") for p in images}
+    orphans = [t for t in found if t.suffix == ".txt" and t.with_suffix("") not in stems]
+    if orphans:
+        raise LoraKitError(f"{orphans[0]}: caption file without an image (expected {orphans[0].stem}.png/.jpg)")
+    return [Example(p, _txt_caption(p, instance_prompt), None, repeats=_repeats(p, root)) for p in images]
+
+
+def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[Example], list[Path]]:
+    """(usable examples, the unreadable images skipped) in `folder`; errors for what cannot train at all, or would
+    fail later (a caption that is not text, a bad manifest entry or mask)."""
+    root = Path(folder)
+    considered = candidates(root, instance_prompt)
+    if not considered:
         raise LoraKitError(f"{root}: no images (jpg, png, webp) found")
     examples, skipped = [], []
-    for ex in candidates:
+    for ex in considered:
         size = _size(ex.image) if ex.image.is_file() else None
         if size is None:
             skipped.append(ex.image)
@@ -192,7 +196,7 @@ def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[E
         ex.size = size
         examples.append(ex)
     if not examples:
-        raise LoraKitError(f"{root}: none of the {len(candidates)} images could be read")
+        raise LoraKitError(f"{root}: none of the {len(considered)} images could be read")
     return examples, skipped
 
 
