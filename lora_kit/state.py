@@ -53,6 +53,15 @@ def components(target) -> dict[str, nn.Module]:
     return found
 
 
+def clip_path(path: str, sep: str = ".") -> tuple[str, str]:
+    """(a CLIP text encoder's module path without `text_model`, the path LoRA files spell for it). transformers 4
+    (and CLIPTextModelWithProjection) nest the text model under `text_model.`, transformers 5's CLIPTextModel does
+    not; files say `text_model.` (diffusers', ComfyUI's and sd-scripts' spelling), except the layers outside the
+    text model (`text_projection`). `sep` "_" for kohya's flattened names. The one place of this rule."""
+    canonical = path.removeprefix(f"text_model{sep}")
+    return canonical, canonical if canonical == "text_projection" else f"text_model{sep}{canonical}"
+
+
 def split_key(key: str) -> tuple[str, str]:
     """'unet.a.b.lora_down.weight' -> ('unet.a.b', 'down'): the module stem and which part the tensor is."""
     for suffix, part in SUFFIXES.items():

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import LoraKitError
 from ..inject import _layers
-from ..state import group, split_key
+from ..state import clip_path, group, split_key
 from . import kohya_flux
 
 SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
@@ -86,20 +86,16 @@ def stems(component: str, module: nn.Module, arch: str) -> dict[str, list[str]]:
     """{module path: [stem to write, other stems that mean the same module]} for every layer of a component."""
     pre = prefix(component, module, arch)
     table = sgm_blocks(module.config) if component == "unet" else None
-    # a CLIP that still has `text_model` (CLIPTextModelWithProjection) has layers outside it: `text_projection` is
-    # `lora_te2_text_projection` to sd-scripts, ComfyUI and diffusers (the text_model_ spelling is read too)
-    nested = isinstance(getattr(module, "text_model", None), nn.Module)
     out = {}
     for path, _ in _layers(module):
         flat = path.replace(".", "_")
-        if component.startswith("text_encoder") and pre != "lora_te3":
-            rest = path.removeprefix("text_model.").replace(".", "_")
-            names = [f"{pre}_text_model_{rest}", f"{pre}_{rest}"]
-            if nested and not path.startswith("text_model."):
-                names.reverse()
+        if component.startswith("text_encoder") and pre != "lora_te3":  # a CLIP: written as clip_path says, the
+            canonical, written = (p.replace(".", "_") for p in clip_path(path))  # other spelling read too
+            tails = dict.fromkeys([written, f"text_model_{canonical}", canonical])
+            names = [f"{pre}_{tail}" for tail in tails]
             if pre in ("lora_te", "lora_te1"):  # SD1 files written by diffusers' converter say te1
                 other = "lora_te1" if pre == "lora_te" else "lora_te"
-                names += [f"{other}_text_model_{rest}", f"{other}_{rest}"]
+                names += [f"{other}_{tail}" for tail in tails]
         else:
             names = [f"{pre}_{flat}"]
             sgm = to_sgm(path, table) if table is not None else None
@@ -161,9 +157,9 @@ def spelling(stem: str, arch: str | None) -> tuple[str, str]:
     names (mapped through the real architecture's block layout). Stems it cannot place name themselves."""
     m = _TE.fullmatch(stem)
     if m:
-        n, rest = m[1] or "1", m[2].removeprefix("text_model_")
+        n = m[1] or "1"
+        rest, written = clip_path(m[2], "_") if n != "3" else (m[2], m[2])  # lora_te3 is a T5
         pre = "lora_te" if n == "1" and arch in ("sd1", "sd2", None) else f"lora_te{n}"
-        written = rest if n == "3" or rest == "text_projection" else f"text_model_{rest}"
         return f"te{n}:{rest}", f"{pre}_{written}"
     if stem.startswith("lora_unet_") and arch in ("sd1", "sd2", "sdxl"):
         to_sgm_, to_diffusers, resnets = _block_names(arch)

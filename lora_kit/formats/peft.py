@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import LoraKitError
 from ..inject import _layers
-from ..state import COMPONENTS, group, split_key
+from ..state import COMPONENTS, clip_path, group, split_key
 from .peft_config import METADATA_KEY, alpha_for, check_config, configs_of
 
 _SPELLINGS = [  # (regex on the key after the component, replacement giving "path.down" / "path.up")
@@ -42,7 +42,7 @@ def is_peft(keys) -> bool:
 
 def _resolve(path: str, layers: set[str]) -> str | None:
     """The model's own path for a file path (transformers 4 files say `text_model.` where 5 may not)."""
-    for candidate in (path, path.removeprefix("text_model."), "text_model." + path):
+    for candidate in (path, *clip_path(path)):
         if candidate in layers:
             return candidate
     return None
@@ -82,8 +82,8 @@ def spelling(stem: str) -> tuple[str, str]:
     component, _, path = stem.partition(".")
     if not component.startswith("text_encoder"):
         return stem, stem
-    rest = path.removeprefix("text_model.")
-    return f"{component}.{rest}", f"{component}.{rest if rest == 'text_projection' else 'text_model.' + rest}"
+    canonical, written = clip_path(path)
+    return f"{component}.{canonical}", f"{component}.{written}"
 
 
 def from_peft(
@@ -111,8 +111,7 @@ def _key_path(component: str, path: str, comps: Mapping[str, nn.Module] | None) 
     """The path a key names: a CLIP text encoder's with `text_model.` (transformers 5's CLIPTextModel has none), the
     spelling of diffusers' own files and the only one ComfyUI's key map knows."""
     module = (comps or {}).get(component)
-    flat = module is not None and "CLIP" in type(module).__name__ and getattr(module, "text_model", None) is None
-    return f"text_model.{path}" if flat and component.startswith("text_encoder") else path
+    return clip_path(path)[1] if module is not None and "CLIP" in type(module).__name__ else path
 
 
 def to_peft(
@@ -130,7 +129,7 @@ def to_peft(
         alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
         # a text encoder's LoraConfig names its paths without `text_model.`: diffusers strips that prefix from the
         # keys for a model without it (transformers 5) and PEFT matches these names as suffixes in either
-        config_path = path.removeprefix("text_model.") if component.startswith("text_encoder") else path
+        config_path = clip_path(path)[0] if component.startswith("text_encoder") else path
         per_component.setdefault(component, {})[config_path] = (rank, alpha)
     metadata = {"format": "pt"}
     if any(rank != alpha for mods in per_component.values() for rank, alpha in mods.values()):
