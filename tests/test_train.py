@@ -183,6 +183,36 @@ def test_the_users_own_class_images_are_used_and_only_the_shortfall_drawn(make_p
     assert [ex.image.name for ex in enough] == ["img0.png", "img1.png"]
 
 
+def test_class_drawing_killed_midway_leaves_no_caption_without_its_image(make_pipe, models, data, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """A run killed while saving class image 1 leaves no class-00001.txt without its PNG (the .txt was written first:
+    the next scan failed with "caption file without an image"); a PNG left without its .txt gets it next run."""
+    from accelerate import Accelerator
+    from PIL import Image as PILImage
+
+    from lora_kit.train.prior import class_examples
+
+    folder, acc, pipe = tmp_path / "classes", Accelerator(cpu=True), make_pipe("sd1")
+    cfg = config(models, data, tmp_path, mode="dreambooth", class_prompt="a photo of a dog | a red cat",
+                 num_class_images=2, class_data=str(folder))  # fmt: skip
+    real = PILImage.Image.save
+
+    def killed_at_1(self, fp, *args, **kwargs):
+        if "00001" in str(fp):
+            raise KeyboardInterrupt
+        return real(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage.Image, "save", killed_at_1)
+    with pytest.raises(KeyboardInterrupt):
+        class_examples(cfg, pipe, acc)
+    monkeypatch.setattr(PILImage.Image, "save", real)
+    assert not (folder / "class-00001.txt").exists()
+    assert [ex.caption for ex in class_examples(replace(cfg, num_class_images=1), pipe, acc)] == ["a photo of a dog"]
+    class_examples(cfg, pipe, acc)
+    (folder / "class-00001.txt").unlink()  # killed after the PNG was renamed into place
+    assert [ex.caption for ex in class_examples(cfg, None, acc)] == ["a photo of a dog", "a red cat"]
+
+
 def test_pivotal_class_images_keep_their_own_captions(models, data, tmp_path, monkeypatch):
     """The new token goes in front of instance captions only: a class image trained as '<sks> a photo of a dog'
     would teach the token to be a plain dog and leave the class prompt itself unprotected."""

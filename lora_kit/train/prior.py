@@ -103,7 +103,9 @@ def class_examples(cfg: TrainConfig, pipe, accelerator) -> list[Example]:
     prompts = split_prompts(cfg.class_prompt)
     own = _own(folder)
     need = max(0, cfg.num_class_images - len(own))
-    missing = [i for i in range(need) if not (folder / f"class-{i:05d}.png").exists()]
+    # an image and its prompt: the .txt is written after the image is in place, so a run killed in between leaves an
+    # image without its .txt (written by the next run), never a .txt without an image (which scan refuses)
+    missing = [i for i in range(need) if not all((folder / f"class-{i:05d}{s}").exists() for s in (".png", ".txt"))]
     if missing and accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / RECORD).exists():
@@ -112,15 +114,18 @@ def class_examples(cfg: TrainConfig, pipe, accelerator) -> list[Example]:
             tmp.rename(folder / RECORD)
         guidance = {} if cfg.class_guidance is None else {"guidance_scale": cfg.class_guidance}
         for i in tqdm(missing, desc="class images", file=sys.stderr, disable=None):
-            g = torch.Generator().manual_seed(cfg.seed + i)
             prompt = prompts[i % len(prompts)]
-            with torch.no_grad():
-                image = pipe(prompt, num_inference_steps=cfg.validation_steps, generator=g, height=cfg.resolution,
-                             width=cfg.resolution, **guidance).images[0]  # fmt: skip
-            (folder / f"class-{i:05d}.txt").write_text(prompt)
-            tmp = folder / f".class-{i:05d}.png.tmp"
-            image.save(tmp, format="PNG")
-            tmp.rename(folder / f"class-{i:05d}.png")
+            if not (folder / f"class-{i:05d}.png").exists():
+                g = torch.Generator().manual_seed(cfg.seed + i)
+                with torch.no_grad():
+                    image = pipe(prompt, num_inference_steps=cfg.validation_steps, generator=g,
+                                 height=cfg.resolution, width=cfg.resolution, **guidance).images[0]  # fmt: skip
+                tmp = folder / f".class-{i:05d}.png.tmp"
+                image.save(tmp, format="PNG")
+                tmp.rename(folder / f"class-{i:05d}.png")
+            tmp = folder / f".class-{i:05d}.txt.tmp"
+            tmp.write_text(prompt)
+            tmp.rename(folder / f"class-{i:05d}.txt")
     accelerator.wait_for_everyone()
     examples, _ = scan(folder, prompts[0])
     drawn = {path: i for i, path in _drawn(folder).items()}
