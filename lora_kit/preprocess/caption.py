@@ -33,14 +33,20 @@ def apply_token(caption: str, token: str | None, replace: list[str] | None = Non
     if not token:
         return caption
     if replace:
-        pattern = r"(?<!\w)(?:" + "|".join(re.escape(w) for w in replace) + r")(?!\w)"
-        # a function, not the token itself: re.subn would read a backslash in the token as a group reference
-        new, n = re.subn(pattern, lambda _: token, caption, flags=re.IGNORECASE)
+        # a function, not the token itself: subn would read a backslash in the token as a group reference
+        new, n = token_pattern(*replace, ignore_case=True).subn(lambda _: token, caption)
         if n:
             return new
-    if re.search(rf"(?<!\w){re.escape(token)}(?!\w)", caption):
+    if token_pattern(token).search(caption):
         return caption
     return f"{token}, {caption}" if caption else token
+
+
+def token_pattern(*words: str, ignore_case: bool = False) -> re.Pattern:
+    """Any of `words` as a whole word, the one rule of where a caption has a trigger word (lora-ppim, lora-train):
+    "sks" is in "sks, a dog" and "a (sks)", not in "asks" or "sks_1"."""
+    alternatives = "|".join(map(re.escape, words))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE if ignore_case else 0)
 
 
 def filename_words(path: Path) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -22,6 +21,7 @@ import torch
 from ..embeddings import expand
 from ..errors import LoraKitError
 from ..inject import lora_disabled
+from ..preprocess.caption import token_pattern
 from . import objective
 from .backbone import Backbone
 from .callbacks import default_callbacks
@@ -63,7 +63,7 @@ class Batcher:
             # the new token must be in the caption to learn anything (class images keep their own captions); a
             # multi-vector token is spelled out as its tokenizer entries (<tok> <tok>_1 ...), as diffusers does. The
             # token is a whole word as lora-ppim's apply_token finds it: "<tok>, a dog" has it, "<tok>_1" does not
-            word = re.compile(rf"(?<!\w){re.escape(cfg.token)}(?!\w)")
+            word = token_pattern(cfg.token)
             if not word.search(text):
                 text = f"{cfg.token} {text}".strip()
             text = word.sub(lambda _: " ".join(expand(cfg.token, cfg.num_vectors)), text)
