@@ -9,8 +9,6 @@ mapped back through the model's own module list, never by splitting.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Mapping
 from functools import lru_cache
 
@@ -124,52 +122,29 @@ def to_kohya(state: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module], 
     return out
 
 
-_TE = re.compile(r"lora_te([123]?)_(.+)")
-_RESNET_FLAT = {k.replace(".", "_"): v.replace(".", "_") for k, v in RESNET_SGM.items()}
-
-
 @lru_cache
-def _block_names(arch: str) -> tuple[dict[str, str], dict[str, str], set[str]]:
-    """(diffusers block head -> SGM head, the inverse, the diffusers heads of resnets), flattened with "_", for the
-    real UNet of `arch` (its shipped config): a file's names are mapped without a model."""
-    from pathlib import Path
+def _named(arch: str) -> dict[str, tuple[str, str]]:
+    """{every stem stems() reads: (the module it names, the stem lora_kit writes for it)} over the real base model
+    of `arch`, built on the meta device (models.meta_pipeline): a file's names are mapped without a model."""
+    from ..models import meta_pipeline
+    from ..state import components
 
-    config = json.loads((Path(__file__).parent.parent / "assets" / "configs" / f"{arch}.json").read_text())["unet"]
-    table = {d.replace(".", "_"): g.replace(".", "_") for d, g in sgm_blocks(config).items()}
-    return table, {g: d for d, g in table.items()}, {d for d in table if "_resnets_" in f"_{d}_"}
-
-
-def _swap_head(name: str, table: Mapping[str, str], resnets: set[str], inner: Mapping[str, str]) -> str | None:
-    for head in sorted(table, key=len, reverse=True):
-        if name == head or name.startswith(head + "_"):
-            tail = name[len(head) + 1 :]
-            if tail and (head in resnets or table[head] in resnets):
-                tail = inner.get(tail)
-                if tail is None:
-                    return None
-            return table[head] + (f"_{tail}" if tail else "")
-    return None
+    out: dict[str, tuple[str, str]] = {}
+    for component, module in components(meta_pipeline(arch)).items():
+        for path, names in stems(component, module, arch).items():
+            for name in names:
+                out.setdefault(name, (f"{component}.{path}", names[0]))
+    return out
 
 
 def spelling(stem: str, arch: str | None) -> tuple[str, str]:
-    """(what module a stored kohya stem names, the stem lora_kit writes for it), without a model: `lora_te_` and
-    `lora_te1_` are one encoder, `text_model_` may be left out, and SD1/SD2/SDXL UNet blocks have SGM and diffusers
-    names (mapped through the real architecture's block layout). Stems it cannot place name themselves."""
-    m = _TE.fullmatch(stem)
-    if m:
-        n = m[1] or "1"
-        rest, written = clip_path(m[2], "_") if n != "3" else (m[2], m[2])  # lora_te3 is a T5
-        pre = "lora_te" if n == "1" and arch in ("sd1", "sd2", None) else f"lora_te{n}"
-        return f"te{n}:{rest}", f"{pre}_{written}"
-    if stem.startswith("lora_unet_") and arch in ("sd1", "sd2", "sdxl"):
-        to_sgm_, to_diffusers, resnets = _block_names(arch)
-        name = stem.removeprefix("lora_unet_")
-        sgm = _swap_head(name, to_sgm_, resnets, _RESNET_FLAT) or name
-        if arch == "sdxl":
-            return f"unet:{sgm}", f"lora_unet_{sgm}"
-        back = {v: k for k, v in _RESNET_FLAT.items()}
-        return f"unet:{sgm}", f"lora_unet_{_swap_head(sgm, to_diffusers, resnets, back) or sgm}"
-    return stem, stem
+    """(what module a stored kohya stem names, the stem lora_kit writes for it), without a model: every spelling
+    stems() reads on the real model of `arch` (`lora_te_`/`lora_te1_`, with or without `text_model_`, SGM and
+    diffusers UNet block names). A file of no known architecture is taken as SD1/SD2's; stems the model does not
+    have name themselves."""
+    if arch not in ("sd1", "sd2", "sdxl", "sd3", "flux"):
+        arch = "sd1"
+    return _named(arch).get(stem, (stem, stem))
 
 
 def is_kohya(keys) -> bool:
