@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from lora_kit.errors import SEED_MAX
+
 from ._common import command, friendly_errors
 
 
@@ -22,7 +24,7 @@ from ._common import command, friendly_errors
                    "model would ignore it, as FLUX, whose --guidance is distilled guidance).")  # fmt: skip
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps (default: the pipeline's).")
 @click.option("--guidance", type=float, default=None, help="Guidance scale (default: the pipeline's).")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
               help="Seed of the first image, 0 to 2**63 - 1; image i uses seed+i.")  # fmt: skip
 @click.option("--size", default=None,
               help="512 or WIDTHxHEIGHT such as 768x512, multiples of 8 (16 for SD3 and FLUX; default: the model's "

@@ -1,7 +1,13 @@
 """The one error type users see: a clear, single-line message; CLIs turn it into exit code 2. And the checks of a
-user's number (a weight, a strength) and of a trigger word that every command shares."""
+user's number (a weight, a strength, a seed) and of a trigger word that every command shares (no torch here, so that
+the CLIs' --help stays instant)."""
 
 import math
+
+# the largest seed a user may give (lora-train, lora-generate): torch seeds take 64 bits, and below 2**63 leaves room
+# for seed + i of image i (class images, generated images)
+SEED_MAX = 2**63 - 1
+SEED_RANGE = f"from 0 to 2**63 - 1 ({SEED_MAX})"
 
 
 class LoraKitError(ValueError):

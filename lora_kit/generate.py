@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import LoraKitError
+from .errors import SEED_MAX, SEED_RANGE, LoraKitError
 
 
 @dataclass(frozen=True)
@@ -137,9 +137,6 @@ def pipeline_default(pipe, argument: str):
     return None if parameter is None else parameter.default
 
 
-SEED_MAX = 2**63 - 1  # torch seeds take 64 bits; below 2**63 leaves room for seed + i of image i (as lora-train)
-
-
 @dataclass
 class Settings:
     prompt: str
@@ -153,7 +150,7 @@ class Settings:
 
     def __post_init__(self):
         if not (isinstance(self.seed, int) and 0 <= self.seed <= SEED_MAX):
-            raise LoraKitError(f"--seed {self.seed!r}: it must be a whole number from 0 to 2**63 - 1 ({SEED_MAX})")
+            raise LoraKitError(f"--seed {self.seed!r}: it must be a whole number {SEED_RANGE}")
         if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise LoraKitError(f"--guidance {self.guidance}: the guidance scale must be a finite number >= 0")
         if self.negative_prompt is not None and self.guidance is not None and self.guidance <= 1:

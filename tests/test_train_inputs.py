@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from lora_kit.cli import train as train_cli
 from test_train import write_images
 
+from lora_kit.errors import LoraKitError
 from lora_kit.formats import embeddings as ti_files
 from lora_kit.train import loop
 from lora_kit.train.config import ConfigError, TrainConfig
@@ -195,11 +196,22 @@ def test_fp16_without_a_cuda_gpu_is_refused_before_the_model_loads(data, tmp_pat
 
 
 def test_seed_bounds_are_what_torch_takes():
-    """The largest seed trains: torch seeds take it, and seed + i of the class images too."""
+    """The largest seed lora-train and lora-generate take is one place (errors.SEED_MAX): one more is refused, and
+    torch takes the largest plus the index of any class or generated image (a million of them)."""
     import torch
 
-    seed = TrainConfig(seed=2**63 - 1).seed
-    torch.manual_seed(seed), torch.Generator().manual_seed(seed + 10_000)
+    from lora_kit.errors import SEED_MAX
+    from lora_kit.generate import Settings
+
+    with pytest.raises(ConfigError, match=f"seed is {SEED_MAX + 1}; it must be from 0 to 2\\*\\*63 - 1"):
+        TrainConfig(seed=SEED_MAX + 1)
+    with pytest.raises(LoraKitError, match="--seed"):
+        Settings(prompt="x", seed=SEED_MAX + 1)
+    cfg = TrainConfig(seed=SEED_MAX, num_class_images=1_000_000)
+    assert cfg.seed == Settings(prompt="x", seed=SEED_MAX).seed == SEED_MAX
+    last = cfg.seed + cfg.num_class_images - 1
+    assert torch.Generator().manual_seed(last).initial_seed() == last
+    assert torch.manual_seed(cfg.seed + 1).initial_seed() == cfg.seed + 1  # the class images' plan: seed + 1
 
 
 def _bad_data(root: Path, case: str) -> tuple[Path, str]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..errors import LoraKitError, word_problem
+from ..errors import SEED_MAX, SEED_RANGE, LoraKitError, word_problem
 
 MODES = ("lora", "dreambooth", "textual-inversion", "pivotal")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -36,10 +36,10 @@ BOUNDS = (
     (("alpha", "conv_alpha", "text_encoder_alpha", "lr", "text_encoder_lr", "ti_lr", "min_snr_gamma"),
      lambda v: v > 0, "it must be above 0"),
     (("dropout", "caption_dropout", "mask_floor"), lambda v: 0 <= v <= 1, "it must be in [0, 1]"),
-    # upper bounds where a larger value fails mid-run: torch seeds take 64 bits (below 2**63 leaves room for the
-    # seed + i of class image i); 8192 pixels a side is beyond any GPU's memory already (larger overflowed PIL); a
-    # CLIP prompt holds 75 tokens between its start and end tokens (more vectors were cut off, or overflowed)
-    (("seed",), lambda v: 0 <= v < 2**63, "it must be from 0 to 2**63 - 1 (9223372036854775807)"),
+    # upper bounds where a larger value fails mid-run: torch's seeds (errors.SEED_MAX); 8192 pixels a side is beyond
+    # any GPU's memory already (larger overflowed PIL); a CLIP prompt holds 75 tokens between its start and end tokens
+    # (more vectors were cut off, or overflowed)
+    (("seed",), lambda v: 0 <= v <= SEED_MAX, f"it must be {SEED_RANGE}"),
     (("resolution",), lambda v: 1 <= v <= 8192, "it must be from 1 to 8192"),
     (("num_vectors",), lambda v: 1 <= v <= 75, "it must be from 1 to 75 (the tokens a CLIP prompt holds)"),
 )  # fmt: skip
