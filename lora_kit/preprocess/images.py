@@ -93,18 +93,24 @@ def decoded(path: Path, animated_ok: bool = False):
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
 
-def open_image(path: Path, background: tuple[int, int, int], min_size: int) -> Loaded:
-    """Decode `path` fully and return it as RGB, upright; raise Rejected for anything that is not a usable photo."""
+def upright(img):
+    """(`img` turned by its EXIF orientation, None); for a malformed EXIF block, which must not lose the photo,
+    (`img` as stored, why). lora-ppim and lora-train both turn images by this."""
     from PIL import ImageOps
 
+    try:
+        return ImageOps.exif_transpose(img), None
+    except Exception as e:
+        return img, f"EXIF orientation unreadable ({e}); used as stored"
+
+
+def open_image(path: Path, background: tuple[int, int, int], min_size: int) -> Loaded:
+    """Decode `path` fully and return it as RGB, upright; raise Rejected for anything that is not a usable photo."""
     with decoded(path) as img:
         loaded = Loaded(None)
-        try:
-            upright = ImageOps.exif_transpose(img)
-        except Exception as e:  # a malformed EXIF block must not lose the photo
-            loaded.warnings.append(f"EXIF orientation unreadable ({e}); used as stored")
-            upright = img
-        loaded.image = to_rgb(upright, background, loaded.warnings)
+        turned, warning = upright(img)
+        loaded.warnings += [warning] if warning else []
+        loaded.image = to_rgb(turned, background, loaded.warnings)
     w, h = loaded.image.size
     if min(w, h) < min_size:
         raise Rejected("too small", f"{w}x{h}: shorter side below --min-size {min_size}")

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import LoraKitError
 from ..preprocess.crop import bucket  # shared with lora-ppim --crop none
-from ..preprocess.images import Rejected, decoded
+from ..preprocess.images import Rejected, decoded, upright
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _REPEATS = re.compile(r"^(\d+)_(.+)$")
@@ -41,22 +41,11 @@ class Example:
 
 
 def _open(path: Path):
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     img = Image.open(path)
     img.load()
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a malformed EXIF block: used as stored, as _size measured it
-        pass
-    return img.convert("RGB")
-
-
-def _orientation(img) -> int:
-    try:
-        return img.getexif().get(0x0112, 1)
-    except Exception:  # a malformed EXIF block: used as stored
-        return 1
+    return upright(img)[0].convert("RGB")
 
 
 def _size(path: Path) -> tuple[int, int] | None:
@@ -64,11 +53,9 @@ def _size(path: Path) -> tuple[int, int] | None:
     truncated, a decompression bomb)."""
     try:
         with decoded(path, animated_ok=True) as img:  # an animated image trains on its first frame
-            w, h = img.size
-            orientation = _orientation(img)
+            return upright(img)[0].size
     except Rejected:
         return None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def _mask_problem(mask: Path, image: Path, size: tuple[int, int]) -> str | None:
