@@ -218,6 +218,15 @@ def make_accelerator(cfg: TrainConfig):
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not _uses_cuda())
 
 
+def make_scheduler(cfg: TrainConfig, optimizer):
+    """The LR scheduler of --lr-scheduler; constant with --warmup-steps warms up (diffusers' "constant" would drop
+    the warmup without a word)."""
+    from diffusers.optimization import get_scheduler
+
+    schedule = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.warmup_steps else cfg.lr_scheduler
+    return get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+
+
 def make_optimizer(cfg: TrainConfig, recipe: Recipe):
     if cfg.optimizer == "adamw8bit":
         try:
@@ -233,7 +242,6 @@ def train(
 ) -> list[Path]:
     """Run one training job; returns the files written. `callbacks` are called as cb(step, loss, context);
     `inputs`: other files the job reads, never overwritten (lora-train's --config)."""
-    from diffusers.optimization import get_scheduler
     from tqdm import tqdm
 
     from ..models import open_pipeline
@@ -264,9 +272,7 @@ def train(
                           cfg.buckets)  # fmt: skip
         prior_batcher = Batcher(cfg, backbone, prior_examples, prior_plan, batcher.text is not None)
     optimizer = accelerator.prepare(make_optimizer(cfg, recipe))  # fp16 loss scaling lives in the wrapper
-    # constant with --warmup-steps warms up: diffusers' "constant" would drop the warmup without a word
-    schedule = "constant_with_warmup" if cfg.lr_scheduler == "constant" and cfg.warmup_steps else cfg.lr_scheduler
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    scheduler = make_scheduler(cfg, optimizer)
     scaler = accelerator.scaler  # fp16 on a GPU: the loss scale, saved and restored with the optimizer
     start = load_checkpoint(cfg, recipe, pipe, optimizer, scheduler, scaler, prints) if cfg.resume else 0
     trainable = recipe.trainable()
