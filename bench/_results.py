@@ -28,3 +28,8 @@ def write_section(path: str | Path, lines: list[str]) -> None:
         head, _, rest = old.partition(marker)
         old = head + (rest[rest.find("\n## ") + 1 :] if "\n## " in rest else "")
     path.write_text(old.rstrip() + "\n\n" + "\n".join(lines).rstrip() + "\n")
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, its rule, a line per row (cells already formatted)."""
+    return [f"| {' | '.join(cells)} |" for cells in (header, ["---"] * len(header), *rows)]

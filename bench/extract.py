@@ -98,9 +98,10 @@ def write_results(args, rank, rows, speed, err_ratio, t_classic, t_ours) -> None
         f"{datetime.date.today()}, commit {commit}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}",
         "",
-        "| shape | layers | full SVD (s) | lora_kit (s) | error full | error lora_kit |",
-        "|---|---|---|---|---|---|",
-        *[f"| {s} | {c} | {a:.3f} | {b:.3f} | {e1:.5f} | {e2:.5f} |" for s, c, a, b, e1, e2 in rows],
+        *_results.table(
+            ["shape", "layers", "full SVD (s)", "lora_kit (s)", "error full", "error lora_kit"],
+            [[s, str(c), f"{a:.3f}", f"{b:.3f}", f"{e1:.5f}", f"{e2:.5f}"] for s, c, a, b, e1, e2 in rows],
+        ),
         "",
         f"Rank {rank}. Whole UNet (layer counts applied): full SVD {t_classic:.1f} s, lora_kit {t_ours:.1f} s: "
         f"**{speed:.1f}x faster**, error ratio **{err_ratio:.4f}** (target: >= 5x at <= 1.01x).",

@@ -399,14 +399,15 @@ def write_results(args, steps, rounds, latent, device, dtype, figures: dict, lay
             else ""
         ),  # fmt: skip
         "",
-        "| configuration | ms / step | x base | FLOPs x base | first step (ms) |"
-        + (" GPU kernels (ms) | x base |" if gpu else ""),
-        "|---|---|---|---|---|" + ("---|---|" if gpu else ""),
-        *[
-            f"| {c} | {median[c] * 1000:.1f} | {ratios[c]:.3f} | {flops[c]:.3f} | {first[c] * 1000:.1f} |"
-            + (f" {gpu[c] * 1000:.2f} | {gpu[c] / gpu['base']:.3f} |" if gpu else "")
-            for c in ratios
-        ],  # fmt: skip
+        *_results.table(
+            ["configuration", "ms / step", "x base", "FLOPs x base", "first step (ms)"]
+            + (["GPU kernels (ms)", "x base"] if gpu else []),
+            [
+                [c, f"{median[c] * 1000:.1f}", f"{ratios[c]:.3f}", f"{flops[c]:.3f}", f"{first[c] * 1000:.1f}"]
+                + ([f"{gpu[c] * 1000:.2f}", f"{gpu[c] / gpu['base']:.3f}"] if gpu else [])
+                for c in ratios
+            ],
+        ),
         "",
         f"Two unfused adapters: **{ratios['2 adapters']:.3f}x** the base step (target on a GPU: <= 1.05x); "
         f"scheduling overhead (2 scheduled / 2 unfused): **{overhead:.3f}x** (target <= 1.01x); two unfused "
@@ -436,9 +437,10 @@ def write_results(args, steps, rounds, latent, device, dtype, figures: dict, lay
             + (", until their kernels are done" if device.type == "cuda" else "")
             + "; the extra time summed over layers, per UNet call, and over the base step):",
             "",
-            "| route | adds (ms) | x base step |",
-            "|---|---|---|",
-            *[f"| {r} | {c * 1000:.2f} | {1 + c / median['base']:.3f} |" for r, c in figures["routes"].items()],
+            *_results.table(
+                ["route", "adds (ms)", "x base step"],
+                [[r, f"{c * 1000:.2f}", f"{1 + c / median['base']:.3f}"] for r, c in figures["routes"].items()],
+            ),
             "",
         ]
     _results.write_section(args.results, lines)

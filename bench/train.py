@@ -213,14 +213,15 @@ def write_results(args, device, dtype, rank, layers, median, ratio, memory) -> N
         "weights, gradients and AdamW's two moments"
         + ("; step peak: how far a step's allocated memory rises above what was resident before it." if gpu else "."),
         "",
-        "| configuration | ms / step | saved for backward (MiB) | adapter state (MiB) |"
-        + (" step peak (MiB) |" if gpu else ""),
-        "|---|---|---|---|" + ("---|" if gpu else ""),
-        *[
-            f"| {c} | {median[c] * 1000:.1f} | {memory[c]['saved'] / mib:.1f} | {memory[c]['state'] / mib:.1f} |"
-            + (f" {memory[c]['peak'] / mib:.0f} |" if gpu else "")
-            for c in CONFIGS
-        ],
+        *_results.table(
+            ["configuration", "ms / step", "saved for backward (MiB)", "adapter state (MiB)"]
+            + (["step peak (MiB)"] if gpu else []),
+            [
+                [c, f"{median[c] * 1000:.1f}", f"{memory[c]['saved'] / mib:.1f}", f"{memory[c]['state'] / mib:.1f}"]
+                + ([f"{memory[c]['peak'] / mib:.0f}"] if gpu else [])
+                for c in CONFIGS
+            ],
+        ),
         "",
         f"lora_kit / diffusers+peft: **{ratio:.3f}x** per training step (the median of the pairs' "
         f"ratios); saved for backward **{memory['lora_kit']['saved'] / memory['diffusers+peft']['saved']:.3f}x**.",
