@@ -329,6 +329,10 @@ def collapse_into_model(
     collapse(pipe)
     if dtype is not None:
         pipe.to(dtype)
+    else:  # diffusers opens fp16 folders in fp32: each component goes back to the dtype its files hold
+        modules_ = {c: m for c, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+        for comp, stored in _stored_dtypes(model, modules_).items():
+            modules_[comp].to(stored)
     from safetensors import SafetensorError
 
     tmp = old = None
@@ -349,6 +353,32 @@ def collapse_into_model(
         for folder in (tmp, old):
             if folder is not None and folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _stored_dtypes(model: str, comps) -> dict[str, torch.dtype]:
+    """{component: the one float dtype its safetensors files hold} for a local MODEL folder, or one in the hub
+    cache; a component whose files mix dtypes (or hold none we can read) is left out."""
+    root = local_path(model)
+    if root is None:
+        try:
+            from diffusers import DiffusionPipeline
+
+            root = Path(DiffusionPipeline.download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 - no cached copy: the dtypes as loaded stand
+            return {}
+    out = {}
+    for comp in comps:
+        found = set()
+        for f in Path(root, comp).glob("*.safetensors"):
+            entries = files.read_header(f)[0]
+            found |= {_SAFETENSORS_DTYPES.get(e.get("dtype")) for k, e in entries.items() if k != "__metadata__"}
+        found.discard(None)
+        if len(found) == 1:
+            out[comp] = found.pop()
     return out
 
 

@@ -179,3 +179,36 @@ def test_merge_and_resize_write_the_dtype_they_were_given(two_loras, tmp_path):
         out32 = out.with_suffix(".fp32.safetensors")
         assert CliRunner().invoke(cmd.main, [*map(str, args), "--dtype", "fp32", "-o", str(out32)]).exit_code == 0
         assert dtypes(out32) == {"F32"}
+
+
+def test_collapse_into_an_fp16_model_writes_fp16_base_plus_weight_times_delta(two_loras, tmp_path):
+    """diffusers opens an fp16 folder's UNet and VAE in fp32: the written pipeline must hold the model's own dtype
+    (not twice its size), each collapsed weight == (base + 0.8 delta in fp32) rounded once, the input untouched."""
+    import hashlib
+
+    import torch
+    from conftest import build_pipeline
+    from diffusers import DiffusionPipeline
+
+    from lora_kit import ops
+    from lora_kit.formats import read
+    from lora_kit.state import modules
+
+    a, _ = two_loras
+    model, out = tmp_path / "model", tmp_path / "merged"
+    build_pipeline("sd1", str(tmp_path / "tok")).to(torch.float16).save_pretrained(model)
+    digest = lambda: {p: hashlib.md5(p.read_bytes()).hexdigest() for p in model.rglob("*") if p.is_file()}  # noqa: E731
+    before = digest()
+    result = CliRunner().invoke(merge.main, [str(model), str(a), "--alpha", "0.8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert digest() == before
+    for f in out.rglob("*.safetensors"):
+        assert {e["dtype"] for k, e in files.read_header(f)[0].items() if k != "__metadata__"} == {"F16"}, f
+    base, merged = DiffusionPipeline.from_pretrained(model), DiffusionPipeline.from_pretrained(out)
+    state, _ = read(a, base)
+    for stem, parts in modules(state).items():
+        comp, path = stem.split(".", 1)
+        w = getattr(base, comp).get_submodule(path).weight.detach()
+        expected = (w.float() + 0.8 * ops.delta(parts)).half().float()
+        got = getattr(merged, comp).get_submodule(path).weight.detach().float()
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
