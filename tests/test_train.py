@@ -681,3 +681,36 @@ def test_textual_inversion_trains_fp32_rows_in_a_bf16_model(make_pipe, models, d
     assert torch.count_nonzero(moves["bf16"]) == moves["bf16"].numel()
     # bf16 arithmetic in the forward and backward passes changes a few gradient signs (measured: 3% off on average)
     assert (moves["bf16"] - moves["no"]).abs().mean() < 0.2 * moves["no"].abs().mean()
+
+
+def test_sdxl_time_ids_are_each_samples_original_size_and_crop(make_pipe, tmp_path):
+    """SDXL's size conditioning as diffusers' SDXL trainer builds it: (original height, original width, crop top,
+    crop left, target height, target width) per sample, the crop being where the bucket was cut from the resized
+    image; a flip does not change them. Read from the UNet's forward."""
+    from lora_kit.train.backbone import Backbone
+    from lora_kit.train.data import Plan, scan
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (50, 24), (200, 30, 30)).save(folder / "wide.png")  # bucket 48x24: 1 px cut on the left
+    Image.new("RGB", (18, 36), (30, 200, 30)).save(folder / "tall.png")  # bucket 24x44, resized to 24x48: 2 px on top
+    for name in ("wide", "tall"):
+        (folder / f"{name}.txt").write_text("a photo")
+    pipe = make_pipe("sdxl")
+    backbone = Backbone(pipe)
+    cfg = TrainConfig(model="x", data=str(folder), output=str(tmp_path / "o.safetensors"), resolution=32, flip=True)
+    examples, _ = scan(folder)
+    plan = Plan(examples, 1, 32, backbone.size_step, 0)
+    by_name = {ex.image.stem: i for i, ex in enumerate(examples)}
+    assert plan.sizes[by_name["wide"]] == (48, 24) and plan.sizes[by_name["tall"]] == (24, 44)
+    batcher = loop.Batcher(cfg, backbone, examples, plan, cache_text=False)
+    seen = []
+    pipe.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True
+    )
+    want = {"wide": [24.0, 50, 0, 1, 24, 48], "tall": [36.0, 18, 2, 0, 44, 24]}
+    for name, ids in want.items():
+        for key in range(4):  # flips drawn both ways over these steps
+            with torch.no_grad():
+                loop.per_sample_loss(cfg, backbone, batcher, batcher.batch([by_name[name]], [0], (key, 0)))
+            torch.testing.assert_close(seen[-1].float(), torch.tensor([ids]))

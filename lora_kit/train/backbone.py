@@ -153,8 +153,11 @@ class Backbone:
                 pooled = out.text_embeds
         return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, size: tuple[int, int]):
-        """The model's output for noisy latents (B, C, H, W), in that same layout."""
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict, size: tuple[int, int],
+                time_ids: torch.Tensor | None = None):  # fmt: skip
+        """The model's output for noisy latents (B, C, H, W), in that same layout. SDXL: `time_ids` (B, 6) are each
+        sample's size conditioning (data.sdxl_time_ids: original size, crop top-left, target size); without them
+        original = target = `size` (width, height), no crop."""
         if self.arch == "flux":
             return self._predict_flux(noisy, timesteps, cond)
         if self.arch == "sd3":
@@ -162,9 +165,11 @@ class Backbone:
                              encoder_hidden_states=cond["encoder_hidden_states"],
                              pooled_projections=cond["pooled_projections"])[0]  # fmt: skip
         kwargs = {}
-        if self.arch == "sdxl":  # size conditioning: original = target = the bucket, no crop
-            w, h = size
-            ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=noisy.dtype).repeat(noisy.shape[0], 1)
+        if self.arch == "sdxl":
+            if time_ids is None:
+                w, h = size
+                time_ids = torch.tensor([[h, w, 0, 0, h, w]]).repeat(noisy.shape[0], 1)
+            ids = time_ids.to(noisy.device, noisy.dtype)
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": ids}
         return self.main(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False,
                          **kwargs)[0]  # fmt: skip

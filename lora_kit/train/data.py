@@ -187,15 +187,31 @@ def scan(folder: str | Path, instance_prompt: str | None = None) -> tuple[list[E
     return examples, skipped
 
 
+def cover(source: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How an image of `source` (width, height) becomes `size`: ((width, height) it is resized to, covering `size`),
+    ((left, top) of the centre crop in the resized image)."""
+    (sw, sh), (w, h) = source, size
+    scale = max(w / sw, h / sh)
+    rw, rh = max(w, round(sw * scale)), max(h, round(sh * scale))
+    return (rw, rh), ((rw - w) // 2, (rh - h) // 2)
+
+
+def sdxl_time_ids(source: tuple[int, int], size: tuple[int, int]) -> list[int]:
+    """SDXL's size conditioning of an image of `source` (width, height) trained at `size`, as diffusers' SDXL
+    trainers and sd-scripts build it: (original height, original width, crop top, crop left, target height, target
+    width), the crop in the resized image's pixels. A flip leaves it unchanged (as diffusers' example)."""
+    _, (left, top) = cover(source, size)
+    return [source[1], source[0], top, left, size[1], size[0]]
+
+
 def load(example: Example, size: tuple[int, int], flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pixels (3, H, W) in [-1, 1] and the mask (H, W) in [0, 1] (or None): resized to cover, centre-cropped."""
     from PIL import Image
 
     def fit(img, resample):
         w, h = size
-        scale = max(w / img.width, h / img.height)
-        img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), resample)
-        left, top = (img.width - w) // 2, (img.height - h) // 2
+        resized, (left, top) = cover(img.size, size)
+        img = img.resize(resized, resample)
         img = img.crop((left, top, left + w, top + h))
         return img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
 

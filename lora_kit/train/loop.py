@@ -27,7 +27,7 @@ from .backbone import Backbone
 from .callbacks import default_callbacks
 from .checkpoints import check_resume, clear_earlier_run, fingerprints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .data import Example, Plan, load, rng, scan, torch_generator
+from .data import Example, Plan, load, rng, scan, sdxl_time_ids, torch_generator
 from .prior import check_class_folder, class_examples, uses_prior
 from .recipes import Recipe, build, output_files, save_outputs
 
@@ -108,6 +108,8 @@ class Batcher:
             "x0": x0, "noise": torch.stack(noise), "timesteps": torch.tensor(timesteps), "captions": captions,
             "weights": objective.mask_weights(masks, tuple(x0.shape), cfg.mask_floor),
             "size": self.plan.sizes[indices[0]], "prior": torch.full((len(indices),), prior),
+            "time_ids": torch.tensor([sdxl_time_ids(self.examples[i].size, self.plan.sizes[i]) for i in indices],
+                                     dtype=torch.float32),
         }  # fmt: skip
 
 
@@ -119,9 +121,10 @@ def per_sample_loss(cfg: TrainConfig, backbone: Backbone, batcher: Batcher, batc
     if base_target:
         modules = [m for m in backbone.pipe.components.values() if isinstance(m, torch.nn.Module)]
         with torch.no_grad(), lora_disabled(*modules):
-            target = backbone.predict(noisy, model_timesteps, batcher.encode(batch["captions"]), batch["size"])
+            target = backbone.predict(noisy, model_timesteps, batcher.encode(batch["captions"]), batch["size"],
+                                      batch.get("time_ids"))  # fmt: skip
     cond = batcher.encode(batch["captions"])
-    pred = backbone.predict(noisy, model_timesteps, cond, batch["size"])
+    pred = backbone.predict(noisy, model_timesteps, cond, batch["size"], batch.get("time_ids"))
     losses = objective.per_sample_mse(pred, target, batch["weights"])
     if cfg.min_snr_gamma:  # diffusion only: for_architecture refuses it with flow matching
         ac = backbone.alphas_cumprod
