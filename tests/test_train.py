@@ -714,3 +714,18 @@ def test_sdxl_time_ids_are_each_samples_original_size_and_crop(make_pipe, tmp_pa
             with torch.no_grad():
                 loop.per_sample_loss(cfg, backbone, batcher, batcher.batch([by_name[name]], [0], (key, 0)))
             torch.testing.assert_close(seen[-1].float(), torch.tensor([ids]))
+
+
+def test_an_fp16_vae_that_must_upcast_encodes_in_fp32(make_pipe):
+    """SDXL's VAE overflows in fp16 (config force_upcast): training encodes with it in fp32, as diffusers' pipelines
+    and its SDXL trainer do, and leaves it in fp16 afterwards. The dtype is read from the encoder's forward."""
+    from lora_kit.train.backbone import Backbone
+
+    pipe = make_pipe("sdxl")
+    pipe.vae.to(torch.float16)
+    pipe.vae.register_to_config(force_upcast=True)
+    seen = []
+    pipe.vae.encoder.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, m.conv_in.weight.dtype)))
+    mean, std = Backbone(pipe).latent_dist(torch.zeros(1, 3, 16, 16))
+    assert seen == [(torch.float32, torch.float32)]
+    assert pipe.vae.dtype == torch.float16 and mean.isfinite().all() and std.isfinite().all()

@@ -95,7 +95,16 @@ class Backbone:
         """(mean, std) of the latent distribution as the model sees it, (latent - shift_factor) * scaling_factor;
         training samples from it every step."""
         vae = self.pipe.vae
-        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        # a VAE that overflows in fp16 (SDXL's: config force_upcast) encodes in fp32, as diffusers' pipelines decode
+        # with it and its SDXL trainer keeps it: in fp16 its latents are NaN and so is every loss
+        upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        finally:
+            if upcast:
+                vae.to(torch.float16)
         sf, shift = vae.config.scaling_factor, vae.config.get("shift_factor")
         mean = dist.mean.float() if shift is None else dist.mean.float() - shift
         return (mean * sf).cpu(), (dist.std.float() * sf).cpu()
