@@ -83,6 +83,8 @@ def merge(
         raise LoraKitError(f"{len(loras)} LoRAs but {len(weights)} weights")
     if not all(math.isfinite(w) for w in weights):
         raise LoraKitError(f"merge weights must be finite numbers, got {list(weights)}")
+    if not any(weights):
+        raise LoraKitError(f"merge weights are all 0 ({list(weights)}): the merged LoRA would hold no module")
     names = names or [f"input {i + 1}" for i in range(len(loras))]
     all_mods = [modules(lora) for lora in loras]
     stems = list(dict.fromkeys(stem for mods in all_mods for stem in mods))

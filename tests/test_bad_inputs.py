@@ -149,6 +149,13 @@ def test_merge_refuses_non_finite_weights(files, tmp_path, args, flag):
         ops.merge([_good(), _good()], [float("nan"), 1.0])
 
 
+def test_merge_refuses_weights_that_are_all_zero(files, tmp_path):
+    """A merge at weights 0,0 would write a file with no module, which every reader then refuses."""
+    _fails(merge, [files["good"], files["good"], "--weights", "0,0", "-o", tmp_path / "o.safetensors"], "all 0")
+    with pytest.raises(LoraKitError, match="all 0"):
+        ops.merge([_good(), _good()], [0.0, -0.0])
+
+
 def test_merge_shape_clash_names_both_files(files, tmp_path):
     other = tmp_path / "other.safetensors"
     save_file({**_good(), **_module(Q, (4, 37), (320, 4))}, other)
