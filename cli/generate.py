@@ -11,7 +11,16 @@ from ._common import command, friendly_errors
 
 @command()
 @click.option(
-    "--model", required=True, help="Base model: a diffusers folder, a hub id, or toy (the shipped toy world)."
+    "--model",
+    required=True,
+    help="Base model: a diffusers folder, a hub id, toy (the shipped toy world), or a "
+    "single-file checkpoint (.safetensors; FLUX's parts joined by commas).",
+)
+@click.option(
+    "--prediction-type",
+    type=click.Choice(["epsilon", "v_prediction"]),
+    default=None,
+    help="Overrides the model's prediction type (an SD2 single file cannot tell which it is).",
 )
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:WEIGHT][@SCHEDULE]",
               help="A LoRA (repeatable), optionally at a weight (default 1) and with a step schedule: "
@@ -36,12 +45,16 @@ from ._common import command, friendly_errors
     help="Also render every seed without the LoRAs and write compare.png: before (top) and after (bottom).",
 )
 @click.option("--device", default=None, help="cuda, cpu, ... (default: cuda when available).")
-@click.option("--allow-pickle", is_flag=True, help="Read legacy pickled .pt/.bin LoRAs (with torch weights_only).")
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Read legacy pickled .pt/.bin LoRAs and .ckpt models (with torch weights_only).",
+)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Folder for the PNGs and grid.png.")
 @click.option("--force", is_flag=True, help="Write into OUTPUT even if it is not empty.")
 @friendly_errors
-def main(model, loras, prompt, negative_prompt, steps, guidance, seed, size, count, compare, device, allow_pickle,
-         output, force):  # fmt: skip
+def main(model, prediction_type, loras, prompt, negative_prompt, steps, guidance, seed, size, count, compare, device,
+         allow_pickle, output, force):  # fmt: skip
     """Generate images with LoRAs: `lora-generate --model M --lora subject.safetensors:0.9 --lora
     style.safetensors:0.7@0:1,0.6:0 --prompt "..." -n 4 -o out/` writes out/000-seed0.png ... and out/grid.png,
     each PNG carrying the prompt, seed, settings, adapters, weights and schedules in its text metadata."""
@@ -56,9 +69,12 @@ def main(model, loras, prompt, negative_prompt, steps, guidance, seed, size, cou
     import torch
     from tqdm import tqdm
 
-    from lora_kit.models import open_pipeline
+    from lora_kit.models import open_pipeline, refuse_guessed_prediction
 
-    pipe = open_pipeline(model, torch.float16 if device.type == "cuda" else torch.float32)
+    pipe = open_pipeline(
+        model, torch.float16 if device.type == "cuda" else torch.float32, prediction_type, allow_pickle
+    )
+    refuse_guessed_prediction(pipe, model, prediction_type)
     pipe.to(device)
     total = count * (steps or gen.pipeline_default(pipe, "num_inference_steps")) * (2 if compare else 1)
     # disable=None: no bar when stderr is not a terminal, so a log holds the error line alone; on a terminal the

@@ -15,7 +15,8 @@ from ._common import command, friendly_errors
 @click.option("--metadata/--no-metadata", default=False, help="Also list every header metadata entry.")
 @friendly_errors
 def main(file: str, as_json: bool, metadata: bool) -> None:
-    """Show the format, architecture, modules, ranks, alphas, trigger words and metadata of a LoRA FILE."""
+    """Show the format, architecture, modules, ranks, alphas, trigger words and metadata of a LoRA FILE (of a base
+    model's checkpoint: its architecture, components, size and dtypes)."""
     from lora_kit.formats.header import describe  # what lora_kit.inspect calls, without importing torch
 
     info = describe(file)
@@ -24,6 +25,17 @@ def main(file: str, as_json: bool, metadata: bool) -> None:
         return
     click.echo(f"{info['file']}  ({info['size_bytes'] / 1e6:.2f} MB)")
     click.echo(f"  format        {info['format']}")
+    if info["format"].startswith("checkpoint"):  # a base model (not a LoRA): what it holds
+        click.echo(f"  architecture  {info['architecture']}")
+        click.echo(f"  components    {', '.join(f'{c} ({p})' for c, p in info['components'].items())}")
+        click.echo(f"  parameters    {info['parameters'] / 1e6:.1f} M in {info['tensors']} tensors")
+        click.echo(f"  dtypes        {', '.join(f'{d} x{n}' for d, n in info['dtypes'].items())}")
+        if info["prediction_type"]:
+            click.echo(f"  prediction    {info['prediction_type']}")
+        if metadata:
+            for k, v in sorted(info["metadata"].items()):
+                click.echo(f"  {k} = {v if len(v) < 100 else v[:97] + '...'}")
+        return
     click.echo(f"  architecture  {info['architecture']}")
     comps = ", ".join(f"{c} {n}" for c, n in info["components"].items())
     click.echo(f"  modules       {info['modules']} ({comps}); {info['conv_modules']} kxk conv")

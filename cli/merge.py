@@ -10,8 +10,24 @@ import click
 from ._common import command, friendly_errors, output_options, progress, torch_dtype
 
 
-def _is_model(spec: str) -> bool:
-    p = Path(spec)
+def _is_model(spec: str, allow_pickle: bool) -> bool:
+    """A diffusers folder, a hub id, or a single-file checkpoint (told from its header), not a LoRA."""
+    from lora_kit.single_file.reader import items
+
+    parts = items(spec)
+    p = Path(parts[0])
+    if p.is_file():
+        from lora_kit.formats import files
+        from lora_kit.single_file.sniff import sniff
+
+        if len(parts) > 1:
+            return True
+        if p.suffix.lower() in files.PICKLES:
+            return allow_pickle and p.suffix.lower() == ".ckpt"
+        try:
+            return sniff(p) is not None
+        except Exception:  # noqa: BLE001 - a bad header is reported by the LoRA reader, naming the file
+            return False
     return p.is_dir() or (not p.exists() and not spec.endswith((".safetensors", ".pt", ".bin", ".ckpt")))
 
 
@@ -49,15 +65,20 @@ def _weights(n: int, alpha: float | None, weights: str | None) -> list[float]:
 @click.option("--allow-pickle", is_flag=True,
               help="Read pickled .pt/.bin LoRAs (torch weights_only): {name: tensor} files, and with a MODEL first "
                    "also cloneofsimo's lists.")  # fmt: skip
+@click.option("--to", "to", type=click.Choice(["folder", "single-file"]), default=None,
+              help="With a MODEL first: write a diffusers folder or one checkpoint file. [single-file when OUTPUT "
+                   "ends in .safetensors, else folder]")  # fmt: skip
 @output_options
 @friendly_errors
-def main(inputs, alpha, weights, rank, conv_rank, allow_pickle, output, dtype, force):
+def main(inputs, alpha, weights, rank, conv_rank, allow_pickle, to, output, dtype, force):
     """Merge LoRA files: `lora-merge A B --alpha 0.6 -o OUT` writes a LoRA whose delta is exactly
     0.6*dA + 0.4*dB in every module (ranks are concatenated; --rank re-compresses and prints the error).
     Pivotal-tuning embeddings (`A.emb.safetensors`) are merged too; a token in both is an error.
 
-    `lora-merge MODEL A --alpha 0.8 -o DIR` collapses A at weight 0.8 into MODEL (a diffusers folder or hub id)
-    and writes a diffusers pipeline folder that from_pretrained loads.
+    `lora-merge MODEL A --alpha 0.8 -o DIR` collapses A at weight 0.8 into MODEL (a diffusers folder, a hub id or
+    a single-file checkpoint) and writes a diffusers pipeline folder that from_pretrained loads; `-o
+    merged.safetensors` writes one checkpoint file instead, in the layout MODEL had (A1111/SGM names for
+    SD1/SD2/SDXL, ComfyUI's for SD3/FLUX; a folder MODEL: the layout A1111 and ComfyUI save).
     """
     from lora_kit import tools
     from lora_kit.errors import LoraKitError
@@ -66,16 +87,21 @@ def main(inputs, alpha, weights, rank, conv_rank, allow_pickle, output, dtype, f
         raise LoraKitError("give at least two inputs: two or more LoRAs, or a MODEL and a LoRA")
     if alpha is not None and not math.isfinite(alpha):
         raise LoraKitError(f"--alpha {alpha}: must be a finite number")
-    if _is_model(inputs[0]):
+    if _is_model(inputs[0], allow_pickle):
         if len(inputs) != 2 or weights:
             raise LoraKitError("with a MODEL first, give exactly one LoRA (and --alpha for its weight)")
         if rank is not None or conv_rank is not None:
             flag = "--rank" if rank is not None else "--conv-rank"
             raise LoraKitError(f"{flag} re-compresses a merged LoRA; with a MODEL first the LoRA is collapsed into it")
         weight = 1.0 if alpha is None else alpha
-        out = tools.collapse_into_model(inputs[0], inputs[1], output, weight, torch_dtype(dtype), force, allow_pickle)
-        click.echo(f"wrote the pipeline with {inputs[1]} collapsed at weight {weight:g} to {out}")
+        single = to == "single-file" if to else str(output).endswith(".safetensors")
+        out = tools.collapse_into_model(inputs[0], inputs[1], output, weight, torch_dtype(dtype), force, allow_pickle,
+                                        single_file=single)  # fmt: skip
+        what = "checkpoint" if single else "pipeline"
+        click.echo(f"wrote the {what} with {inputs[1]} collapsed at weight {weight:g} to {out}")
         return
+    if to is not None:
+        raise LoraKitError("--to applies with a MODEL first (lora-merge MODEL LORA --to single-file -o OUT)")
     ws = _weights(len(inputs), alpha, weights)
     report = tools.merge(inputs, output, ws, rank=rank, conv_rank=conv_rank, dtype=torch_dtype(dtype), force=force,
                          progress=progress("re-rank"), allow_pickle=allow_pickle)  # fmt: skip

@@ -9,7 +9,10 @@ from lora_kit.errors import flag
 from ._common import command, friendly_errors
 
 HELP = {
-    "model": "Base model: a diffusers folder or hub id.",
+    "model": "Base model: a diffusers folder, a hub id, toy, or a single-file checkpoint (.safetensors; FLUX's parts "
+    "joined by commas: flux1-dev.safetensors,ae.safetensors,clip_l.safetensors,t5xxl_fp16.safetensors).",
+    "prediction_type": "epsilon | v_prediction: overrides the model's (an SD2 single file cannot tell which).",
+    "allow_pickle": "Open a pickled .ckpt/.pt model (read with torch's weights-only loader). [off]",
     "data": "Folder of images with .txt captions, kohya N_name repeat folders, or a lora-ppim output.",
     "output": "The LoRA file to write (textual-inversion: the embedding file).",
     "mode": "lora | dreambooth | textual-inversion | pivotal (SD3/FLUX: lora and dreambooth).",

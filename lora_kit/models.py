@@ -96,9 +96,17 @@ def local_path(spec: str):
     return path if path.exists() else None
 
 
-def check_spec(spec: str) -> str:
-    """The folder or hub id a --model names (`toy`: the shipped model's folder), checked without opening it: a
-    pipeline folder with model_index.json, or something shaped like a hub id (owner/name)."""
+def local_paths(spec: str) -> list:
+    """Every file or folder on this machine a --model names (a single-file spec may name several), [] for a hub id."""
+    from .single_file.reader import items
+
+    return [p for p in map(local_path, items(spec)) if p is not None]
+
+
+def check_spec(spec: str, allow_pickle: bool = False) -> str:
+    """The folder, hub id or single-file checkpoint(s) a --model names (`toy`: the shipped model's folder), checked
+    without opening it: a pipeline folder with model_index.json, something shaped like a hub id (owner/name), or
+    checkpoint files whose headers say what they hold (single_file.check)."""
     from pathlib import Path
 
     from .errors import LoraKitError
@@ -107,9 +115,12 @@ def check_spec(spec: str) -> str:
         spec = toy_model()
         if not Path(spec, "model_index.json").is_file():
             raise LoraKitError(f"toy: the toy-world model is missing from this install ({spec})")
+    from .single_file.reader import check, is_single_file
+
+    if is_single_file(spec):
+        check(spec, allow_pickle)  # every file's header: one line naming a file that is no checkpoint
+        return spec
     path = Path(spec)
-    if path.is_file():
-        raise LoraKitError(f"{spec}: single-file checkpoints are not opened yet; pass a diffusers pipeline folder")
     if path.is_dir() and not (path / "model_index.json").is_file():
         raise LoraKitError(f"{spec}: not a diffusers pipeline folder (no model_index.json)")
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") != 1):
@@ -141,16 +152,21 @@ def _quiet_loggers():
             logging_module.set_verbosity(level)
 
 
-def open_pipeline(spec: str, dtype=None):
-    """A diffusers pipeline from a local folder or a hub id (the same code path), or `toy` for the shipped toy-world
-    model; one clear error otherwise."""
+def open_pipeline(spec: str, dtype=None, prediction_type: str | None = None, allow_pickle: bool = False):
+    """A diffusers pipeline from a local folder or a hub id (the same code path), `toy` for the shipped toy-world
+    model, or a single-file checkpoint (`model.safetensors`, or FLUX's parts joined by commas: see single_file);
+    one clear error otherwise. `prediction_type` overrides the scheduler's ("epsilon", "v_prediction")."""
     from .errors import LoraKitError
 
     if spec == TOY:
         import torch
 
         dtype = dtype or torch.float32  # its files hold fp16 and fp32 parts
-    spec = check_spec(spec)
+    spec = check_spec(spec, allow_pickle)
+    from .single_file.reader import is_single_file, open_single_file
+
+    if is_single_file(spec):
+        return open_single_file(spec, dtype, prediction_type, allow_pickle)
     import transformers
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -164,7 +180,21 @@ def open_pipeline(spec: str, dtype=None):
     except (OSError, ValueError) as e:
         raise LoraKitError(f"{spec}: cannot open the model ({str(e).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)
+    if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     return pipe
+
+
+def refuse_guessed_prediction(pipe, spec: str, prediction_type: str | None) -> None:
+    """Training and sampling need the prediction type: an SD2 single file that does not state it (768-v and
+    512-base share every key) is refused until --prediction-type says it."""
+    from .errors import LoraKitError
+    from .single_file.reader import SOURCE_ATTR
+
+    source = getattr(pipe, SOURCE_ATTR, None)
+    if prediction_type is None and source is not None and source.prediction_guessed:
+        raise LoraKitError(f"{source.main.path}: an SD2 checkpoint does not say whether it predicts v (768-v) or "
+                           "noise (512-base); pass --prediction-type v_prediction or epsilon")  # fmt: skip
 
 
 def meta_pipeline(arch: str):

@@ -21,7 +21,7 @@ from .errors import LoraKitError
 from .formats import embeddings as ti_files
 from .formats import files
 from .inject import targeted
-from .models import architecture, check_spec, local_path, open_pipeline, prediction_in
+from .models import architecture, check_spec, local_path, local_paths, open_pipeline, prediction_in
 from .state import check_fits, components, modules
 from .targets import resolve
 
@@ -234,7 +234,7 @@ def extract(
     """A LoRA file from two pipelines (folders or hub ids): SVD of every targeted weight difference, in fp32."""
     from .formats import write
 
-    files.check_output(output, force, [p for p in map(local_path, (base, tuned)) if p])
+    files.check_output(output, force, [*local_paths(base), *local_paths(tuned)])
     state, errors, total, skipped, base_pipe = extract_pipelines(
         base, tuned, rank, conv_rank, targets, text_encoders, fast=fast, progress=progress
     )
@@ -261,7 +261,7 @@ def convert(
     from .formats.stored import architecture_of
     from .models import meta_pipeline
 
-    files.check_output(output, force, [input, *([local_path(model)] if model and local_path(model) else [])])
+    files.check_output(output, force, [input, *(local_paths(model) if model else [])])
     precheck(input, allow_pickle)  # a missing file, a pickle not allowed, a bad header: before any model opens
     stored = _read_named(input)  # the file checked as stored before any model is built
     if model is not None:
@@ -312,20 +312,30 @@ def collapse_into_model(
     dtype=None,
     force=False,
     allow_pickle: bool = False,
+    single_file: bool = False,
 ) -> Path:
-    """Open MODEL, collapse LORA at `weight` (fp32 maths), save_pretrained to OUTPUT atomically (temp dir + rename).
-    With force an existing OUTPUT is replaced only if it is a pipeline folder holding neither input. LORA's file
-    is checked (dispatch.precheck) before MODEL is opened."""
+    """Open MODEL, collapse LORA at `weight` (fp32 maths), and write OUTPUT atomically: a diffusers folder
+    (save_pretrained to a temp dir + rename; with force an existing OUTPUT is replaced only if it is a pipeline
+    folder holding neither input), or with `single_file` one checkpoint in MODEL's layout (single_file.writer), each
+    component in the dtype MODEL stores it in unless `dtype`. LORA's file is checked (dispatch.precheck) before
+    MODEL is opened."""
     from .api import collapse, load
     from .formats.dispatch import precheck
     from .models import TOY, toy_model
 
     out = Path(output)
-    _check_pipeline_output(out, [Path(toy_model() if model == TOY else model), Path(lora)], force)
+    inputs = [Path(toy_model()) if model == TOY else p for p in local_paths(model)] + [Path(lora)]
+    if single_file:
+        files.check_output(out, force, inputs)
+    else:
+        _check_pipeline_output(out, inputs, force)
     precheck(lora, allow_pickle)
+    check_spec(model, allow_pickle)
     parent = out.resolve().parent
-    pipe = open_pipeline(model)
+    pipe = open_pipeline(model, allow_pickle=allow_pickle)
     load(pipe, lora, weight=weight, allow_pickle=allow_pickle)
+    if single_file:
+        _check_held(pipe, lora, model)
     collapse(pipe)
     if dtype is not None:
         pipe.to(dtype)
@@ -333,6 +343,11 @@ def collapse_into_model(
         modules_ = {c: m for c, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
         for comp, stored in _stored_dtypes(model, modules_).items():
             modules_[comp].to(stored)
+    if single_file:
+        from .single_file.writer import write_single_file
+
+        return write_single_file(pipe, out, dtype=dtype, force=force, inputs=tuple(inputs),
+                                 metadata={"lora_kit.collapsed": f"{Path(lora).name}@{weight:g}"})  # fmt: skip
     from safetensors import SafetensorError
 
     tmp = old = None
@@ -359,9 +374,30 @@ def collapse_into_model(
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
+def _check_held(pipe, lora, model: str) -> None:
+    """A single-file output holds the components MODEL's main file held: a LoRA that changes another one (the text
+    encoders of a FLUX transformer-only file) cannot be written there."""
+    from .inject import lora_modules
+    from .single_file.reader import SOURCE_ATTR
+
+    source = getattr(pipe, SOURCE_ATTR, None)
+    if source is None:
+        return
+    held = {c for c, (cp, _) in source.slots.items() if cp is source.main}
+    changed = sorted(c for c, m in components(pipe).items() if c not in held and next(lora_modules(m), None))
+    if changed:
+        raise LoraKitError(f"{lora} changes {', '.join(changed)}, which {source.main.path} does not hold; write a "
+                           "diffusers folder instead (-o DIR)")  # fmt: skip
+
+
 def _stored_dtypes(model: str, comps) -> dict[str, torch.dtype]:
     """{component: the one float dtype its safetensors files hold} for a local MODEL folder, or one in the hub
-    cache; a component whose files mix dtypes (or hold none we can read) is left out."""
+    cache; a component whose files mix dtypes (or hold none we can read) is left out. A single-file MODEL: the
+    writer keeps each tensor's own dtype, so nothing is cast here."""
+    from .single_file.reader import is_single_file
+
+    if is_single_file(model):
+        return {}
     root = local_path(model)
     if root is None:
         try:

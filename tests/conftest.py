@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
 
 import pytest
 
@@ -16,17 +15,10 @@ WORDS = ["a", "photo", "of", "dog", "cat", "sks", "the", "in", "on", "style", "p
 ARCHS = ["sd1", "sd2", "sdxl", "sd3", "flux"]
 
 
-@lru_cache
 def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte -> printable-character table, from the toy world's pretraining script (one copy)."""
-    import importlib.util
-    from pathlib import Path
+    from lora_kit.single_file.tokenizers import bytes_to_unicode
 
-    path = Path(__file__).resolve().parents[1] / "datasets" / "toyworld" / "pretrain.py"
-    spec = importlib.util.spec_from_file_location("toy_pretrain_for_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.bytes_to_unicode()
+    return bytes_to_unicode()
 
 
 def write_byte_level_clip_tokenizer(folder: str, words=WORDS) -> None:

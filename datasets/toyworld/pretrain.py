@@ -5,7 +5,7 @@ jointly with the DDPM epsilon objective and 10% caption dropout (for classifier-
 last 5000 steps with a share of the captions naming the class alone ("a circle on a blue background": the prompt
 DreamBooth's prior preservation asks for, which the base could not draw before); then (cpu recipe) the VAE decoder
 alone, fine-tuned with the encoder frozen so the UNet's latent space stays the same. The tokenizer is the real CLIP BPE
-vocabulary (49,408 tokens, shipped as lora_kit/assets/toyworld/bpe_simple_vocab_16e6.txt.gz). The result is saved in
+vocabulary (49,408 tokens, shipped as lora_kit/assets/tokenizers/bpe_simple_vocab_16e6.txt.gz). The result is saved in
 fp16 as a diffusers folder that `StableDiffusionPipeline.from_pretrained(OUT/model)` loads.
 
     python datasets/toyworld/pretrain.py OUT              # full recipe (~10 min on one GPU, hours on 2 CPU cores)
@@ -19,7 +19,6 @@ fp16 as a diffusers folder that `StableDiffusionPipeline.from_pretrained(OUT/mod
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shutil
 import sys
@@ -62,32 +61,13 @@ RECIPES = {  # measured in shared/reference/toyworld-notes.md: the full one reac
 }  # fmt: skip
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-character table."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
-
-
 def write_clip_tokenizer(folder: Path):
-    """The exact openai CLIP vocabulary (ids as clip-vit-large-patch14) from the BPE merges file."""
+    """The exact openai CLIP vocabulary (ids as clip-vit-large-patch14), from the BPE merges lora_kit ships."""
     from transformers import CLIPTokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    merges = gzip.open(ASSETS / "bpe_simple_vocab_16e6.txt.gz").read().decode("utf-8").split("\n")
-    merges = merges[1 : 49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    from lora_kit.single_file.tokenizers import write_clip_vocab
+
+    write_clip_vocab(folder)
     return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS)
 
 
@@ -228,6 +208,17 @@ def deterministic_posterior(vae) -> None:
         vae.quant_conv.weight[channels:] = 0
         vae.quant_conv.bias[channels:] = -30.0
 
+
+
+def loads_in_fp32(config: Path) -> None:
+    """Make a saved text encoder open in fp32 by default, as the UNet and VAE beside it do. The weights stay fp16
+    (half the size); diffusers opens its own models in fp32 unless told a dtype, but transformers 5 opens a model in
+    the dtype its config.json records (save_pretrained writes the saved dtype, float16), so a plain
+    `StableDiffusionPipeline.from_pretrained(folder)` had an fp16 text encoder beside an fp32 UNet and failed at the
+    first prompt. An explicit dtype (`dtype=torch.float16`) still gives that dtype everywhere."""
+    values = json.loads(config.read_text())
+    values["dtype"] = "float32"
+    config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 def cosine_lr(lr: float, steps: int, step: int, restarts=()) -> float:
     """Cosine decay from lr to 0 over steps, restarted (warm restarts) at each (step, lr) pair of `restarts`."""
@@ -383,6 +374,7 @@ def pretrain(
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)  # fmt: skip
     pipe.to(torch.float16).save_pretrained(out / "model")
+    loads_in_fp32(out / "model" / "text_encoder" / "config.json")
     log(f"saved {out / 'model'} after {time.time() - t0:.0f} s on {dev}")
     return out / "model"
 

@@ -20,8 +20,15 @@ VARIANTS = {  # key fragments of LoRA variants lora_kit does not read yet -> the
 }  # fmt: skip
 
 
-def check_variants(keys: Iterable[str], source: str) -> None:
-    """Refuse LoRA variants lora_kit does not read yet, by name, instead of dropping their keys."""
+def check_variants(keys: Iterable[str], source: str, entries: Mapping | None = None) -> None:
+    """Refuse a base model given as a LoRA, and LoRA variants lora_kit does not read yet, by name, instead of
+    dropping their keys. `entries`: the safetensors header when there is one (its shapes tell SD1 from SD2)."""
+    from ..single_file.sniff import sniff
+
+    keys = list(keys)
+    model = sniff(source, entries or {k: {"shape": []} for k in keys}, {})
+    if model is not None:
+        raise LoraKitError(f"{source}: is {model.describe()}, a base model, not a LoRA")
     for key in keys:
         for fragment, variant in VARIANTS.items():
             if fragment in key:

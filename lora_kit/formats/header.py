@@ -107,11 +107,35 @@ def guess_architecture(stems: list[str], metadata: dict[str, str], in_features: 
     return "sd1/sd2" if stems else "unknown"
 
 
+def describe_checkpoint(model, path) -> dict:
+    """What lora-inspect prints of a base model's checkpoint (or one part of one)."""
+    from ..single_file.sniff import ARCH_NAMES
+
+    dtypes = Counter(model.dtypes.values())
+    arch = model.arch or model.part_arch
+    return {
+        "file": str(path),
+        "size_bytes": os.path.getsize(path),
+        "format": "checkpoint" if model.arch else "checkpoint part",
+        "architecture": ARCH_NAMES.get(arch, "unknown") if arch else "(a part of any)",
+        "components": {comp: (prefix or "(no prefix)") for comp, prefix in model.parts.items()},
+        "tensors": len(model.shapes),
+        "parameters": sum(math.prod(s) for s in model.shapes.values()),
+        "dtypes": dict(dtypes.most_common()),
+        "prediction_type": model.prediction(),
+        "metadata": {k: v for k, v in model.metadata.items() if k != "lora_kit.pipeline"},
+    }
+
+
 def describe(path: str | os.PathLike) -> dict:
     """What lora-inspect prints. A file that is no LoRA, a variant lora_kit does not read or a malformed module
     (check.module_problem, on the shapes in the header) is a LoraKitError, as in every other tool."""
+    from ..single_file.sniff import sniff
+
     header, metadata = read_header(path)
-    check.check_variants(header, str(path))
+    if model := sniff(path, header, metadata):
+        return describe_checkpoint(model, path)
+    check.check_variants(header, str(path), header)
     parts = {key: split for key in header if (split := _split(key))}
     if not parts:
         raise check.not_a_lora(str(path), list(header))

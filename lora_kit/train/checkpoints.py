@@ -58,12 +58,24 @@ def data_fingerprint(folder: str | Path, instance_prompt: str | None = None) -> 
 
 
 def model_fingerprint(spec: str) -> str:
-    from ..models import local_path
+    from ..models import local_paths
 
-    root = local_path(spec)
-    if root is None:  # a hub id
+    roots = local_paths(spec)
+    if not roots:  # a hub id
         return hashlib.sha256(spec.encode()).hexdigest()[:16]
-    return _files_digest(root, lambda p: True, lambda p: p.suffix.lower() not in WEIGHT_SUFFIXES)
+    if len(roots) == 1 and roots[0].is_dir():
+        return _files_digest(roots[0], lambda p: True, lambda p: p.suffix.lower() not in WEIGHT_SUFFIXES)
+    h = hashlib.sha256()  # single-file checkpoints: each file's size and header (its keys, shapes and metadata)
+    for root in roots:
+        h.update(_files_digest(root, lambda p: True, lambda p: False).encode() if root.is_dir() else _head(root))
+    return h.hexdigest()[:16]
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        head = f.read(min(n, 100_000_000)) if path.suffix == ".safetensors" else b""
+    return hashlib.sha256(f"{path.stat().st_size}\0".encode() + head).digest()
 
 
 def fingerprints(cfg: TrainConfig) -> dict[str, str]:

@@ -24,6 +24,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 PRIOR_TARGETS = ("images", "base")
 INITS = ("kaiming", "gaussian")
+PREDICTIONS = ("epsilon", "v_prediction")
 
 
 # allowed values of numeric fields; an unset (None) value is always fine
@@ -65,7 +66,7 @@ def choices() -> dict[str, tuple[str, ...]]:
 
     clip = tuple(p for p in PRESETS if p.startswith("clip-"))
     return {"mode": MODES, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS, "optimizer": OPTIMIZERS,
-            "save_dtype": SAVE_DTYPES, "prior_target": PRIOR_TARGETS, "init": INITS,
+            "save_dtype": SAVE_DTYPES, "prior_target": PRIOR_TARGETS, "init": INITS, "prediction_type": PREDICTIONS,
             "targets": tuple(p for p in PRESETS if p not in clip), "text_encoder_targets": clip}  # fmt: skip
 
 
@@ -101,7 +102,9 @@ def split_prompts(text: str) -> list[str]:
 
 @dataclass
 class TrainConfig:
-    model: str = ""  # diffusers folder or hub id
+    model: str = ""  # diffusers folder, hub id, toy, or single-file checkpoint(s) (comma-separated parts)
+    prediction_type: str | None = None  # epsilon | v_prediction: overrides the model's (SD2 files cannot tell)
+    allow_pickle: bool = False  # open a pickled .ckpt/.pt model (torch's weights-only loader)
     data: str = ""  # folder of images (+ .txt captions or a lora-ppim manifest.jsonl)
     output: str = ""  # the LoRA file; checkpoints go to <stem>-checkpoints/
     mode: str = "lora"
@@ -181,7 +184,7 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f.name, value, "it must be a finite number")
         for name, allowed in choices().items():
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) not in allowed and not (name == "prediction_type" and self.prediction_type is None):
                 raise ConfigError(name, getattr(self, name), f"choose one of {', '.join(allowed)}")
         for names, ok, rule in BOUNDS:
             for name in names:
@@ -221,8 +224,11 @@ class TrainConfig:
         fingerprints their files (a folder spelled another way, or moved, is the same data); the class folder is
         taken resolved."""
         loose = {"steps", "save_every", "save_limit", "resume", "validation_prompt", "validate_every",
-                 "validation_steps", "logdir", "force", "output", "save_dtype", "extra", "model", "data"}  # fmt: skip
+                 "validation_steps", "logdir", "force", "output", "save_dtype", "extra", "model", "data",
+                 "allow_pickle"}  # fmt: skip
         kept = {k: v for k, v in self.to_dict().items() if k not in loose}
+        if self.prediction_type is None:  # (as before the field existed: earlier checkpoints still resume)
+            kept.pop("prediction_type")
         if self.class_data is not None:
             kept["class_data"] = str(Path(self.class_data).resolve())
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]

@@ -165,14 +165,13 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
     data or model, class images drawn with other settings, a folder option (logdir, class_data) naming a file.
     Returns the run's fingerprints (what its checkpoints record) when it saves or resumes checkpoints."""
     from ..formats import files
-    from ..models import local_path
+    from ..models import local_paths
 
     for name in ("model", "data", "output"):
         if not getattr(cfg, name):
             raise ConfigError(name, getattr(cfg, name), "it is required (a path)")
-    model = local_path(cfg.model)
     for path in outputs(cfg):
-        files.check_output(path, cfg.force, [cfg.data, *inputs, *([model] if model else [])])
+        files.check_output(path, cfg.force, [cfg.data, *inputs, *local_paths(cfg.model)])
     if cfg.mixed_precision == "fp16" and not _uses_cuda():  # the CPU has no fp16 autocast: one line, not a crash
         raise ConfigError("mixed_precision", "fp16", "it needs a CUDA GPU; use bf16 or no on the CPU")
     for name in ("logdir", "class_data"):
@@ -247,7 +246,7 @@ def train(
     `inputs`: other files the job reads, never overwritten (lora-train's --config)."""
     from tqdm import tqdm
 
-    from ..models import open_pipeline
+    from ..models import open_pipeline, refuse_guessed_prediction
 
     prints = check_before_loading(cfg, inputs)
     accelerator = make_accelerator(cfg)
@@ -257,7 +256,8 @@ def train(
     examples, skipped = scan(cfg.data, cfg.instance_prompt)
     # the frozen base in the training precision (a model saved in fp16 trains in fp32 unless asked otherwise)
     base_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    pipe = pipe or open_pipeline(cfg.model, dtype=base_dtype)
+    pipe = pipe or open_pipeline(cfg.model, base_dtype, cfg.prediction_type, cfg.allow_pickle)
+    refuse_guessed_prediction(pipe, cfg.model, cfg.prediction_type)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     backbone = Backbone(pipe, cfg.clip_skip)
