@@ -130,12 +130,13 @@ def model_type(main: Checkpoint, arch: str) -> str:
     return found if found is not None and (ASSETS / str(found)).is_dir() else DEFAULT_TYPE[arch]
 
 
-def config_folder(main: Checkpoint, arch: str, folder: Path) -> None:
-    """Write the configs of the pipeline `main` holds into `folder`: those lora_kit stored in the file, else the
-    shipped ones for its model type, with CLIP tokenizers from the shipped merges."""
+def config_folder(main: Checkpoint, arch: str, folder: Path, rest: str | None = None) -> None:
+    """Write the configs of the pipeline `main` holds into `folder`: those lora_kit stored in the file, else those
+    of the diffusers folder or hub id the spec takes the other parts from, else the shipped ones for its model type;
+    tokenizers given by their settings get lora_kit's vocabularies (tokenizers.py)."""
     import shutil
 
-    from .tokenizers import write_clip_tokenizer, write_clip_vocab
+    from .tokenizers import add_vocabulary
 
     stored = main.metadata.get(PIPELINE_KEY)
     if stored:
@@ -148,17 +149,36 @@ def config_folder(main: Checkpoint, arch: str, folder: Path) -> None:
                 target.write_text(text)
         except (json.JSONDecodeError, AttributeError, TypeError):
             raise LoraKitError(f"{main.path}: its {PIPELINE_KEY} metadata is not valid JSON of files") from None
-        for name in tokenizer_slots(json.loads((folder / "model_index.json").read_text())):
-            sub = folder / name
-            if sub.is_dir() and not (sub / "tokenizer.json").is_file() and not (sub / "vocab.json").is_file():
-                write_clip_vocab(sub)  # OpenAI's CLIP vocabulary, stored as its settings alone
-        return
-    shutil.copytree(ASSETS / model_type(main, arch), folder, dirs_exist_ok=True)
+    elif rest is not None:
+        _configs_of(rest, folder)
+    else:
+        shutil.copytree(ASSETS / model_type(main, arch), folder, dirs_exist_ok=True)
     index = json.loads((folder / "model_index.json").read_text())
-    for name in tokenizer_slots(index):
-        if index[name][1] == "CLIPTokenizer":
-            pad = "<|endoftext|>" if name == "tokenizer" and arch in ("sd1", "sdxl", "sd3", "flux") else "!"
-            write_clip_tokenizer(folder / name, pad_token=pad)
+    for name in tokenizer_slots(index):  # the shipped vocabularies, where the folder holds a tokenizer's settings
+        if (folder / name).is_dir():
+            add_vocabulary(folder / name, index[name][1])
+
+
+CONFIG_FILES = ("*.json", "*.txt", "*.model")  # configs and tokenizer files: no weights
+
+
+def _configs_of(rest: str, folder: Path) -> None:
+    """The config and tokenizer files of a diffusers folder, or of a hub id (its cache, or the hub when online)."""
+    import shutil
+
+    source = Path(rest)
+    if not source.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            source = Path(snapshot_download(rest, allow_patterns=list(CONFIG_FILES)))
+        except Exception as e:  # noqa: BLE001 - offline and not cached, unknown repo, ...
+            raise LoraKitError(f"{rest}: cannot read its configs ({str(e).splitlines()[0][:200]})") from None
+    for pattern in CONFIG_FILES:
+        for p in source.rglob(pattern):
+            target = folder / p.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, target)
 
 
 def open_single_file(spec: str, dtype=None, prediction_type: str | None = None, allow_pickle: bool = False):
@@ -173,7 +193,7 @@ def open_single_file(spec: str, dtype=None, prediction_type: str | None = None, 
     dtype = dtype or torch.float32
     with tempfile.TemporaryDirectory(prefix="lora_kit-config-") as tmp, _quiet_loggers():
         folder = Path(tmp)
-        config_folder(main, arch, folder)
+        config_folder(main, arch, folder, rest)
         index = json.loads((folder / "model_index.json").read_text())
         given, slots = _parts(parts, arch, folder, dtype)
         slots |= {comp: (main, prefix) for comp, prefix in main.parts.items()}
@@ -203,6 +223,7 @@ def open_single_file(spec: str, dtype=None, prediction_type: str | None = None, 
         source.prediction_guessed = True  # SD2 768-v and 512-base share their keys
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
+            realign(module)
             module.eval()
     setattr(pipe, SOURCE_ATTR, source)
     return pipe
@@ -265,6 +286,19 @@ def tensor_reader(path: Path):
     from safetensors import safe_open
 
     return safe_open(str(path), "pt").get_tensor
+
+
+def realign(module) -> None:
+    """Tensors read from a file may start at any byte (safetensors packs them end to end); CPU kernels block their
+    work by alignment, so a misaligned weight gives other last bits than the same weight loaded from a folder. Each
+    one is copied to a fresh (64-byte aligned) allocation, one at a time: the same numbers as from_pretrained's, bit
+    for bit, and no second copy of the model."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
 
 
 def _slot(part: Checkpoint, kind: str, arch: str) -> str:
@@ -367,6 +401,5 @@ def tokenizer_slots(index: dict) -> list[str]:
 def _check_tokenizers(index: dict, folder: Path, main: Checkpoint) -> None:
     lacking = [n for n in tokenizer_slots(index) if not (folder / n).is_dir()]
     if lacking:
-        raise LoraKitError(f"{main.path}: its {', '.join(lacking)} (T5) is not shipped with lora_kit; add a "
-                           "diffusers folder or hub id that has it after a comma, e.g. "
-                           "',black-forest-labs/FLUX.1-dev'")  # fmt: skip
+        raise LoraKitError(f"{main.path}: its {', '.join(lacking)} is not shipped with lora_kit; add a diffusers "
+                           "folder or hub id that has it after a comma")  # fmt: skip

@@ -1,5 +1,7 @@
 """The tokenizers a single-file checkpoint does not carry: OpenAI's CLIP vocabulary, rebuilt from the BPE merges
-lora_kit ships (lora_kit/assets/tokenizers), so that SD1/SD2/SDXL/SD3/FLUX checkpoints open with no download."""
+lora_kit ships, and T5 v1.1's (SD3's and FLUX's third/second), shipped compressed (lora_kit/assets/tokenizers), so
+that SD1/SD2/SDXL/SD3/FLUX checkpoints open with no download. The settings of each (padding, length) are the config
+folder's `tokenizer_config.json`; these functions add only the vocabulary files."""
 
 from __future__ import annotations
 
@@ -8,8 +10,11 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-MERGES = Path(__file__).resolve().parents[1] / "assets" / "tokenizers" / "bpe_simple_vocab_16e6.txt.gz"
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tokenizers"
+MERGES = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
+T5 = ASSETS / "t5_v1_1_tokenizer.json.gz"  # google/t5-v1_1-xxl's tokenizer.json (32,100 tokens; see README there)
 CLIP_VOCAB_SIZE = 49408
+T5_VOCAB_SIZE = 32100
 
 
 @lru_cache
@@ -49,17 +54,38 @@ def write_clip_tokenizer(folder: Path, *, pad_token: str = "<|endoftext|>", mode
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
-def is_standard_clip(tokenizer) -> bool:
-    """True when `tokenizer` is OpenAI's CLIP vocabulary with nothing added (what write_clip_tokenizer rebuilds)."""
-    if type(tokenizer).__name__ not in ("CLIPTokenizer", "CLIPTokenizerFast") or len(tokenizer) != CLIP_VOCAB_SIZE:
+def write_t5_vocab(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_bytes(gzip.open(T5).read())
+
+
+VOCABULARIES = {"CLIPTokenizer": (write_clip_vocab, CLIP_VOCAB_SIZE), "CLIPTokenizerFast": (write_clip_vocab, CLIP_VOCAB_SIZE),
+                "T5TokenizerFast": (write_t5_vocab, T5_VOCAB_SIZE), "T5Tokenizer": (write_t5_vocab, T5_VOCAB_SIZE)}  # fmt: skip
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model")
+
+
+def add_vocabulary(folder: Path, cls_name: str) -> None:
+    """Put the shipped vocabulary of a `cls_name` tokenizer into `folder` (which holds its settings), unless the
+    folder has one of its own."""
+    if cls_name in VOCABULARIES and not any((folder / f).is_file() for f in VOCAB_FILES):
+        VOCABULARIES[cls_name][0](folder)
+
+
+def is_shipped(tokenizer) -> bool:
+    """True when `tokenizer`'s vocabulary is one lora_kit ships (OpenAI's CLIP, T5 v1.1) with nothing added: a file
+    may then store the tokenizer's settings alone."""
+    name = type(tokenizer).__name__
+    if name not in VOCABULARIES or len(tokenizer) != VOCABULARIES[name][1]:
         return False
-    return _standard_vocab() == tokenizer.get_vocab()
+    return _shipped_vocab(name) == tokenizer.get_vocab()
 
 
-@lru_cache(maxsize=1)
-def _standard_vocab() -> dict[str, int]:
+@lru_cache(maxsize=4)
+def _shipped_vocab(cls_name: str) -> dict[str, int]:
     import tempfile
 
+    import transformers
+
     with tempfile.TemporaryDirectory() as tmp:
-        write_clip_vocab(Path(tmp))
-        return json.loads((Path(tmp) / "vocab.json").read_text())
+        VOCABULARIES[cls_name][0](Path(tmp))
+        return getattr(transformers, cls_name).from_pretrained(tmp).get_vocab()

@@ -3,7 +3,7 @@
 The layout is the input's (its prefixes, and every key the pipeline has no place for kept as it was: EMA weights,
 SD2's unused last OpenCLIP layer, `logit_scale`, buffers), or for a pipeline opened from a folder the layout A1111 and
 ComfyUI save for its architecture (sniff.LAYOUTS). Each tensor keeps the dtype the input stored it in unless a dtype
-is given. The pipeline's configs (and any tokenizer that is not OpenAI's CLIP vocabulary) go into the header
+is given. The pipeline's configs (and any tokenizer whose vocabulary lora_kit does not ship) go into the header
 (`lora_kit.pipeline`), so lora_kit opens the file again as exactly this pipeline; other readers ignore it.
 """
 
@@ -162,8 +162,8 @@ def stream(out: Path, rows: list[tuple[str, list[int], torch.dtype, Callable]], 
 
 def _config_files(pipe) -> dict[str, str]:
     """{relative path: text} of the pipeline's config files (model_index.json, each component's config, and the
-    tokenizers other than OpenAI's CLIP vocabulary, which lora_kit rebuilds itself)."""
-    from .tokenizers import is_standard_clip
+    tokenizers whose vocabulary lora_kit does not ship: OpenAI's CLIP and T5 v1.1 are left to tokenizers.py)."""
+    from .tokenizers import VOCAB_FILES, is_shipped
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -176,8 +176,8 @@ def _config_files(pipe) -> dict[str, str]:
             sub = folder / name
             if name in tokenizer_slots(index):
                 module.save_pretrained(sub)
-                if is_standard_clip(module):  # its settings only: the vocabulary is rebuilt from the shipped merges
-                    for big in ("tokenizer.json", "vocab.json", "merges.txt"):
+                if is_shipped(module):  # its settings only: the vocabulary is lora_kit's own (tokenizers.py)
+                    for big in VOCAB_FILES:
                         (sub / big).unlink(missing_ok=True)
             elif hasattr(module, "save_config"):  # diffusers models and schedulers
                 module.save_config(sub)
