@@ -21,9 +21,8 @@ def tiny(arch: str, folder: str):
     """A tiny pipeline whose two CLIPs differ in width (SDXL, SD3), as the real ones do: diffusers tells the
     encoders of a checkpoint apart by width, so two of one width would read the first one twice."""
     import diffusers as d
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
     from conftest import build_pipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     if arch in ("sd1", "sd2", "flux"):
@@ -32,7 +31,8 @@ def tiny(arch: str, folder: str):
         tok, tok2 = clip_tokenizer(os.path.join(folder, "t1")), clip_tokenizer(os.path.join(folder, "t2"), "!")
         unet = d.UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
             cross_attention_dim=80, norm_num_groups=1,
@@ -43,7 +43,8 @@ def tiny(arch: str, folder: str):
             tokenizer_2=tok2, unet=unet, scheduler=d.EulerDiscreteScheduler(steps_offset=1),
         )  # fmt: skip
     elif arch == "sd3":
-        tok, tok2, tok3 = clip_tokenizer(os.path.join(folder, "t1")), clip_tokenizer(os.path.join(folder, "t2"), "!"), t5_tokenizer()
+        tok, tok2 = clip_tokenizer(os.path.join(folder, "t1")), clip_tokenizer(os.path.join(folder, "t2"), "!")
+        tok3 = t5_tokenizer()
         t5 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=96, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                      relative_attention_num_buckets=8, decoder_start_token_id=0))  # fmt: skip
         transformer = d.SD3Transformer2DModel(
@@ -101,8 +102,8 @@ def test_diffusers_reads_what_lora_kit_writes(arch, tmp_path):
     pipe.save_pretrained(tmp_path / "folder")
     path = write_single_file(pipe, tmp_path / "model.safetensors")
     found = sniff(path)
-    assert found.arch == arch and set(found.parts) == {c for c in pipe.components if c[:4] in ("unet", "tran", "vae", "text")
-                                                       and pipe.components[c] is not None}  # fmt: skip
+    held = {c for c, m in pipe.components.items() if c.startswith(("unet", "transformer", "vae", "text")) and m}
+    assert found.arch == arch and set(found.parts) == held
     theirs = type(pipe).from_single_file(str(path), config=str(tmp_path / "folder"), local_files_only=True)
     assert_same_weights(pipe, theirs)
     ours = open_pipeline(str(path))
@@ -167,8 +168,9 @@ def test_flux_file_of_any_width_and_its_parts(tmp_path):
 
 
 def _lora(pipe, path, preset, component, seed=3):
-    import lora_kit
     from conftest import randomize_adapters
+
+    import lora_kit
     from lora_kit.inject import inject_lora, remove_lora
 
     module = getattr(pipe, component)
@@ -192,8 +194,9 @@ def toy_file(tmp_path_factory):
 def test_merge_into_a_checkpoint_equals_collapse_in_memory(toy_file, tmp_path):
     """`lora-merge MODEL.safetensors LORA -o x.safetensors`: the checkpoint opened again equals collapsing the LoRA
     in memory, keys it does not model are kept bit for bit, the input is untouched, and outputs are refused."""
-    import lora_kit
     from lora_kit.cli.merge import main as merge
+
+    import lora_kit
     from lora_kit.models import open_pipeline
     from lora_kit.single_file.writer import DTYPE_NAMES, stream, tensor_reader
 
@@ -229,9 +232,9 @@ def test_merge_into_a_checkpoint_equals_collapse_in_memory(toy_file, tmp_path):
 
 def test_a_folder_written_as_a_single_file_in_fp16(tmp_path):
     """`lora-merge FOLDER LORA --to single-file --dtype fp16`: A1111's SD1 layout, every float tensor F16."""
+    from lora_kit.cli.merge import main as merge
     from safetensors import safe_open
 
-    from lora_kit.cli.merge import main as merge
     from lora_kit.models import open_pipeline
 
     pipe = open_pipeline("toy")
@@ -271,9 +274,8 @@ def test_training_from_a_single_file_is_bit_identical(toy_file, tmp_path):
 
 
 def test_generating_from_a_single_file_is_bit_identical(toy_file, tmp_path):
-    from PIL import Image
-
     from lora_kit.cli.generate import main as generate
+    from PIL import Image
 
     pixels = []
     for model in ("toy", toy_file):
@@ -320,6 +322,7 @@ def test_wrong_files_get_one_line(toy_file, tmp_path):
     without its other parts, a pickle without --allow-pickle: one line naming the file, exit 2, nothing written."""
     from lora_kit.cli.generate import main as generate
     from lora_kit.cli.merge import main as merge
+
     from lora_kit.models import check_spec, open_pipeline
     from lora_kit.single_file.writer import stream
 
@@ -415,3 +418,63 @@ def reader_assets():
     from lora_kit.single_file import reader
 
     return reader.ASSETS
+
+
+SHIPPED = {"v1": "sd1", "v2": "sd2", "xl_base": "sdxl", "sd3": "sd3", "sd35_medium": "sd3", "sd35_large": "sd3",
+           "flux-dev": "flux", "flux-schnell": "flux"}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", sorted(SHIPPED))
+def test_shipped_configs_are_the_ones_real_files_get(model_type, tmp_path):
+    """Each shipped config folder builds its real-size pipeline (on the meta device: shapes, no weights); the
+    checkpoint keys and shapes lora_kit would write for it are told as the right architecture, and diffusers' own
+    model-type inference on them picks this very folder, so a real file of that model opens with these configs."""
+    import diffusers
+    import transformers
+
+    from lora_kit.single_file import reader
+    from lora_kit.single_file.sniff import LAYOUTS, sniff
+    from lora_kit.single_file.writer import DTYPE_NAMES, plan
+
+    folder = reader.ASSETS / model_type
+    index = json.loads((folder / "model_index.json").read_text())
+    arch = SHIPPED[model_type]
+    parts = {}
+    with torch.device("meta"):
+        for comp in LAYOUTS[arch]:
+            library, cls_name = index[comp]
+            if library == "diffusers":
+                cls = getattr(diffusers, cls_name)
+                parts[comp] = cls.from_config(cls.load_config(folder / comp))
+            else:
+                cls = getattr(transformers, cls_name)
+                parts[comp] = cls(cls.config_class.from_pretrained(folder / comp))
+
+    class Pipe:  # what plan() reads of a pipeline: its components by name
+        def __init__(self, comps):
+            self.__dict__.update(comps)
+
+    entries = {key: {"shape": shape, "dtype": DTYPE_NAMES[torch.float16]}
+               for key, (shape, _, _) in plan(Pipe(parts), {c: p for c, (_, p) in LAYOUTS[arch].items()},
+                                               _source(arch)).items()}  # fmt: skip
+    found = sniff(tmp_path / "x.safetensors", entries, {})
+    assert found.arch == arch and set(found.parts) == set(LAYOUTS[arch])
+    assert reader.model_type(found, arch) == model_type
+    for name in reader.tokenizer_slots(index):  # the shipped vocabularies load as the configs ask
+        sub = tmp_path / name
+        import shutil
+
+        shutil.copytree(folder / name, sub)
+        from lora_kit.single_file.tokenizers import add_vocabulary
+
+        add_vocabulary(sub, index[name][1])
+        tok = getattr(transformers, index[name][1]).from_pretrained(sub)
+        expected = [3, 9, 1202, 13, 3, 9, 1712, 1] if "T5" in index[name][1] else [49406, 320, 1125, 539, 320, 2368]
+        assert tok("a photo of a cat").input_ids[: len(expected)] == expected
+
+
+def _source(arch):
+    """A stand-in Source naming the architecture (plan() reads the arch from it)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(main=SimpleNamespace(arch=arch, part_arch=None))

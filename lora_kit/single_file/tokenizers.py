@@ -59,8 +59,8 @@ def write_t5_vocab(folder: Path) -> None:
     (folder / "tokenizer.json").write_bytes(gzip.open(T5).read())
 
 
-VOCABULARIES = {"CLIPTokenizer": (write_clip_vocab, CLIP_VOCAB_SIZE), "CLIPTokenizerFast": (write_clip_vocab, CLIP_VOCAB_SIZE),
-                "T5TokenizerFast": (write_t5_vocab, T5_VOCAB_SIZE), "T5Tokenizer": (write_t5_vocab, T5_VOCAB_SIZE)}  # fmt: skip
+_CLIP, _T5 = (write_clip_vocab, CLIP_VOCAB_SIZE), (write_t5_vocab, T5_VOCAB_SIZE)
+VOCABULARIES = {"CLIPTokenizer": _CLIP, "CLIPTokenizerFast": _CLIP, "T5TokenizerFast": _T5, "T5Tokenizer": _T5}
 VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "spiece.model")
 
 
