@@ -11,7 +11,8 @@ from ._common import command, friendly_errors, output_options, torch_dtype
 @click.argument("input", type=click.Path())
 @click.option("--to", "to", type=click.Choice(["kohya", "peft", "native"]), required=True, help="Format to write.")
 @click.option("--model", default=None,
-              help="The base model the LoRA is for (diffusers folder or hub id): module names are mapped through "
+              help="The base model the LoRA is for (diffusers folder, hub id or single-file checkpoint): module "
+                   "names are mapped through "
                    "its own module list. Default: the architecture the file is for (SD1.5, SD2.1, SDXL, SD3, FLUX), "
                    "built on the meta device from configs lora_kit ships.")  # fmt: skip
 @click.option("--allow-pickle", is_flag=True, help="Read a legacy pickled .pt input (with torch weights_only).")

@@ -22,8 +22,9 @@ from ._common import command, friendly_errors, output_options, progress, torch_d
 @output_options
 @friendly_errors
 def main(base, tuned, rank, conv_rank, targets, text_encoder, exact, fmt, output, dtype, force):
-    """Extract a LoRA from BASE and TUNED (diffusers folders or hub ids of the same architecture): every targeted
-    module's weight difference is factored in fp32; per-module and total relative errors are printed."""
+    """Extract a LoRA from BASE and TUNED (diffusers folders, hub ids or single-file checkpoints of the same
+    architecture): every targeted module's weight difference is factored in fp32; per-module and total relative
+    errors are printed."""
     from lora_kit import tools
 
     report = tools.extract(base, tuned, output, rank=rank, conv_rank=conv_rank, targets=targets,

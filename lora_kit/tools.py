@@ -231,7 +231,8 @@ def extract(
     force: bool = False,
     progress: Callable = _same,
 ) -> Report:
-    """A LoRA file from two pipelines (folders or hub ids): SVD of every targeted weight difference, in fp32."""
+    """A LoRA file from two pipelines (folders, hub ids or single-file checkpoints): SVD of every targeted weight
+    difference, in fp32."""
     from .formats import write
 
     files.check_output(output, force, [*local_paths(base), *local_paths(tuned)])
@@ -332,7 +333,12 @@ def collapse_into_model(
     precheck(lora, allow_pickle)
     check_spec(model, allow_pickle)
     parent = out.resolve().parent
-    pipe = open_pipeline(model, allow_pickle=allow_pickle)
+    from .single_file.reader import is_single_file, stored_dtype
+
+    # a checkpoint opens in the dtype it stores (collapse adds in fp32 and rounds once, as it would after an fp32
+    # open): one copy of the weights in memory
+    pipe = open_pipeline(model, stored_dtype(model, allow_pickle) if is_single_file(model) else None,
+                         allow_pickle=allow_pickle)  # fmt: skip
     load(pipe, lora, weight=weight, allow_pickle=allow_pickle)
     if single_file:
         _check_held(pipe, lora, model)

@@ -113,6 +113,19 @@ def pickled_state(p: Path) -> dict:
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
+def stored_dtype(spec: str, allow_pickle: bool = False):
+    """The one float dtype the main file of a spec stores its weights in (torch), or None when it mixes several:
+    lora-merge opens a checkpoint in it, so that it holds one copy of the weights, not an fp32 one."""
+    import torch
+
+    from .writer import NAMED_DTYPES
+
+    main = check(spec, allow_pickle)[0]
+    names = {NAMED_DTYPES.get(d, getattr(torch, d.removeprefix("torch."), None)) for d in main.dtypes.values()}
+    floats = {d for d in names if isinstance(d, torch.dtype) and d.is_floating_point}
+    return floats.pop() if len(floats) == 1 else None
+
+
 def model_type(main: Checkpoint, arch: str) -> str:
     """The model type whose shipped configs fit the file: diffusers' own inference from the keys and shapes (run on
     empty tensors), or the architecture's default."""
