@@ -32,9 +32,7 @@ def main(file: str, as_json: bool, metadata: bool) -> None:
         click.echo(f"  dtypes        {', '.join(f'{d} x{n}' for d, n in info['dtypes'].items())}")
         if info["prediction_type"]:
             click.echo(f"  prediction    {info['prediction_type']}")
-        if metadata:
-            for k, v in sorted(info["metadata"].items()):
-                click.echo(f"  {k} = {v if len(v) < 100 else v[:97] + '...'}")
+        _metadata(info, metadata)
         return
     click.echo(f"  architecture  {info['architecture']}")
     comps = ", ".join(f"{c} {n}" for c, n in info["components"].items())
@@ -48,7 +46,11 @@ def main(file: str, as_json: bool, metadata: bool) -> None:
         click.echo(f"  trigger words {info['trigger_words']}")
     if info["other_keys"]:
         click.echo(f"  other keys    {', '.join(info['other_keys'])}")
-    if metadata:
+    _metadata(info, metadata)
+
+
+def _metadata(info: dict, shown: bool) -> None:
+    if shown:
         for k, v in sorted(info["metadata"].items()):
             click.echo(f"  {k} = {v if len(v) < 100 else v[:97] + '...'}")
 

@@ -200,12 +200,18 @@ def serialize(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
 def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:
     """Write bytes to a temp file beside `path`, then rename: readers never see a partial file, and a failure (a
     full disk) leaves nothing behind and says so in one line."""
+    return write_with(path, lambda f: f.write(data), force)
+
+
+def write_with(path: str | os.PathLike, fill, force: bool = False) -> Path:
+    """`fill(f)` writes the file's content to an open binary file: into a temp file beside `path`, renamed into
+    place when it is complete (write_atomic's guarantees, for content written piece by piece)."""
     p = check_output(path, force)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         ordinary(tmp)

@@ -221,8 +221,10 @@ def open_single_file(spec: str, dtype=None, prediction_type: str | None = None, 
         cls = getattr(diffusers, PIPELINES[arch])
         path = main.path
         try:
-            pipe = cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype, local_files_only=True,
-                                        **given)  # fmt: skip
+            wanted = [prefix for comp, (cp, prefix) in slots.items() if cp is main and comp not in given]
+            checkpoint = read_checkpoint(path, dtype, wanted) if wanted else {}
+            pipe = assemble(cls, folder, checkpoint, given, dtype)
+            del checkpoint
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise LoraKitError(f"{path}: cannot open the {ARCH_NAMES[arch]} checkpoint "
                                f"({str(e).splitlines()[0][:300]})") from None  # fmt: skip
@@ -299,6 +301,73 @@ def tensor_reader(path: Path):
     from safetensors import safe_open
 
     return safe_open(str(path), "pt").get_tensor
+
+
+def read_checkpoint(path: Path, dtype, prefixes: list[str]) -> dict:
+    """The tensors of `path` under `prefixes` (EMA copies and other keys left on disk), each read straight into its
+    own aligned allocation and cast to `dtype` if it is a float of another: one copy of the weights, one tensor in
+    flight (a memory map would count the file again in resident memory once the weights are copied out of it, and
+    leaves tensors at odd addresses: see realign)."""
+    import torch
+
+    from .writer import NAMED_DTYPES
+
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        state = pickled_state(path)
+        return {k: _cast(v, dtype) for k, v in state.items() if k.startswith(tuple(prefixes))}
+    from ..formats import files
+
+    entries, _ = files.read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")
+        for key, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if not key.startswith(tuple(prefixes)):
+                continue
+            begin, end = entry["data_offsets"]
+            stored = NAMED_DTYPES.get(entry["dtype"])
+            if stored is None:
+                raise LoraKitError(f"{path}: tensor {key} is {entry['dtype']}, which lora_kit does not read")
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if f.readinto(raw.numpy()) != end - begin:
+                raise LoraKitError(f"{path}: the file ends inside tensor {key} (truncated)")
+            out[key] = _cast(raw.view(stored).reshape(entry["shape"]), dtype)
+    return out
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+
+def assemble(cls, folder: Path, checkpoint: dict, given: dict, dtype):
+    """The pipeline `cls` from a checkpoint dict, component by component through diffusers' own single-file loader
+    (`load_single_file_sub_model`: its key conversions, the configs in `folder`), as `from_single_file` does but on
+    tensors read here; `given` components are taken as they are."""
+    from diffusers import pipelines
+    from diffusers.loaders.single_file import load_single_file_sub_model
+
+    index = json.loads((folder / "model_index.json").read_text())
+    expected, optional = cls._get_signature_keys(cls)
+    kwargs = {}
+    for name in expected:
+        entry = index.get(name)
+        if name in given:
+            kwargs[name] = given[name]
+        elif not isinstance(entry, list) or entry[0] is None or name in _UNUSED:
+            kwargs[name] = None
+        else:
+            kwargs[name] = load_single_file_sub_model(
+                library_name=entry[0], class_name=entry[1], name=name, checkpoint=checkpoint, pipelines=pipelines,
+                is_pipeline_module=hasattr(pipelines, entry[0]), cached_model_config_path=str(folder),
+                torch_dtype=dtype, local_files_only=True,
+            )  # fmt: skip
+    if "requires_safety_checker" in optional:
+        kwargs["requires_safety_checker"] = False
+    return cls(**kwargs)
+
+
+_UNUSED = ("safety_checker", "feature_extractor", "image_encoder")  # not in a checkpoint; lora_kit never uses them
 
 
 def realign(module) -> None:

@@ -114,14 +114,16 @@ def write_single_file(
         if stored is None:  # a pickle's dtype names: read the tensor for it
             stored = passthrough(key).dtype
         rows.append((key, shape, _cast(stored, dtype), lambda key=key: passthrough(key)))
-    return stream(out, rows, header_meta)
+    return stream(out, rows, header_meta, force)
 
 
 def _cast(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored
 
 
-def stream(out: Path, rows: list[tuple[str, list[int], torch.dtype, Callable]], metadata: dict[str, str]) -> Path:
+def stream(
+    out: Path, rows: list[tuple[str, list[int], torch.dtype, Callable]], metadata: dict[str, str], force: bool = False
+) -> Path:
     """Write a safetensors file tensor by tensor (header first, from shapes and dtypes), to a temp file renamed into
     place; a full disk or a failure leaves nothing behind."""
     import math
@@ -135,29 +137,19 @@ def stream(out: Path, rows: list[tuple[str, list[int], torch.dtype, Callable]], 
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            from tqdm.auto import tqdm
 
-            for key, shape, dtype, fn in tqdm(rows, desc=f"writing {out.name}", unit="tensor", leave=False):
-                t = fn().to(dtype).contiguous()
-                if list(t.shape) != list(shape):
-                    raise LoraKitError(f"{out}: {key} came out {list(t.shape)}, not {list(shape)}")
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-                del t
-        files.ordinary(Path(tmp))
-        os.replace(tmp, out)
-        tmp = None
-    except OSError as e:
-        raise LoraKitError(f"{out}: cannot write the checkpoint ({e.strerror or e})") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    def fill(f) -> None:
+        from tqdm.auto import tqdm
+
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for key, shape, dtype, fn in tqdm(rows, desc=f"writing {out.name}", unit="tensor", leave=False):
+            t = fn().to(dtype).contiguous()
+            if list(t.shape) != list(shape):
+                raise LoraKitError(f"{out}: {key} came out {list(t.shape)}, not {list(shape)}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    return files.write_with(out, fill, force)
 
 
 def _config_files(pipe) -> dict[str, str]:
