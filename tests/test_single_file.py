@@ -167,6 +167,30 @@ def test_flux_file_of_any_width_and_its_parts(tmp_path):
     assert any(k.startswith("double_blocks.0.img_attn.qkv") for k in keys)
 
 
+def test_sd3_without_its_text_encoders_takes_them_as_files(tmp_path):
+    """sd3_medium.safetensors holds the MMDiT and VAE only: its CLIP-L, CLIP-G and T5 come as ComfyUI's files, each
+    put in its place by width and kind (given in any order), and lora-convert maps a LoRA through such a model."""
+    from lora_kit.cli.convert import main as convert
+
+    from lora_kit.models import open_pipeline
+    from lora_kit.single_file.reader import PIPELINE_KEY
+    from lora_kit.single_file.writer import _config_files, plan, stream
+
+    pipe = tiny("sd3", str(tmp_path / "tok"))
+    meta = {PIPELINE_KEY: json.dumps(_config_files(pipe))}
+    main = {"transformer": "model.diffusion_model.", "vae": "first_stage_model."}
+    stream(tmp_path / "sd3.safetensors", [(k, *v) for k, v in plan(pipe, main, None).items()], meta)
+    for comp, name in {"text_encoder_3": "t5xxl", "text_encoder_2": "clip_g", "text_encoder": "clip_l"}.items():
+        stream(tmp_path / f"{name}.safetensors", [(k, *v) for k, v in plan(pipe, {comp: ""}, None).items()], {})
+    spec = ",".join(str(tmp_path / f"{n}.safetensors") for n in ("sd3", "t5xxl", "clip_g", "clip_l"))
+    assert_same_weights(pipe, open_pipeline(spec))
+    with pytest.raises(LoraKitError, match="holds no text_encoder"):
+        open_pipeline(str(tmp_path / "sd3.safetensors"))
+    lora = _lora(pipe, tmp_path / "l.safetensors", "dit", "transformer")
+    result = CliRunner().invoke(convert, [str(lora), "--to", "peft", "--model", spec, "-o", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+
+
 def _lora(pipe, path, preset, component, seed=3):
     from conftest import randomize_adapters
 

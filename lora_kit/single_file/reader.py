@@ -383,12 +383,14 @@ def realign(module) -> None:
                 tensor.data = tensor.data.clone()
 
 
-def _slot(part: Checkpoint, kind: str, arch: str) -> str:
-    """The pipeline component a part file fills: a CLIP is FLUX's `text_encoder`, and SD3's first or second by width
-    (CLIP-L 768, CLIP-G 1280); a T5 is FLUX's `text_encoder_2`, SD3's `text_encoder_3`."""
+def _slot(part: Checkpoint, kind: str, arch: str, folder: Path) -> str:
+    """The pipeline component a part file fills: a CLIP is FLUX's `text_encoder`, and SD3's first or second by its
+    width, as the configs give them (CLIP-L 768, CLIP-G 1280); a T5 is FLUX's `text_encoder_2`, SD3's
+    `text_encoder_3`."""
     if kind == "clip":
         width = part.shapes[part.parts[kind] + "text_model.embeddings.token_embedding.weight"][1]
-        return "text_encoder_2" if arch == "sd3" and width > 768 else "text_encoder"
+        second = json.loads((folder / "text_encoder_2" / "config.json").read_text()) if arch == "sd3" else {}
+        return "text_encoder_2" if second.get("hidden_size") == width else "text_encoder"
     if kind == "t5":
         return "text_encoder_3" if arch == "sd3" else "text_encoder_2"
     return kind
@@ -399,7 +401,7 @@ def _parts(parts: list[Checkpoint], arch: str, folder: Path, dtype):
     given, slots = {}, {}
     for part in parts:
         for kind, prefix in part.parts.items():
-            comp = _slot(part, kind, arch)
+            comp = _slot(part, kind, arch, folder)
             if comp not in LAYOUTS[arch]:
                 raise LoraKitError(f"{part.path}: a {kind} has no place in a {ARCH_NAMES[arch]} pipeline")
             if comp in given:
