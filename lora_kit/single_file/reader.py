@@ -412,27 +412,30 @@ def _parts(parts: list[Checkpoint], arch: str, folder: Path, dtype):
 
 
 def _load_part(part: Checkpoint, kind: str, prefix: str, comp: str, folder: Path, dtype):
+    """A component from a file that holds it alone (ComfyUI's ae, clip_l, clip_g, t5xxl files), read tensor by
+    tensor in `dtype` (a T5-XXL is 9.5 GB in fp16)."""
     import diffusers
     import torch
     import transformers
+    from accelerate import init_empty_weights
 
     index = json.loads((folder / "model_index.json").read_text())
     library, cls_name = index[comp]
+    state = read_checkpoint(part.path, dtype, [prefix])
     if kind == "vae":
-        return diffusers.AutoencoderKL.from_single_file(str(part.path), config=str(folder), subfolder="vae",
+        return diffusers.AutoencoderKL.from_single_file(state, config=str(folder), subfolder="vae",
                                                         torch_dtype=dtype, local_files_only=True)  # fmt: skip
     cls = getattr(transformers, cls_name)
     config = cls.config_class.from_pretrained(folder / comp)
-    with torch.device("meta"):
+    with init_empty_weights():  # parameters on meta, filled below; buffers (position ids) made as usual
         model = cls(config)
-    state = load_tensors(part.path)
-    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in state.items()}
     if kind == "clip" and not hasattr(model, "text_model"):  # transformers 5 flattened CLIPTextModel
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     if kind == "clip" and "text_projection.weight" not in state and hasattr(model, "text_projection"):
         state["text_projection.weight"] = torch.eye(model.config.hidden_size)  # as diffusers reads SD3's CLIP-L
     own = model.state_dict()
-    state = {k: v.to(dtype) for k, v in state.items() if k in own}
+    state = {k: v for k, v in state.items() if k in own}
     missing = [k for k in own if k not in state and not k.endswith("position_ids")]
     if kind == "t5" and "encoder.embed_tokens.weight" in missing and "shared.weight" in state:
         missing.remove("encoder.embed_tokens.weight")
@@ -445,14 +448,6 @@ def _load_part(part: Checkpoint, kind: str, prefix: str, comp: str, folder: Path
     if kind == "t5":
         model.tie_weights()
     return model.eval()
-
-
-def load_tensors(path: Path) -> dict:
-    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
-        return pickled_state(path)
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def _from_rest(rest, missing, index, folder, dtype, main, spec) -> dict:
