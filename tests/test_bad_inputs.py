@@ -377,7 +377,7 @@ def test_input_files_are_checked_before_a_model_opens(files, tmp_path, models_no
     _fails(convert, [pt, "--to", "kohya", "--model", "toy", "-o", out], str(pt), "--allow-pickle")
     _fails(convert, [garbage, "--to", "kohya", "--model", "toy", "-o", out], str(garbage), "not a safetensors")
     _fails(extract, ["toy", tmp_path / "no_model", "-o", out], str(tmp_path / "no_model"), "no such folder")
-    _fails(extract, ["toy", files["good"], "-o", out], "single-file checkpoints are not opened yet")
+    _fails(extract, ["toy", files["good"], "-o", out], str(files["good"]), "is a LoRA")
     assert not out.exists()
 
 
