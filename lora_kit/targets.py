@@ -3,6 +3,10 @@
 A `Target` names parent module classes (matched by isinstance, never by class name) and a regex over the path of a
 layer relative to that parent; with no parents the regex runs over the full module path. `kinds` says which layers
 qualify: `linear`, `conv1x1` (1x1 convs, which kohya treats like linears) and `conv` (kernels larger than 1x1).
+
+A parent is an nn.Module class or a "package.module:Class" string. The presets use strings so that they can name
+classes some installed library versions lack (FLUX's on an older diffusers): a string whose module or class this
+install lacks is skipped, but a Target none of whose parents exists is an error, not a Target that matches nothing.
 """
 
 from __future__ import annotations
@@ -18,28 +22,73 @@ from .errors import LoraKitError
 KINDS = ("linear", "conv1x1", "conv")
 
 
+# "package.module:Class" (the class may be nested: "module:Outer.Inner")
+_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_PARENT_FORMS = 'give nn.Module classes or "package.module:Class" strings'
+
+
+def _as_tuple(value, field: str) -> tuple:
+    """A field's value as a tuple: one bare entry (a string, a class) counts as a tuple of one, so that
+    parents="pkg.mod:Class" is not read as its characters."""
+    if isinstance(value, (str, type)):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise LoraKitError(f"Target.{field} is {value!r}; give a tuple") from None
+
+
+def _is_module_class(value) -> bool:
+    return isinstance(value, type) and issubclass(value, nn.Module)
+
+
 @dataclass(frozen=True)
 class Target:
-    parents: tuple[str, ...] = ()  # "package.module:Class"; () means the whole model is the parent
+    parents: tuple[type | str, ...] = ()  # nn.Module classes or "package.module:Class"; () = the whole model
     children: str | None = None  # regex, fullmatch on the layer path relative to the parent; None = every layer
     kinds: tuple[str, ...] = ("linear", "conv1x1")
 
     def __post_init__(self):
-        bad = [k for k in self.kinds if k not in KINDS]
+        parents, kinds = _as_tuple(self.parents, "parents"), _as_tuple(self.kinds, "kinds")
+        for parent in parents:
+            if isinstance(parent, str) and not _SPEC.fullmatch(parent):
+                raise LoraKitError(f"Target.parents has {parent!r}, which is not \"package.module:Class\"; "
+                                   + _PARENT_FORMS)  # fmt: skip
+            if not isinstance(parent, str) and not _is_module_class(parent):
+                raise LoraKitError(f"Target.parents has {parent!r}, which is not an nn.Module class; {_PARENT_FORMS}")
+        bad = [k for k in kinds if k not in KINDS]
         if bad:
-            raise ValueError(f"Target.kinds has {bad}; allowed: {list(KINDS)}")
+            raise LoraKitError(f"Target.kinds has {bad}; allowed: {list(KINDS)}")
         if self.children is not None:
-            re.compile(self.children)
+            try:
+                re.compile(self.children)
+            except (re.error, TypeError) as e:
+                raise LoraKitError(f"Target.children {self.children!r} is not a regular expression ({e})") from None
+        object.__setattr__(self, "parents", parents)  # frozen: the normalised tuples replace what was given
+        object.__setattr__(self, "kinds", kinds)
 
     def parent_classes(self) -> tuple[type, ...]:
-        """The parent classes that exist in the installed libraries (a preset may name classes of several)."""
+        """The parent classes: those given as classes, and those strings name that exist in the installed libraries
+        (a preset may name classes of several versions). LoraKitError when none exists, or when a string names
+        something that is not an nn.Module class."""
         found = []
-        for spec in self.parents:
-            module_name, _, cls_name = spec.partition(":")
+        for parent in self.parents:
+            if not isinstance(parent, str):
+                found.append(parent)
+                continue
+            module_name, _, qualname = parent.partition(":")
             try:
-                found.append(getattr(importlib.import_module(module_name), cls_name))
+                value = importlib.import_module(module_name)
+                for attr in qualname.split("."):
+                    value = getattr(value, attr)
             except (ImportError, AttributeError):
                 continue  # e.g. a FLUX class on a diffusers without FLUX; other parents of the preset still match
+            if not _is_module_class(value):
+                raise LoraKitError(f"Target.parents has {parent!r}, which names {value!r}, not an nn.Module class")
+            found.append(value)
+        if self.parents and not found:
+            raise LoraKitError(f"Target.parents: none of {', '.join(map(repr, self.parents))} exists in the installed "
+                               "libraries")  # fmt: skip
         return tuple(found)
 
 
