@@ -58,7 +58,7 @@ HELP = {
     "class_guidance": "DreamBooth: guidance scale of the generated class images. [the pipeline's default]",
     "class_data": "DreamBooth: folder of class images: your own (any name, captioned by their .txt, else the class "
     "prompt) come first, and the base model draws the shortfall as class-NNNNN.png, recording its settings in "
-    "class-images.json (a folder drawn with other settings is refused). [<output>-class-images]",
+    "class-images.json (a folder drawn with other settings is refused). [<output stem>-class-images]",
     "num_class_images": "DreamBooth: number of class images. [100]",
     "prior_loss_weight": "DreamBooth: weight of the class (prior) loss. [1.0]",
     "prior_target": "DreamBooth: what the prior loss asks for on class images: images (their own noise, the classic "
@@ -69,10 +69,10 @@ HELP = {
     "tokenizer splits it).",
     "num_vectors": "Vectors per new token, 1 to 75. [1]",
     "ti_steps": "Pivotal: steps training the embeddings alone before LoRA joins. [0]",
-    "save_every": "Checkpoint every N steps to <output>-checkpoints/step-N. [0 = off]",
+    "save_every": "Checkpoint every N steps to <output stem>-checkpoints/step-N. [0 = off]",
     "save_limit": "Keep only the newest N checkpoints. [0 = all]",
     "resume": "Resume from 'latest' or a checkpoint folder (refused if the config, data or model files differ).",
-    "validation_prompt": "Prompt of validation samples (a PNG grid in <output>-samples/).",
+    "validation_prompt": "Prompt of validation samples (a PNG grid in <output stem>-samples/).",
     "validate_every": "Validation samples every N steps. [0 = off]",
     "validation_steps": "Denoising steps of validation and class images. [20]",
     "logdir": "Folder for the loss log (CSV, and tensorboard when installed).",

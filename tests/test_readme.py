@@ -8,6 +8,7 @@ real files (STAGED below), so nothing is rewritten:
   lora_kit/assets/configs/sd1.json at small widths: the README's block-weight vectors count SD 1.5's blocks), a tiny
   VAE and the tiny CLIP of conftest.py; random weights, fp32;
 - `style.safetensors` (UNet attention + CLIP attention) and `subject.safetensors` (UNet `kohya`): random LoRAs for it;
+- `v1-5-pruned-emaonly.safetensors`: that pipeline written as an A1111 checkpoint (lora_kit's writer);
 - `photos/`: three photos; `./clip-vit-b32`, `./git-base`, `./clipseg`: the tiny models of test_ppim.py.
 
 The toy-world block needs no placeholder: it opens the shipped model with a plain `from_pretrained`.
@@ -45,6 +46,7 @@ STAGED = {
     "path/to/sd15": "tiny SD 1.5-layout pipeline",
     "style.safetensors": "LoRA: UNet attn + CLIP attn",
     "subject.safetensors": "LoRA: UNet kohya",
+    "v1-5-pruned-emaonly.safetensors": "the tiny SD 1.5-layout pipeline as an A1111 single-file checkpoint",
     "photos/": "three photos",
     "clip-vit-b32": "tiny CLIP (test_ppim)",
     "git-base": "tiny GIT (test_ppim)",
@@ -154,6 +156,9 @@ def staged(tmp_path_factory) -> Path:
         randomize_adapters(pipe, seed=len(name), std=0.05)
         lora_kit.save(pipe, root / f"{name}.safetensors")
     write_photos(root / "photos")
+    from lora_kit.single_file.writer import write_single_file
+
+    write_single_file(sd15_layout_pipeline(root / "tok"), root / "v1-5-pruned-emaonly.safetensors")
     return root
 
 
