@@ -162,8 +162,8 @@ def _config_files(pipe) -> dict[str, str]:
         pipe.save_config(folder)
         index = json.loads((folder / "model_index.json").read_text())
         for name, value in index.items():
-            module = getattr(pipe, name, None)
-            if not isinstance(value, list) or module is None:
+            module = getattr(pipe, name, None) if isinstance(value, list) else None  # (not its config attributes)
+            if module is None:
                 continue
             sub = folder / name
             if name in tokenizer_slots(index):
