@@ -36,8 +36,8 @@ from ._common import command, friendly_errors
 @click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True,
               help="Seed of the first image, 0 to 2**63 - 1; image i uses seed+i.")  # fmt: skip
 @click.option("--size", default=None,
-              help="512 or WIDTHxHEIGHT such as 768x512, multiples of 8 (16 for SD3 and FLUX; default: the model's "
-                   "size).")  # fmt: skip
+              help="512 or WIDTHxHEIGHT such as 768x512, multiples of 8 (16 for SD3 and FLUX) up to 8192 a side "
+                   "(default: the model's size).")  # fmt: skip
 @click.option("-n", "count", type=click.IntRange(min=1), default=1, show_default=True, help="Number of images.")
 @click.option(
     "--compare",
@@ -60,7 +60,7 @@ def main(model, prediction_type, loras, prompt, negative_prompt, steps, guidance
     each PNG carrying the prompt, seed, settings, adapters, weights and schedules in its text metadata."""
     from lora_kit import generate as gen
 
-    specs = gen.parse_loras(loras, allow_pickle)  # every file checked before the model opens
+    specs = gen.parse_loras(loras, allow_pickle, model)  # every file checked before the model opens
     settings = gen.Settings(prompt, negative_prompt, steps, guidance, seed, gen.parse_size(size) if size else None,
                             count, model)  # fmt: skip
     device = gen.check_device(device)
@@ -82,6 +82,8 @@ def main(model, prediction_type, loras, prompt, negative_prompt, steps, guidance
     with tqdm(total=total, desc="denoising", unit="step", leave=False, disable=None) as bar:
         results, before = gen.render(pipe, settings, specs, compare, lambda: bar.update(1), allow_pickle)
     paths = gen.write(results, folder, seed, before=before)
+    if note := gen.prompt_note(pipe, prompt):  # (diffusers' own echo of the cut words is silenced)
+        click.echo(note)
     click.echo(f"wrote {count} image(s) and " + " and ".join(str(p) for p in paths[count:]))
 
 

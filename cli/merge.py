@@ -105,8 +105,9 @@ def main(inputs, alpha, weights, rank, conv_rank, allow_pickle, to, output, dtyp
     ws = _weights(len(inputs), alpha, weights)
     report = tools.merge(inputs, output, ws, rank=rank, conv_rank=conv_rank, dtype=torch_dtype(dtype), force=force,
                          progress=progress("re-rank"), allow_pickle=allow_pickle)  # fmt: skip
-    if rank is not None:
-        click.echo(f"re-compressed to rank {rank}: relative error {report.total_error:.3e}")
+    if rank is not None:  # the ranks kept: a module already at or below --rank keeps its own
+        kept = ", ".join(f"{r} x{n}" for r, n in sorted(report.ranks.items()))
+        click.echo(f"re-compressed to rank {max(report.ranks)} ({kept}): relative error {report.total_error:.3e}")
     for note in report.notes:
         click.echo(note)
     click.echo(f"wrote {report.path} ({' + '.join(f'{w:g}*{Path(p).name}' for w, p in zip(ws, inputs, strict=True))})")

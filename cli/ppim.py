@@ -53,9 +53,9 @@ from ._common import command, friendly_errors, progress
 @click.option(
     "--min-size",
     type=int,
-    default=256,
-    show_default=True,
-    help="Reject images whose shorter side is below this many pixels.",
+    default=None,
+    help="Reject images whose shorter side is below this many pixels. [256, or the shorter side of --resolution "
+    "when that is smaller]",
 )
 @click.option(
     "--background",

@@ -49,6 +49,8 @@ def main(input, rank, conv_rank, dynamic, allow_pickle, output, dtype, force):
     report = tools.resize(input, output, rank=rank, dynamic=rule, conv_rank=conv_rank,
                           dtype=torch_dtype(dtype), force=force, progress=progress("resize"),
                           allow_pickle=allow_pickle)  # fmt: skip
+    for note in report.notes:
+        click.echo(note)
     click.echo(f"ranks: {', '.join(f'{r} x{n}' for r, n in sorted(report.ranks.items()))}")
     if report.errors:
         worst = max(report.errors, key=report.errors.get)

@@ -31,10 +31,10 @@ class LoraSpec:
 
 def parse_lora(text: str) -> LoraSpec:
     """'style.safetensors:0.8@0:1,1:0' -> LoraSpec('style.safetensors', 0.8, '0:1,1:0'); the schedule is checked."""
-    from . import schedule
-
     rest, sched = text, None
     if not Path(text).exists() and "@" in text:
+        from . import schedule
+
         rest, _, sched = text.rpartition("@")
         try:
             schedule.parse(sched)  # a bad spec fails here, before any model is opened
@@ -56,17 +56,19 @@ def parse_lora(text: str) -> LoraSpec:
     return LoraSpec(path, weight, sched)
 
 
-def parse_loras(texts: Sequence[str], allow_pickle: bool = False) -> list[LoraSpec]:
+def parse_loras(texts: Sequence[str], allow_pickle: bool = False, model: str | None = None) -> list[LoraSpec]:
     """Every --lora, named: the file stem (dots as underscores, as lora_kit.load names it), made distinct with _2,
     _3, ... when two files share a stem; the same file twice is an error. Each file gets the checks that need no
-    model (dispatch.precheck: a file, a pickle only with allow_pickle, a valid header) before one is opened."""
-    from . import api
+    model (dispatch.precheck: a file, a pickle only with allow_pickle, a valid header, well-formed finite factors,
+    made for `model`'s architecture where both tell it) before one is opened."""
     from .formats.dispatch import precheck
 
     specs, names, files = [], set(), {}
     for text in texts:
         spec = parse_lora(text)
-        precheck(spec.path, allow_pickle)
+        precheck(spec.path, allow_pickle, model)
+        from . import api  # (torch's compiler with it: seconds a refusal above need not wait)
+
         file = Path(spec.path).resolve()
         if file in files:
             raise LoraKitError(f"--lora {text!r}: {spec.path} is given twice (also as --lora {files[file]!r})")
@@ -80,9 +82,12 @@ def parse_loras(texts: Sequence[str], allow_pickle: bool = False) -> list[LoraSp
     return specs
 
 
+MAX_SIDE = 8192  # pixels a side, as lora-train's --resolution: beyond any GPU's memory already (and PIL's limits)
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    """'512' -> (512, 512); '768x512' -> (768, 512) as (width, height); multiples of 8 (models with a larger
-    multiple, SD3 and FLUX: 16, are checked once open: check_pipeline)."""
+    """'512' -> (512, 512); '768x512' -> (768, 512) as (width, height); multiples of 8 up to MAX_SIDE (models with
+    a larger multiple, SD3 and FLUX: 16, are checked once open: check_pipeline)."""
     parts = text.lower().split("x")
     try:
         w, h = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
@@ -92,6 +97,8 @@ def parse_size(text: str) -> tuple[int, int]:
         raise LoraKitError(f"--size {text!r}: expected a number (512) or WIDTHxHEIGHT (768x512)") from None
     if w <= 0 or h <= 0 or w % 8 or h % 8:
         raise LoraKitError(f"--size {text!r}: width and height must be positive multiples of 8")
+    if max(w, h) > MAX_SIDE:
+        raise LoraKitError(f"--size {text!r}: at most {MAX_SIDE} pixels a side")
     return w, h
 
 
@@ -209,6 +216,7 @@ def generate(pipe, settings: Settings, loras: Sequence[LoraSpec], on_step: Calla
     from PIL.PngImagePlugin import PngInfo
 
     from . import __version__
+    from .models import _quiet_loggers
 
     check_pipeline(pipe, settings)
     steps = settings.steps or pipeline_default(pipe, "num_inference_steps")
@@ -228,7 +236,15 @@ def generate(pipe, settings: Settings, loras: Sequence[LoraSpec], on_step: Calla
     out = []
     for i in range(settings.n):
         seed = settings.seed + i
-        image = pipe(settings.prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+        try:
+            with _quiet_loggers():  # diffusers' echo of a prompt's cut words, on every image: prompt_note says it once
+                image = pipe(settings.prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not out_of_memory(e):
+                raise
+            size = "--size {}x{}".format(*settings.size) if settings.size else "the model's own size"
+            raise LoraKitError(f"{size}: not enough memory on {pipe.device} to generate an image this large "
+                               f"({_first_line(e)}); try a smaller --size") from None  # fmt: skip
         record = {
             "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "seed": seed, "steps": steps,
             "guidance": guidance, "size": f"{image.width}x{image.height}", "model": settings.model,
@@ -242,6 +258,46 @@ def generate(pipe, settings: Settings, loras: Sequence[LoraSpec], on_step: Calla
         info.add_text("parameters", a1111_parameters(record))
         out.append((image, info))
     return out
+
+
+def prompt_note(pipe, prompt: str) -> str | None:
+    """One line when the pipeline's text encoders read only the start of `prompt` (a CLIP takes 77 tokens, a T5 the
+    pipeline's max_sequence_length), None when one of them reads it all (FLUX's T5 beside its 77-token CLIP)."""
+    from .models import _quiet_loggers
+
+    cuts = []
+    with _quiet_loggers():  # transformers' own note on a long sequence
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            tokenizer = getattr(pipe, name, None)
+            if tokenizer is None:
+                continue
+            limit = tokenizer.model_max_length
+            if "T5" in type(tokenizer).__name__:
+                limit = pipeline_default(pipe, "max_sequence_length") or limit
+            n = len(tokenizer(prompt).input_ids)
+            if n <= limit:
+                return None
+            cuts.append((limit, n))
+    if not cuts:
+        return None
+    limit, n = max(cuts)
+    return f"note: the prompt is {n} tokens and the text encoders read {limit}: the rest is ignored"
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: torch's OutOfMemoryError (CUDA, MPS), the CPU allocator's RuntimeError
+    ("DefaultCPUAllocator: not enough memory"), or Python's MemoryError."""
+    import torch
+
+    if isinstance(e, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(e)
+    return any(s in text for s in ("not enough memory", "DefaultCPUAllocator", "out of memory"))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def render(

@@ -66,16 +66,52 @@ def architecture(comps: dict[str, nn.Module]) -> str:
         cls = type(comps["transformer"]).__name__
         return "flux" if "Flux" in cls else "sd3"
     if "unet" in comps:
-        config = comps["unet"].config
-        if config.get("addition_embed_type") == "text_time":
-            return "sdxl"
-        cross = config.get("cross_attention_dim")
-        return "sd2" if cross == 1024 or config.get("use_linear_projection") else "sd1"
+        return _unet_architecture(comps["unet"].config)
     if "text_encoder_3" in comps:
         return "sd3"
     if "text_encoder_2" in comps:  # (a bare T5 loaded as text_encoder_2 is FLUX's)
         return "flux" if "T5" in type(comps["text_encoder_2"]).__name__ else "sdxl"
     return "sd1"
+
+
+def _unet_architecture(config) -> str:
+    """sd1, sd2 or sdxl from a UNet's config (a dict)."""
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    cross = config.get("cross_attention_dim")
+    return "sd2" if cross == 1024 or config.get("use_linear_projection") else "sd1"
+
+
+def spec_architecture(spec: str) -> str | None:
+    """The architecture of a --model told without opening it: a pipeline folder's model_index.json (and its UNet's
+    config.json), a single-file checkpoint's header (single_file.sniff); None where that cannot tell it (a hub id, a
+    pickle, a folder or file that opening it will refuse)."""
+    import json
+    from pathlib import Path
+
+    from .errors import LoraKitError
+    from .formats.files import PICKLES
+    from .single_file.reader import check, is_single_file, items
+
+    if is_single_file(spec):
+        if any(Path(item).suffix.lower() in PICKLES for item in items(spec)):
+            return None
+        try:
+            main = check(spec)[0]
+        except LoraKitError:
+            return None
+        return main.arch or main.part_arch
+    folder = Path(toy_model() if spec == TOY else spec)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        transformer, unet = (str((index.get(c) or [None, None])[1]) for c in ("transformer", "unet"))
+        if transformer != "None":
+            return "flux" if "Flux" in transformer else "sd3"
+        if unet != "None":
+            return _unet_architecture(json.loads((folder / "unet" / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError, IndexError, KeyError, TypeError):  # what opening it will report
+        pass
+    return None
 
 
 TOY = "toy"  # --model toy: the toy-world base model shipped in lora_kit/assets/toyworld/model

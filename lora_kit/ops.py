@@ -246,6 +246,10 @@ def extract(
     mismatch = shape_mismatch(base, tuned)
     if mismatch:
         raise LoraKitError(f"base and tuned {mismatch}")
+    for which, weights in (("base", base), ("tuned", tuned)):  # no SVD of NaN or inf (a LinAlgError)
+        bad = next((stem for stem, w in weights.items() if not w.isfinite().all()), None)
+        if bad is not None:
+            raise LoraKitError(f"{which} weight {bad} holds NaN or inf; extract needs finite weights")
     out, errors = {}, {}
     err2_total = norm2_total = 0.0
     for stem, w_base in progress(base.items()):

@@ -157,7 +157,15 @@ def resize(
     arch, prediction = architecture_of(meta, state), prediction_in(meta)
     path = write_lora(output, resized, fmt, arch, dtype=dtype, metadata=kept, force=force, prediction=prediction)
     ranks = dict(Counter(p["down"].shape[0] for p in modules(resized).values()))
-    return Report(path, total, errors, ranks)
+    before = {stem: parts["down"].shape[0] for stem, parts in modules(state).items()}
+    notes = []
+    if all(parts["down"].shape[0] == before[stem] for stem, parts in modules(resized).items()):
+        if dynamic is not None:
+            what = f"--dynamic {dynamic[0]}={dynamic[1]:g} keeps every module's rank"
+        else:
+            what = f"every module already has rank <= {rank}" + (f" (kxk convs: {conv_rank})" if conv_rank else "")
+        notes.append(f"{what}: nothing to shrink; {path} holds the same deltas as {input}")
+    return Report(path, total, errors, ranks, notes)
 
 
 DEFAULT_TARGETS = {"unet": "locon", "transformer": "dit"}
@@ -194,6 +202,7 @@ def extract_pipelines(
         check_spec(spec)
     base_pipe = open_pipeline(base)
     base_w = targeted_weights(base_pipe, targets, text_encoders)  # a preset matching no layer: before TUNED opens
+    _check_finite(base, base_w)
     tuned_pipe = open_pipeline(tuned)
     a, b = architecture(components(base_pipe)), architecture(components(tuned_pipe))
     if a != b:
@@ -202,6 +211,7 @@ def extract_pipelines(
     mismatch = ops.shape_mismatch(_flat(base_w), _flat(tuned_w))
     if mismatch:
         raise LoraKitError(f"{base} and {tuned} {mismatch}; extract needs two models of one architecture and size")
+    _check_finite(tuned, tuned_w)
     merged_base, merged_tuned, skipped = {}, {}, []
     for comp, weights in base_w.items():
         diff = max(((tuned_w[comp][k].float() - w.float()).abs().max().item() for k, w in weights.items()), default=0)
@@ -214,6 +224,13 @@ def extract_pipelines(
         raise LoraKitError(f"{tuned} does not differ from {base} in any targeted layer")
     state, errors, total = ops.extract(merged_base, merged_tuned, rank, conv_rank, fast=fast, progress=progress)
     return state, errors, total, skipped, base_pipe
+
+
+def _check_finite(model: str, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    """A targeted weight holding NaN or inf has no SVD (LinAlgError), and a NaN difference compares as no change."""
+    for stem, w in _flat(weights).items():
+        if not w.isfinite().all():
+            raise LoraKitError(f"{model}: tensor {stem}.weight holds NaN or inf; extract needs finite weights")
 
 
 def extract(
@@ -263,7 +280,7 @@ def convert(
     from .models import meta_pipeline
 
     files.check_output(output, force, [input, *(local_paths(model) if model else [])])
-    precheck(input, allow_pickle)  # a missing file, a pickle not allowed, a bad header: before any model opens
+    precheck(input, allow_pickle, model)  # a bad file, or one for another architecture: before any model opens
     stored = _read_named(input)  # the file checked as stored before any model is built
     if model is not None:
         pipe = open_pipeline(model)
@@ -320,7 +337,6 @@ def collapse_into_model(
     folder holding neither input), or with `single_file` one checkpoint in MODEL's layout (single_file.writer), each
     component in the dtype MODEL stores it in unless `dtype`. LORA's file is checked (dispatch.precheck) before
     MODEL is opened."""
-    from .api import collapse, load
     from .formats.dispatch import precheck
     from .models import TOY, toy_model
 
@@ -330,8 +346,10 @@ def collapse_into_model(
         files.check_output(out, force, inputs)
     else:
         _check_pipeline_output(out, inputs, force)
-    precheck(lora, allow_pickle)
+    precheck(lora, allow_pickle, model)
     check_spec(model, allow_pickle)
+    from .api import collapse, load  # (torch's compiler with it: seconds a refusal above need not wait)
+
     parent = out.resolve().parent
     from .single_file.reader import is_single_file, stored_dtype
 

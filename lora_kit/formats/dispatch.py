@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -11,11 +12,11 @@ from torch import nn
 
 from .. import __version__
 from ..errors import LoraKitError
-from ..models import ARCHITECTURES, architecture, base_model_metadata, prediction_type
+from ..models import ARCHITECTURES, architecture, base_model_metadata, prediction_type, spec_architecture
 from ..ops import cast, uniform_alpha
 from ..state import COMPONENTS, components, modules, split_key
 from . import check, files, kohya, legacy, peft
-from .header import guess_architecture
+from .header import architectures_for, check_lora, guess_architecture
 
 FORMATS = ("kohya", "peft", "native")
 DEFAULT_FORMAT = {"sd1": "kohya", "sd2": "kohya", "sdxl": "kohya", "sd3": "peft", "flux": "kohya"}
@@ -68,17 +69,52 @@ def read(path: str | os.PathLike, target, *, allow_pickle: bool = False) -> tupl
     return checked(state, p), metadata
 
 
-def precheck(path: str | os.PathLike, allow_pickle: bool = False) -> None:
-    """The cheap checks of a LoRA (or embedding) file, made before a model is opened so that a bad file costs no
-    model load: it exists and is a file (or PEFT folder), a pickle is allowed, a safetensors header is valid."""
+def precheck(path: str | os.PathLike, allow_pickle: bool = False, model: str | None = None) -> None:
+    """The checks of a LoRA (or embedding) file that need no model, made before one is opened so that a bad file
+    costs no model load: it exists and is a regular file (or PEFT folder), a pickle is allowed and loads, a safetensors
+    header is valid, and a LoRA (keys of LoRA factors) is one every reader takes: no base model or variant, modules
+    well formed, factors floating point, every factor and alpha finite. Given `model` (a --model spec), the LoRA must
+    be for its architecture, where both tell theirs without loading (header.architectures_for,
+    models.spec_architecture). What only the model can say (names and shapes that fit its layers) comes later."""
+    from ..single_file.sniff import ARCH_NAMES, looks_like_lora
+    from ..single_file.sniff import sniff as sniff_model
+
     if peft.is_standalone(path):
         return
     p = files.check_input(path)
+    tensors = None
     if p.suffix in files.PICKLES:
-        if not allow_pickle:
-            files.load_pickle(p, allow_pickle)  # raises: says how to allow it
+        obj = files.load_pickle(p, allow_pickle)
+        if not isinstance(obj, dict) or not looks_like_lora(map(str, obj)):
+            return  # cloneofsimo's lists, embeddings: their readers check them against the model
+        tensors, metadata = files.tensor_dict(obj, p), {}
+        dtypes = {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}
+        header = {k: {"shape": list(t.shape), "dtype": dtypes[k]} for k, t in tensors.items()}
     else:
-        files.read_header(p)
+        header, metadata = files.read_header(p)
+        if not looks_like_lora(header):  # an embedding, cloneofsimo's positional keys; or a base model given here
+            if found := sniff_model(p, header, metadata):
+                raise LoraKitError(f"{p}: is {found.describe()}, a base model, not a LoRA")
+            return
+    parts, shapes = check_lora(header, str(p))
+    with contextlib.ExitStack() as stack:
+        if tensors is not None:
+            get = tensors.__getitem__
+        else:  # one tensor at a time: a large LoRA is never held whole
+            from safetensors import safe_open
+
+            get = stack.enter_context(safe_open(str(p), framework="pt")).get_tensor
+        for key in parts:
+            t = get(key)
+            if t.is_floating_point() and not t.isfinite().all():
+                raise LoraKitError(f"{p}: tensor {key} holds NaN or inf")
+    if model is None or (arch := spec_architecture(model)) is None:
+        return
+    widths = {stem: s["down"][1] for stem, s in shapes.items() if len(s.get("down", ())) > 1}
+    fits = architectures_for(list(shapes), metadata, widths)
+    if arch not in fits:
+        wanted = " or ".join(ARCH_NAMES[a] for a in ARCHITECTURES if a in fits)
+        raise LoraKitError(f"{p}: is a LoRA for {wanted}, but the model {model} is {ARCH_NAMES[arch]}")
 
 
 def checked(state: dict, source) -> dict:

@@ -31,7 +31,18 @@ def check_input(path: str | os.PathLike) -> Path:
         raise LoraKitError(f"{p}: no such file")
     if p.is_dir():
         raise LoraKitError(f"{p}: is a folder, expected a .safetensors file")
+    if not p.is_file():  # reading a named pipe blocks until a writer comes; a device never ends
+        raise LoraKitError(f"{p}: not a regular file ({special_kind(p)}); expected a .safetensors file")
     return p
+
+
+def special_kind(p: Path) -> str:
+    """What a path that exists but is neither a folder nor a regular file is, in words."""
+    if p.is_fifo():
+        return "a named pipe"
+    if p.is_socket():
+        return "a socket"
+    return "a device" if p.is_block_device() or p.is_char_device() else "a special file"
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:

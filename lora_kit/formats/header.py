@@ -90,10 +90,8 @@ def guess_architecture(stems: list[str], metadata: dict[str, str], in_features: 
     from the input width of a cross-attention key projection (`in_features`: {stem: down.shape[1]})."""
     if metadata.get("lora_kit.architecture"):
         return metadata["lora_kit.architecture"]
-    version = metadata.get("ss_base_model_version", "")
-    for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("sd3", "sd3"), ("flux", "flux")):
-        if version.startswith(prefix):
-            return arch
+    if stated := _stated(metadata):
+        return stated
     joined = " ".join(stems)
     if "single_transformer_blocks" in joined or "double_blocks" in joined:
         return "flux"
@@ -105,6 +103,64 @@ def guess_architecture(stems: list[str], metadata: dict[str, str], in_features: 
         if stem.endswith(("attn2_to_k", "attn2.to_k")) and width in _CROSS_DIM:
             return _CROSS_DIM[width]
     return "sd1/sd2" if stems else "unknown"
+
+
+def _stated(metadata: dict[str, str]) -> str | None:
+    """The architecture lora_kit's or kohya's metadata names (one of models.ARCHITECTURES), else None."""
+    if metadata.get("lora_kit.architecture") in _ARCHS:
+        return metadata["lora_kit.architecture"]
+    version = metadata.get("ss_base_model_version", "")
+    for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("sd3", "sd3"), ("flux", "flux")):
+        if version.startswith(prefix):
+            return arch
+    return None
+
+
+_ARCHS = ("sd1", "sd2", "sdxl", "sd3", "flux")  # models.ARCHITECTURES (models imports torch)
+_UNET_BLOCKS = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block")
+
+
+def architectures_for(stems: list[str], metadata: dict[str, str], in_features: dict[str, int] | None = None) -> set:
+    """The base architectures a LoRA can be for, from what its header says for certain (guess_architecture, which
+    names one where a reader must pick, takes more risks): the one its metadata names; else from its keys FLUX's or
+    SD3's blocks, a transformer (SD3 or FLUX) or a UNet (SD1, SD2 or SDXL; the input width of a cross-attention key
+    projection tells which); else any."""
+    if stated := _stated(metadata):
+        return {stated}
+    joined = " ".join(stems)
+    if any(block in joined for block in ("double_blocks", "single_blocks", "single_transformer_blocks")):
+        return {"flux"}
+    if "joint_blocks" in joined:
+        return {"sd3"}
+    unet = any(block in stem for stem in stems for block in _UNET_BLOCKS)
+    transformer = any(stem.startswith(("transformer.", "lora_transformer_"))
+                      or ("transformer_blocks" in stem and not any(b in stem for b in _UNET_BLOCKS))
+                      for stem in stems)  # fmt: skip
+    if unet == transformer:  # neither (text encoders only), or both (no model has both)
+        return set(_ARCHS)
+    if transformer:
+        return {"sd3", "flux"}
+    for stem, width in (in_features or {}).items():
+        if stem.endswith(("attn2_to_k", "attn2.to_k")) and width in _CROSS_DIM:
+            return {_CROSS_DIM[width]}
+    return {"sd1", "sd2", "sdxl"}
+
+
+def check_lora(header: dict, source: str) -> tuple[dict[str, tuple[str, str]], dict[str, dict[str, tuple]]]:
+    """({key: (stem, part)} of every factor and alpha, {stem: {part: shape}}) of a LoRA's header (a safetensors
+    header, or a pickle's shapes and dtypes), checked as every reader checks a LoRA: no base model and no variant
+    lora_kit does not read (check.check_variants), well-formed modules (check.check_modules), float factors."""
+    check.check_variants(header, source, header)
+    parts = {key: split for key in header if (split := _split(key))}
+    if not parts:
+        raise check.not_a_lora(source, list(header))
+    shapes: dict[str, dict[str, tuple]] = {}
+    for key, (stem, part) in parts.items():
+        shapes.setdefault(stem, {})[part] = tuple(header[key]["shape"])
+    check.check_modules(shapes, source)
+    for key, (_, part) in parts.items():
+        check.check_factor_dtype(key, part, header[key]["dtype"], source)
+    return parts, shapes
 
 
 def describe_checkpoint(model, path) -> dict:
@@ -135,16 +191,7 @@ def describe(path: str | os.PathLike) -> dict:
     header, metadata = read_header(path)
     if model := sniff(path, header, metadata):
         return describe_checkpoint(model, path)
-    check.check_variants(header, str(path), header)
-    parts = {key: split for key in header if (split := _split(key))}
-    if not parts:
-        raise check.not_a_lora(str(path), list(header))
-    shapes: dict[str, dict[str, tuple]] = {}
-    for key, (stem, part) in parts.items():
-        shapes.setdefault(stem, {})[part] = tuple(header[key]["shape"])
-    check.check_modules(shapes, str(path))
-    for key, (_, part) in parts.items():
-        check.check_factor_dtype(key, part, header[key]["dtype"], str(path))
+    parts, shapes = check_lora(header, str(path))
     stems = {stem: {"rank": s["down"][0], "kind": _kind(s["down"])} for stem, s in shapes.items()}
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))

@@ -18,6 +18,7 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 TEMPLATE_FIELDS = ("token", "filename")
+DEFAULT_MIN_SIZE = 256  # --min-size unless the crop is smaller
 
 
 def template_fields(template: str) -> set[str]:
@@ -49,7 +50,9 @@ class PreprocessConfig:
     bucket_step: int = BUCKET_STEP
     upscale: bool = False  # enlarge images smaller than the crop instead of rejecting them ("too small")
     resample: str = "lanczos"  # plain resampling filter for images; masks always use bilinear
-    min_size: int = 256  # shorter side in pixels below which an image is rejected, upscaling or not
+    # shorter side in pixels below which an image is rejected, upscaling or not; None: 256, or the crop's shorter
+    # side where that is smaller (--resolution 64 takes 80 px photos)
+    min_size: int | None = None
     background: str = "white"  # what transparent pixels are composited over (any PIL colour: "#808080")
     # captions
     caption: str = "template"
@@ -97,6 +100,8 @@ class PreprocessConfig:
             self.crop_mode  # noqa: B018 - parses crop
         except ValueError:
             bad("crop", f"choose one of {', '.join(CROPS)} (N a whole number >= 1)")
+        if self.min_size is None:
+            self.min_size = min(DEFAULT_MIN_SIZE, *self.size)
         if self.crop_mode == "none" and self.size[0] != self.size[1]:
             bad("resolution", "with --crop none give one number, lora-train's --resolution (each image is written "
                 "at its bucket: about that squared in pixels, at its own aspect ratio)")  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def open_quietly(path: Path):
+    """Image.open without Pillow's DecompressionBombWarning: an image between its MAX_IMAGE_PIXELS and twice that
+    opens (a larger one raises DecompressionBombError: "too large" below), and the warning would be a stray line on
+    stderr beside lora_kit's own output."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 @contextlib.contextmanager
 def decoded(path: Path, animated_ok: bool = False):
     """`path` opened and fully decoded (its first frame), for the `with` block; Rejected for what is not one readable
@@ -67,7 +79,7 @@ def decoded(path: Path, animated_ok: bool = False):
     truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         try:
-            img = Image.open(path)
+            img = open_quietly(path)
         except UnidentifiedImageError:
             raise Rejected("not an image", "PIL cannot identify the file format") from None
         except Image.DecompressionBombError as e:

@@ -39,7 +39,9 @@ class Validation:
         modes = [(m, m.training) for module in modules for m in module.modules()]  # adapters train, the rest not
         for m in modules:
             m.eval()
-        with torch.no_grad():
+        from ..models import _quiet_loggers
+
+        with torch.no_grad(), _quiet_loggers():  # diffusers would echo a long prompt's cut words on every sample
             images = [
                 pipe(cfg.validation_prompt, num_inference_steps=cfg.validation_steps, height=cfg.resolution,
                      width=cfg.resolution, generator=torch.Generator().manual_seed(i)).images[0]

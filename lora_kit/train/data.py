@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from ..errors import LoraKitError
+from ..formats.files import special_kind
 from ..preprocess.crop import bucket  # shared with lora-ppim --crop none
-from ..preprocess.images import Rejected, decoded, upright
+from ..preprocess.images import Rejected, decoded, open_quietly, upright
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _REPEATS = re.compile(r"^(\d+)_(.+)$")
@@ -41,9 +42,7 @@ class Example:
 
 
 def _open(path: Path):
-    from PIL import Image
-
-    img = Image.open(path)
+    img = open_quietly(path)
     img.load()
     return upright(img)[0].convert("RGB")
 
@@ -85,6 +84,9 @@ def _read_text(path: Path, what: str) -> str:
 def _txt_caption(image: Path, instance_prompt: str | None) -> str:
     """The caption of `image` from its same-name .txt, else the instance prompt ("" when neither)."""
     txt = image.with_suffix(".txt")
+    if txt.exists() and not txt.is_file():  # (a folder read as no caption was reported as a missing caption)
+        what = "a folder" if txt.is_dir() else special_kind(txt)
+        raise LoraKitError(f"{txt}: the caption of {image.name} is {what}, not a text file")
     return _read_text(txt, "the caption file").strip() if txt.is_file() else (instance_prompt or "")
 
 
@@ -220,7 +222,7 @@ def load(example: Example, size: tuple[int, int], flip: bool) -> tuple[torch.Ten
     if example.mask is not None:
         if not example.mask.is_file():
             raise LoraKitError(f"{example.mask}: mask listed in the manifest is missing")
-        m = fit(Image.open(example.mask).convert("L"), Image.BILINEAR)
+        m = fit(open_quietly(example.mask).convert("L"), Image.BILINEAR)
         mask = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), mask
 

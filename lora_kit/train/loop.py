@@ -158,6 +158,14 @@ def outputs(cfg: TrainConfig) -> list[Path]:
     return output_files(cfg) + [cfg.beside_output(".config.toml")]
 
 
+def interrupted_outputs(cfg: TrainConfig) -> list[Path]:
+    """With --resume, what a run killed while writing its outputs left: the config (and a pivotal sidecar) without
+    the LoRA (or embedding file), which write_outputs writes last, as the commit point. The resumed run replaces
+    them."""
+    main, *rest = outputs(cfg)
+    return [p for p in rest if p.exists()] if cfg.resume and not main.exists() else []
+
+
 def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] = ()) -> dict[str, str]:
     """Refuse now, before the model loads, what would fail or be lost later: an existing output (without force), an
     output that is or lies in an input (the data, a local model, `inputs`: always), the checkpoints or samples of an
@@ -170,8 +178,12 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
     for name in ("model", "data", "output"):
         if not getattr(cfg, name):
             raise ConfigError(name, getattr(cfg, name), "it is required (a path)")
+    if cfg.resume and not cfg.force and Path(cfg.output).exists():
+        raise LoraKitError(f"{cfg.output}: the run has finished (its outputs are written); nothing to resume (with "
+                           "--force it trains from the checkpoint again and replaces them)")  # fmt: skip
+    leftovers = interrupted_outputs(cfg)
     for path in outputs(cfg):
-        files.check_output(path, cfg.force, [cfg.data, *inputs, *local_paths(cfg.model)])
+        files.check_output(path, cfg.force or path in leftovers, [cfg.data, *inputs, *local_paths(cfg.model)])
     if cfg.mixed_precision == "fp16" and not _uses_cuda():  # the CPU has no fp16 autocast: one line, not a crash
         raise ConfigError("mixed_precision", "fp16", "it needs a CUDA GPU; use bf16 or no on the CPU")
     for name in ("logdir", "class_data"):
@@ -267,6 +279,8 @@ def train(
     recipe = build(cfg, pipe)
     if cfg.gradient_checkpointing:
         backbone.main.enable_gradient_checkpointing()
+    if accelerator.is_main_process:
+        check_space(cfg, recipe)
     plan = Plan(examples, cfg.batch_size, cfg.resolution, backbone.size_step, cfg.seed, cfg.buckets)
     batcher = Batcher(cfg, backbone, examples, plan, cache_text=cfg.cache and not recipe.text_trains)
     prior_plan = prior_batcher = None
@@ -346,19 +360,47 @@ def train(
     return write_outputs(cfg, recipe, pipe)
 
 
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def check_space(cfg: TrainConfig, recipe: Recipe) -> None:
+    """Refuse, before the first step, a run whose files will not fit: once the adapters exist the size of what it
+    writes is known (the trainable tensors in --save-dtype, a header entry each; a checkpoint holds them in fp32 with
+    AdamW's two moments), and a full disk found when the run ends loses the run."""
+    import shutil
+
+    params = recipe.trainable()
+    n, entries = sum(p.numel() for p in params), 64 * 1024 + 512 * len(params)  # headers, metadata, the config
+    sizes = {Path(cfg.output).parent: n * SAVE_DTYPES[cfg.save_dtype].itemsize + entries}
+    if cfg.save_every and cfg.save_every < cfg.steps:
+        sizes[cfg.checkpoint_dir] = 3 * 4 * n + entries
+    need: dict[int, list] = {}  # per filesystem: [a folder on it, bytes]
+    for folder, size in sizes.items():
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        need.setdefault(os.stat(existing).st_dev, [existing, 0])[1] += size
+    for folder, size in need.values():
+        free = shutil.disk_usage(folder).free
+        if free < size:
+            raise LoraKitError(f"{cfg.output}: {folder} has {free / 1e6:.1f} MB free, and this run writes about "
+                               f"{size / 1e6:.1f} MB there; free some space first")  # fmt: skip
+
+
 def write_outputs(cfg: TrainConfig, recipe: Recipe, pipe) -> list[Path]:
-    """Write outputs(cfg), all or none: if one fails, the ones this call created are removed."""
+    """Write outputs(cfg), all or none: if one fails, the ones this call created are removed; the LoRA (or embedding
+    file) is written last, so that it is there only when the rest is (interrupted_outputs)."""
     from ..formats import files
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
+    dtype = SAVE_DTYPES[cfg.save_dtype]
     metadata = {"config": cfg.to_dict(), "targets": cfg.targets, "mode": cfg.mode}
     if cfg.token:
         metadata["trigger_words"] = [cfg.token]
+    for p in interrupted_outputs(cfg):
+        p.unlink()
     paths = outputs(cfg)
     new = [p for p in paths if not p.exists()]
-    try:
-        written = save_outputs(cfg, recipe, pipe, dtype, metadata)
-        return written + [files.write_atomic(paths[-1], cfg.to_toml().encode(), force=cfg.force)]
+    try:  # the config first, the LoRA last: a run killed between them has no LoRA, so --resume finishes it
+        config = files.write_atomic(paths[-1], cfg.to_toml().encode(), force=cfg.force)
+        return save_outputs(cfg, recipe, pipe, dtype, metadata) + [config]
     except BaseException:
         for p in new:
             p.unlink(missing_ok=True)

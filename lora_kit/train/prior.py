@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LoraKitError
+from ..models import _quiet_loggers
 from .config import TrainConfig, split_prompts
 from .data import IMAGE_SUFFIXES, Example, files_under, scan
 
@@ -117,7 +118,7 @@ def class_examples(cfg: TrainConfig, pipe, accelerator) -> list[Example]:
             prompt = prompts[i % len(prompts)]
             if not (folder / f"class-{i:05d}.png").exists():
                 g = torch.Generator().manual_seed(cfg.seed + i)
-                with torch.no_grad():
+                with torch.no_grad(), _quiet_loggers():  # diffusers' echo of a long prompt's cut words
                     image = pipe(prompt, num_inference_steps=cfg.validation_steps, generator=g,
                                  height=cfg.resolution, width=cfg.resolution, **guidance).images[0]  # fmt: skip
                 tmp = folder / f".class-{i:05d}.png.tmp"

@@ -141,13 +141,14 @@ def output_files(cfg: TrainConfig) -> list[Path]:
 
 
 def save_outputs(cfg: TrainConfig, recipe: Recipe, pipe, dtype, metadata: dict) -> list[Path]:
-    """Write output_files(cfg)."""
+    """Write output_files(cfg), the first (the LoRA) last: a pivotal sidecar goes before its LoRA, so that a LoRA on
+    disk always has its embeddings beside it."""
     from ..api import save
 
     paths = output_files(cfg)
     if cfg.mode == "textual-inversion":
         return [ti_files.write(paths[0], learned_embeddings(recipe, cfg.token), force=cfg.force)]
-    written = [save(pipe, paths[0], name=ADAPTER, dtype=dtype, metadata=metadata, force=cfg.force)]
+    sidecar = []
     if cfg.mode == "pivotal":
-        written.append(ti_files.write(paths[1], learned_embeddings(recipe, cfg.token), force=cfg.force))
-    return written
+        sidecar.append(ti_files.write(paths[1], learned_embeddings(recipe, cfg.token), force=cfg.force))
+    return [save(pipe, paths[0], name=ADAPTER, dtype=dtype, metadata=metadata, force=cfg.force), *sidecar]
