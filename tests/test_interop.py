@@ -40,13 +40,13 @@ def test_kohya_file_in_diffusers_loader_matches_lora_kit(make_pipe, tmp_path, ar
     for comp in ["unet", *TEXT_ENCODERS[arch]]:
         assert _peft_paths(getattr(theirs, comp), "x") == {p for p, _ in lora_modules(getattr(ours, comp))}, comp
     got = pipeline_outputs(theirs)
-    assert_outputs_close(got, expected)
+    assert_outputs_close(got, expected, ours)
     assert not torch.allclose(got["main"], base["main"], atol=1e-3)  # the adapter does change the output
 
     theirs.set_adapters("x", 0.5)
     for comp in ["unet", *TEXT_ENCODERS[arch]]:
         tune_lora_scale(getattr(ours, comp), 0.5)
-    assert_outputs_close(pipeline_outputs(theirs), pipeline_outputs(ours))
+    assert_outputs_close(pipeline_outputs(theirs), pipeline_outputs(ours), ours)
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
@@ -79,7 +79,7 @@ def test_diffusers_saved_lora_loads_into_lora_kit(make_pipe, tmp_path, arch):
 
     ours = make_pipe(arch)
     lora_kit.load(ours, tmp_path / "pytorch_lora_weights.safetensors", name="y")
-    assert_outputs_close(pipeline_outputs(ours), expected)
+    assert_outputs_close(pipeline_outputs(ours), expected, ours)
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd3"])
@@ -93,4 +93,4 @@ def test_peft_file_in_diffusers_loader_matches_lora_kit(make_pipe, tmp_path, arc
     path = lora_kit.save(ours, tmp_path / "p.safetensors", format="peft")
     theirs = make_pipe(arch)
     theirs.load_lora_weights(str(path))
-    assert_outputs_close(pipeline_outputs(theirs), pipeline_outputs(ours))
+    assert_outputs_close(pipeline_outputs(theirs), pipeline_outputs(ours), ours)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_scaled
 from torch import nn
 
 from lora_kit import functional
@@ -36,12 +37,12 @@ def test_linear_matches_formula_with_two_adapters():
     x = torch.randn(2, 7, 8)
     expected = F.linear(x, base.weight, base.bias)
     expected = expected + (x @ a.down.T @ a.up.T) * (1.5 / 3) + (x @ b.down.T @ b.up.T) * (4.0 / 2) * 0.3
-    torch.testing.assert_close(w(x), expected, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(w(x), expected, reduction=8 + 3 + 2)  # x @ down (8 inputs), then @ up (ranks 3 + 2)
     # the collapsed weight gives the same output
     merged = base.weight + (a.up @ a.down) * 0.5 + (b.up @ b.down) * 2.0 * 0.3
-    torch.testing.assert_close(w.delta_weight() + base.weight, merged, atol=1e-5, rtol=1e-5)
+    assert_close_scaled(w.delta_weight() + base.weight, merged, reduction=3 + 2)
     b.enabled = False
-    torch.testing.assert_close(w(x), F.linear(x, base.weight, base.bias) + (x @ a.down.T @ a.up.T) * 0.5)
+    assert_close_scaled(w(x), F.linear(x, base.weight, base.bias) + (x @ a.down.T @ a.up.T) * 0.5, reduction=8 + 3)
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,pad,dil,mode", CONVS)
@@ -58,8 +59,8 @@ def test_conv_matches_collapsed_weight(cin, cout, k, stride, pad, dil, mode):
         delta = F.conv2d(a.down.permute(1, 0, 2, 3), a.up).permute(1, 0, 2, 3) * 1.5
         merged.weight.copy_(base.weight + delta)
         merged.bias.copy_(base.bias)
-    torch.testing.assert_close(w(x), merged(x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(w.delta_weight(), delta, atol=1e-6, rtol=1e-6)
+    assert_close_scaled(w(x), merged(x), reduction=base.weight[0].numel() + 2)  # down (C_in*kh*kw), then up (rank)
+    assert_close_scaled(w.delta_weight(), delta, reduction=2)
 
 
 def test_fresh_adapter_is_identity_and_init_modes():
@@ -114,7 +115,7 @@ def test_half_base_fp32_adapters_with_and_without_autocast(dtype):
     # plain half precision, no autocast
     y = half(x.to(dtype))
     assert y.dtype == dtype
-    torch.testing.assert_close(y.float(), y_ref, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(y.float(), y_ref, atol=0.05, rtol=0.05)  # half precision: a stated precision bound
     # under autocast (bf16 is what CPU autocast supports), forward and backward
     if dtype == torch.bfloat16:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -131,15 +132,16 @@ def test_half_base_fp32_adapters_with_and_without_autocast(dtype):
 def test_functional_delta_and_factorize_roundtrip():
     torch.manual_seed(0)
     up, down = torch.randn(6, 3), torch.randn(3, 5)
-    torch.testing.assert_close(functional.delta(up, down, 0.5), 0.5 * up @ down)
-    u2, d2 = functional.factorize(up @ down, 3)
-    torch.testing.assert_close(u2 @ d2, up @ down, atol=1e-4, rtol=1e-4)
+    assert_close_scaled(functional.delta(up, down, 0.5), 0.5 * up @ down, reduction=3)
+    u2, d2 = functional.factorize(up @ down, 3)  # an SVD of a 6 x 5 matrix: relative to its spectral norm
+    assert_close_scaled(u2 @ d2, up @ down, reduction=6, scale=torch.linalg.matrix_norm(up @ down, 2))
     conv_up, conv_down = torch.randn(6, 2, 1, 1), torch.randn(2, 4, 3, 3)
     full = functional.delta(conv_up, conv_down)
     assert full.shape == (6, 4, 3, 3)
     cu, cd = functional.factorize(full, 2)
     assert cu.shape == (6, 2, 1, 1) and cd.shape == (2, 4, 3, 3)
-    torch.testing.assert_close(functional.delta(cu, cd), full, atol=1e-4, rtol=1e-4)
+    spectral = torch.linalg.matrix_norm(full.flatten(1), 2)  # an SVD of the 6 x 36 matrix
+    assert_close_scaled(functional.delta(cu, cd), full, reduction=36, scale=spectral)
 
 
 def _check_twice(w, x, base=None):
@@ -152,7 +154,8 @@ def _check_twice(w, x, base=None):
         if a.enabled:
             h = F.linear(F.linear(x.double(), a.down.double()), a.up.double())
             y = y + a.weight * a.factor * a.alpha.item() / a.rank * h
-    torch.testing.assert_close(first.double(), y, atol=1e-5, rtol=1e-6)
+    rank = sum(a.rank for a in w.adapters.values())
+    assert_close_scaled(first.double(), y, reduction=x.shape[-1] + rank, dtype=first.dtype)
     assert torch.equal(first, again) and w._plan is not None
 
 
@@ -290,7 +293,7 @@ def test_a_base_that_is_more_than_its_op_is_called_as_a_module(fused):
     w.base.register_forward_hook(lambda module, args, out: kept.setdefault("y", out))
     for _ in range(2):
         _check_twice(w, x)  # (the hook returns the output of the first call at every call)
-    torch.testing.assert_close(kept["y"], w.base(x))
+    assert_close_scaled(kept["y"], w.base(x), reduction=8)
 
 
 @torch.no_grad()
@@ -320,7 +323,7 @@ def test_a_float64_wrapper_computes_in_float64(fused, adapters):
     for a in w.adapters.values():
         y = y + a.weight * a.alpha.item() / a.rank * F.linear(F.linear(x.double(), a.down.double()), a.up.double())
     for _ in range(2):
-        torch.testing.assert_close(w(x.double()), y, atol=1e-13, rtol=1e-12)
+        assert_close_scaled(w(x.double()), y, reduction=8 + 3 + 2)  # (an fp32 step: 4e-8 off, far outside)
 
 
 @pytest.mark.parametrize("copy_with", ["deepcopy", "torch.save"])
@@ -348,10 +351,11 @@ def test_a_copy_runs_its_own_tensors(kind, copy_with):
             torch.save(w, buffer)
             c = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
         c.base.weight.mul_(0.0)  # the copy's own base (read directly by the plan's function)
-        torch.testing.assert_close(c(x), c.base(x) + 1.5 * w._up(w._down(x, a.down), a.up), atol=1e-5, rtol=1e-5)
+        k = base.weight[0].numel() + 2  # down (the base's fan-in), then up (rank 2)
+        assert_close_scaled(c(x), c.base(x) + 1.5 * w._up(w._down(x, a.down), a.up), reduction=k)
         c.adapters["a"].up.mul_(2.0)
-        torch.testing.assert_close(c(x), c.base(x) + 3.0 * w._up(w._down(x, a.down), a.up), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(w(x), w.base(x) + 1.5 * w._up(w._down(x, a.down), a.up), atol=1e-5, rtol=1e-5)
+        assert_close_scaled(c(x), c.base(x) + 3.0 * w._up(w._down(x, a.down), a.up), reduction=k)
+        assert_close_scaled(w(x), w.base(x) + 1.5 * w._up(w._down(x, a.down), a.up), reduction=k)
 
 
 @pytest.mark.parametrize("fused", [False, True])

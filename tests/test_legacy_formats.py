@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_outputs_close, forward_main, forward_text, pipeline_outputs
+from conftest import assert_close_scaled, assert_outputs_close, forward_main, forward_text, pipeline_outputs
 from safetensors.torch import save_file
 
 import lora_kit
@@ -84,7 +84,7 @@ def test_safeloras_matches_hand_computed_deltas(make_pipe, tmp_path, unet_target
     add_by_hand(unet_pairs + te_pairs)
     expected = pipeline_outputs(expected_pipe)
     assert not torch.allclose(expected["main"], base["main"], atol=1e-3)
-    assert_outputs_close(pipeline_outputs(ours), expected)
+    assert_outputs_close(pipeline_outputs(ours), expected, expected_pipe)
     wrapped = {p for p, w in lora_modules(ours.unet) for a in w.adapters.values() if a.alpha.item() == a.rank}
     assert len(wrapped) == len(unet_pairs)  # scale 1: alpha = rank everywhere
     lora_kit.unload(ours, "old")
@@ -110,7 +110,7 @@ def test_safeloras_embed_tokens_and_bare_module(make_pipe, tmp_path):
     unet = make_pipe("sd1").unet  # a bare UNet takes the UNet part and ignores the rest
     lora_kit.load(unet, path)
     add_by_hand(unet_pairs)
-    torch.testing.assert_close(forward_main(unet), forward_main(ref.unet), atol=1e-5, rtol=0)
+    assert_close_scaled(forward_main(unet), forward_main(ref.unet), reduction=unet)
 
 
 def test_pt_lists_need_allow_pickle_and_match_hand_computed_deltas(make_pipe, tmp_path):
@@ -137,13 +137,13 @@ def test_pt_lists_need_allow_pickle_and_match_hand_computed_deltas(make_pipe, tm
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[-1], token_vector)
     assert pipe.tokenizer.convert_tokens_to_ids("<krk>") == len(pipe.tokenizer) - 1
     add_by_hand(unet_pairs + te_pairs)
-    assert_outputs_close(pipeline_outputs(pipe), pipeline_outputs(ref))
+    assert_outputs_close(pipeline_outputs(pipe), pipeline_outputs(ref), ref)
     lora_kit.unload(pipe, "lora_weight")
     assert_outputs_close(pipeline_outputs(pipe), base, exact=True)
 
     te = make_pipe("sd1").text_encoder  # a bare text encoder reads a list with the CLIPAttention walk
     lora_kit.load(te, te_path, allow_pickle=True)
-    torch.testing.assert_close(forward_text(te), forward_text(ref.text_encoder), atol=1e-5, rtol=0)
+    assert_close_scaled(forward_text(te), forward_text(ref.text_encoder), reduction=te)
 
 
 def test_legacy_mismatches_are_one_line_errors(make_pipe, tmp_path):
@@ -201,14 +201,14 @@ def test_peft_standalone_text_encoder_matches_peft_forward(make_pipe, tmp_path, 
     for path in (tmp_path / "adapter", tmp_path / "adapter" / "adapter_model.safetensors"):
         ours = make_pipe("sd1").text_encoder
         lora_kit.load(ours, path, name="p")
-        torch.testing.assert_close(forward_text(ours), expected, atol=1e-5, rtol=0)
+        assert_close_scaled(forward_text(ours), expected, reduction=ours)
         alphas = {p.split(".")[-1]: w.adapters["p"].alpha.item() for p, w in lora_modules(ours)}
         root = (lambda r: r**0.5) if rslora else (lambda r: 1.0)  # rsLoRA's alpha/sqrt(r) reads as alpha*sqrt(r)/r
         assert alphas["v_proj"] == pytest.approx(6 * root(4)) and alphas["fc1"] == pytest.approx(2 * root(2))
 
     pipe = make_pipe("sd1")  # into a pipeline: the component whose module paths the adapter names
     lora_kit.load(pipe, tmp_path / "adapter")
-    torch.testing.assert_close(forward_text(pipe.text_encoder), expected, atol=1e-5, rtol=0)
+    assert_close_scaled(forward_text(pipe.text_encoder), expected, reduction=pipe.text_encoder)
     assert not list(lora_modules(pipe.unet))
 
 
@@ -225,7 +225,7 @@ def test_peft_standalone_unet_into_pipeline_and_ambiguity(make_pipe, tmp_path):
 
     ours = make_pipe("sd1")
     lora_kit.load(ours, tmp_path / "unet_adapter")
-    torch.testing.assert_close(forward_main(ours.unet), expected, atol=1e-5, rtol=0)
+    assert_close_scaled(forward_main(ours.unet), expected, reduction=ours.unet)
 
     _peft_text_encoder(make_pipe("sdxl").text_encoder, tmp_path / "te")
     xl = make_pipe("sdxl")  # the tiny SDXL's two CLIPs have the same layers: the user must say which
