@@ -233,6 +233,25 @@ def refuse_guessed_prediction(pipe, spec: str, prediction_type: str | None) -> N
                            "noise (512-base); pass --prediction-type v_prediction or epsilon")  # fmt: skip
 
 
+def loads_in_fp32(folder) -> None:
+    """Make a saved pipeline's transformers components (text encoders) open in fp32 by default, as its diffusers
+    models do. Their weights keep the dtype they were saved in; but transformers 5 opens a model in the dtype its
+    config.json records (save_pretrained writes the saved one, float16), so a plain `from_pretrained(folder)` gave an
+    fp16 text encoder beside an fp32 UNet and failed at the first prompt. An explicit dtype still gives that dtype
+    everywhere."""
+    import json
+    from pathlib import Path
+
+    index = json.loads(Path(folder, "model_index.json").read_text())
+    for name, entry in index.items():
+        config = Path(folder, name, "config.json")
+        if isinstance(entry, list) and entry[0] == "transformers" and config.is_file():
+            values = json.loads(config.read_text())
+            if values.get("dtype") not in (None, "float32"):
+                values["dtype"] = "float32"
+                config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
 def meta_pipeline(arch: str):
     """The components of a real base model of `arch` (SD1.5, SD2.1, SDXL, SD3 medium, FLUX.1 dev) built on the meta
     device from configs lora_kit ships: every module name and shape, no weights, no download. Enough to map LoRA

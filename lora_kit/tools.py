@@ -21,7 +21,7 @@ from .errors import LoraKitError
 from .formats import embeddings as ti_files
 from .formats import files
 from .inject import targeted
-from .models import architecture, check_spec, local_path, local_paths, open_pipeline, prediction_in
+from .models import architecture, check_spec, loads_in_fp32, local_path, local_paths, open_pipeline, prediction_in
 from .state import check_fits, components, modules
 from .targets import resolve
 
@@ -378,6 +378,7 @@ def collapse_into_model(
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.resolve().name}.", dir=parent))
         pipe.save_pretrained(tmp)
+        loads_in_fp32(tmp)  # its text encoders open in fp32 like its UNet, unless a dtype is asked for
         for path in (tmp, *tmp.rglob("*")):  # mkdtemp and safetensors make them private; this is an ordinary model
             files.ordinary(path)
         if out.exists():  # moved aside, not deleted, until the new one is in place

@@ -187,22 +187,31 @@ def test_the_toy_model_opens_in_one_dtype_with_a_plain_from_pretrained():
     assert {p.dtype for c in (half.unet, half.text_encoder, half.vae) for p in c.parameters()} == {torch.float16}
 
 
-def test_pretraining_writes_a_model_that_opens_in_one_dtype(make_pipe, tmp_path):
-    """pretrain.py saves fp16 weights and has the text encoder open in fp32 by default, as the UNet and VAE do."""
+def test_saved_pipelines_open_in_one_dtype(make_pipe, tmp_path):
+    """models.loads_in_fp32 (pretrain.py's toy model, lora-merge MODEL LORA -o DIR): fp16 weights stay fp16 on disk,
+    and a plain from_pretrained opens the text encoder in fp32 beside the fp32 UNet and VAE."""
     import torch
     from diffusers import StableDiffusionPipeline
 
-    spec = importlib.util.spec_from_file_location("toy_pretrain_dtype", ROOT / "datasets" / "toyworld" / "pretrain.py")
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
-    make_pipe("sd1").to(torch.float16).save_pretrained(tmp_path)
-    assert StableDiffusionPipeline.from_pretrained(tmp_path).text_encoder.dtype == torch.float16  # what it fixes
-    pretrain.loads_in_fp32(tmp_path / "text_encoder" / "config.json")
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path)
+    from lora_kit.models import loads_in_fp32
+
+    make_pipe("sd1").to(torch.float16).save_pretrained(tmp_path / "a")
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "a").text_encoder.dtype == torch.float16  # the bug
+    loads_in_fp32(tmp_path / "a")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a")
     assert {p.dtype for c in (pipe.unet, pipe.text_encoder, pipe.vae) for p in c.parameters()} == {torch.float32}
-    header = json.loads((tmp_path / "text_encoder" / "model.safetensors").read_bytes()[8:][:10_000].split(b"}}")[0]
-                        .decode() + "}}")  # fmt: skip
+    header = json.loads((tmp_path / "a" / "text_encoder" / "model.safetensors").read_bytes()[8:][:10_000]
+                        .split(b"}}")[0].decode() + "}}")  # fmt: skip
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}  # the files stay fp16
+    from lora_kit import tools
+    from lora_kit.inject import inject_lora
+
+    half = make_pipe("sd1").to(torch.float16)
+    half.save_pretrained(tmp_path / "b")
+    inject_lora(half.unet, "attn", rank=2)
+    tools.collapse_into_model(str(tmp_path / "b"), lora_kit.save(half, tmp_path / "l.safetensors"), tmp_path / "m")
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "m")
+    assert {p.dtype for c in (merged.unet, merged.text_encoder, merged.vae) for p in c.parameters()} == {torch.float32}
 
 
 def test_placeholders_are_the_staged_ones():

@@ -19,7 +19,6 @@ fp16 as a diffusers folder that `StableDiffusionPipeline.from_pretrained(OUT/mod
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -209,17 +208,6 @@ def deterministic_posterior(vae) -> None:
         vae.quant_conv.bias[channels:] = -30.0
 
 
-
-def loads_in_fp32(config: Path) -> None:
-    """Make a saved text encoder open in fp32 by default, as the UNet and VAE beside it do. The weights stay fp16
-    (half the size); diffusers opens its own models in fp32 unless told a dtype, but transformers 5 opens a model in
-    the dtype its config.json records (save_pretrained writes the saved dtype, float16), so a plain
-    `StableDiffusionPipeline.from_pretrained(folder)` had an fp16 text encoder beside an fp32 UNet and failed at the
-    first prompt. An explicit dtype (`dtype=torch.float16`) still gives that dtype everywhere."""
-    values = json.loads(config.read_text())
-    values["dtype"] = "float32"
-    config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
-
 def cosine_lr(lr: float, steps: int, step: int, restarts=()) -> float:
     """Cosine decay from lr to 0 over steps, restarted (warm restarts) at each (step, lr) pair of `restarts`."""
     import itertools
@@ -374,7 +362,9 @@ def pretrain(
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)  # fmt: skip
     pipe.to(torch.float16).save_pretrained(out / "model")
-    loads_in_fp32(out / "model" / "text_encoder" / "config.json")
+    from lora_kit.models import loads_in_fp32
+
+    loads_in_fp32(out / "model")
     log(f"saved {out / 'model'} after {time.time() - t0:.0f} s on {dev}")
     return out / "model"
 
