@@ -15,7 +15,8 @@ from ._common import command, friendly_errors, output_options, torch_dtype
                    "names are mapped through "
                    "its own module list. Default: the architecture the file is for (SD1.5, SD2.1, SDXL, SD3, FLUX), "
                    "built on the meta device from configs lora_kit ships.")  # fmt: skip
-@click.option("--allow-pickle", is_flag=True, help="Read a legacy pickled .pt input (with torch weights_only).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Read a legacy pickled .pt input, and a .ckpt --model (with torch weights_only).")  # fmt: skip
 @output_options
 @friendly_errors
 def main(input, to, model, allow_pickle, output, dtype, force):

@@ -19,9 +19,10 @@ from ._common import command, friendly_errors, output_options, progress, torch_d
 @click.option("--exact", is_flag=True, help="Full SVD per module instead of the (much faster) randomized SVD.")
 @click.option("--format", "fmt", type=click.Choice(["kohya", "peft", "native"]), default=None,
               help="File format (default: kohya for SD1/SD2/SDXL, the architecture's default otherwise).")  # fmt: skip
+@click.option("--allow-pickle", is_flag=True, help="Open pickled .ckpt/.pt checkpoints (torch's weights-only loader).")
 @output_options
 @friendly_errors
-def main(base, tuned, rank, conv_rank, targets, text_encoder, exact, fmt, output, dtype, force):
+def main(base, tuned, rank, conv_rank, targets, text_encoder, exact, fmt, allow_pickle, output, dtype, force):
     """Extract a LoRA from BASE and TUNED (diffusers folders, hub ids or single-file checkpoints of the same
     architecture): every targeted module's weight difference is factored in fp32; per-module and total relative
     errors are printed."""
@@ -29,7 +30,7 @@ def main(base, tuned, rank, conv_rank, targets, text_encoder, exact, fmt, output
 
     report = tools.extract(base, tuned, output, rank=rank, conv_rank=conv_rank, targets=targets,
                            text_encoders=text_encoder, fast=not exact, format=fmt, dtype=torch_dtype(dtype),
-                           force=force, progress=progress("extract"))  # fmt: skip
+                           force=force, progress=progress("extract"), allow_pickle=allow_pickle)  # fmt: skip
     for note in report.notes:
         click.echo(note)
     for stem, err in sorted(report.errors.items(), key=lambda kv: -kv[1])[:5]:

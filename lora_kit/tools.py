@@ -193,17 +193,19 @@ def _flat(weights: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
 def extract_pipelines(
     base: str, tuned: str, rank: int, conv_rank: int | None = None, targets: str | None = None,
     text_encoders: bool = False, fast: bool = True, min_diff: float = 0.0, progress: Callable = lambda x: x,
+    allow_pickle: bool = False,
 ):  # fmt: skip
-    """(LoRA state, per-module errors, total error, skipped components, the base pipeline) for BASE -> TUNED."""
+    """(LoRA state, per-module errors, total error, skipped components, the base pipeline) for BASE -> TUNED
+    (pickled .ckpt checkpoints only with allow_pickle)."""
     ops.check_ranks(rank=rank, conv_rank=conv_rank)
     if targets is not None:
         resolve(targets)  # an unknown preset: refused before any model is opened
     for spec in (base, tuned):  # a missing TUNED: refused before BASE is opened
-        check_spec(spec)
-    base_pipe = open_pipeline(base)
+        check_spec(spec, allow_pickle)
+    base_pipe = open_pipeline(base, allow_pickle=allow_pickle)
     base_w = targeted_weights(base_pipe, targets, text_encoders)  # a preset matching no layer: before TUNED opens
     _check_finite(base, base_w)
-    tuned_pipe = open_pipeline(tuned)
+    tuned_pipe = open_pipeline(tuned, allow_pickle=allow_pickle)
     a, b = architecture(components(base_pipe)), architecture(components(tuned_pipe))
     if a != b:
         raise LoraKitError(f"{base} is {a} but {tuned} is {b}: extract needs two models of one architecture")
@@ -247,6 +249,7 @@ def extract(
     dtype=None,
     force: bool = False,
     progress: Callable = _same,
+    allow_pickle: bool = False,
 ) -> Report:
     """A LoRA file from two pipelines (folders, hub ids or single-file checkpoints): SVD of every targeted weight
     difference, in fp32."""
@@ -254,7 +257,7 @@ def extract(
 
     files.check_output(output, force, [*local_paths(base), *local_paths(tuned)])
     state, errors, total, skipped, base_pipe = extract_pipelines(
-        base, tuned, rank, conv_rank, targets, text_encoders, fast=fast, progress=progress
+        base, tuned, rank, conv_rank, targets, text_encoders, fast=fast, progress=progress, allow_pickle=allow_pickle
     )
     path = write(output, state, base_pipe, format=format, dtype=dtype, force=force,
                  metadata={"extracted_from": [base, tuned]})  # fmt: skip
@@ -283,7 +286,7 @@ def convert(
     precheck(input, allow_pickle, model)  # a bad file, or one for another architecture: before any model opens
     stored = _read_named(input)  # the file checked as stored before any model is built
     if model is not None:
-        pipe = open_pipeline(model)
+        pipe = open_pipeline(model, allow_pickle=allow_pickle)
     elif stored is None:
         raise LoraKitError(
             f"{input}: a pickled, cloneofsimo or PEFT-folder adapter names no base model; pass --model (and "

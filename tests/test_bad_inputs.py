@@ -386,7 +386,7 @@ def test_extract_refuses_a_preset_that_matches_no_layer(tmp_path, monkeypatch):
     from lora_kit import models
 
     opened = []
-    monkeypatch.setattr(tools, "open_pipeline", lambda spec: opened.append(spec) or models.open_pipeline(spec))
+    monkeypatch.setattr(tools, "open_pipeline", lambda spec, **kw: opened.append(spec) or models.open_pipeline(spec))
     _fails(extract, ["toy", "toy", "--targets", "dit", "-o", tmp_path / "o.safetensors"],
            "no layer of UNet2DConditionModel matches targets 'dit'")  # fmt: skip
     assert opened == ["toy"]

@@ -386,6 +386,9 @@ def test_wrong_files_get_one_line(toy_file, tmp_path):
     torch.save({"state_dict": {k: f.get_tensor(k) for k in f.keys()}}, pickled)
     with pytest.raises(LoraKitError, match="allow-pickle"):
         check_spec(str(pickled))
+    from lora_kit.cli.extract import main as extract
+
+    fails(extract, [str(pickled), toy_file, "-o", str(out)], str(pickled), "--allow-pickle")
     # a .ckpt carries no configs: the toy folder's (a real SD1.5 .ckpt alone takes the shipped ones)
     opened = open_pipeline(f"{pickled},{toy_model()}", allow_pickle=True)
     assert_same_weights(open_pipeline(toy_file), opened)
