@@ -104,3 +104,25 @@ def test_inspect_reads_alphas_of_every_scalar_dtype(tmp_path):
         want = every.view(dtype).float().tolist()
         got = [_minifloat(b, *_F8[name]) for b in range(256)]
         assert all((g != g and w != w) or g == w for g, w in zip(got, want, strict=True)), name
+
+
+def test_inspect_agrees_with_the_readers_on_a_dialect_they_refuse(tmp_path):
+    """A FLUX LoRA keyed `diffusion_model.` (ComfyUI's LoraSave, ai-toolkit) was shown as a valid "peft / flux" file
+    that every reader then refused: lora-inspect and lora_kit.load now say the same one line."""
+    from safetensors.torch import save_file
+
+    from lora_kit.errors import LoraKitError
+    from lora_kit.formats import read
+    from lora_kit.models import meta_pipeline
+
+    path = tmp_path / "comfy_flux.safetensors"
+    stem = "diffusion_model.double_blocks.0.img_attn.qkv"
+    save_file({f"{stem}.lora_A.weight": torch.zeros(4, 3072), f"{stem}.lora_B.weight": torch.zeros(9216, 4)}, path)
+    result = CliRunner().invoke(main, [str(path)])
+    assert result.exit_code == 2 and "`diffusion_model.` key dialect" in result.output, result.output
+    try:
+        read(path, meta_pipeline("flux"))
+    except LoraKitError as e:
+        assert str(e) == result.output.strip().removeprefix("error: ")
+    else:
+        raise AssertionError("the reader took a dialect lora-inspect refuses")

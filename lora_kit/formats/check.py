@@ -20,6 +20,10 @@ VARIANTS = {  # key fragments of LoRA variants lora_kit does not read yet -> the
 }  # fmt: skip
 
 
+# key prefixes of LoRA dialects no reader maps yet (ComfyUI's LoraSave and ai-toolkit write FLUX/SD3 this way)
+DIALECTS = ("diffusion_model.",)
+
+
 def check_variants(keys: Iterable[str], source: str, entries: Mapping | None = None) -> None:
     """Refuse a base model given as a LoRA, and LoRA variants lora_kit does not read yet, by name, instead of
     dropping their keys. `entries`: the safetensors header when there is one (its shapes tell SD1 from SD2)."""
@@ -29,6 +33,10 @@ def check_variants(keys: Iterable[str], source: str, entries: Mapping | None = N
     model = sniff(source, entries or {k: {"shape": []} for k in keys}, {})
     if model is not None:
         raise LoraKitError(f"{source}: is {model.describe()}, a base model, not a LoRA")
+    dialect = next((k for k in keys if k.startswith(DIALECTS)), None)
+    if dialect is not None:
+        raise LoraKitError(f"{source}: a LoRA in ComfyUI's / ai-toolkit's `{dialect.split('.')[0]}.` key dialect "
+                           f"({dialect}), which lora_kit does not read yet")  # fmt: skip
     for key in keys:
         for fragment, variant in VARIANTS.items():
             if fragment in key:

@@ -67,6 +67,7 @@ def _split(key: str) -> tuple[str, str] | None:
 
 
 def _format(stems) -> str:
+    """The format dispatch.sniff reads the file as (the same rules, without torch)."""
     if any(":" in s for s in stems):
         return "legacy"
     return "kohya" if any(s.startswith("lora_") for s in stems) else "peft"
