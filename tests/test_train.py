@@ -1,7 +1,9 @@
 """lora-train on tiny SD1/SDXL pipelines: every mode writes files diffusers loads, the model learns, the objective
 matches its formulas, textual inversion touches only its rows, resume is bit-exact, and bad inputs fail cleanly."""
 
+import collections
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -385,15 +387,45 @@ def test_resume_is_bit_exact(make_pipe, data, tmp_path, models, extra):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_gradient_checkpointing_gives_the_same_adapter(make_pipe, data, tmp_path, models):
-    outs = []
+GC_CASES = {"sd1": dict(text_encoder_rank=2), "sd3": dict(model="tiny-sd3", resolution=16, text_encoder_rank=2),
+            "flux": dict(model="tiny-flux", resolution=16)}  # fmt: skip
+IN_BLOCK = re.compile(r"\.(transformer_blocks|single_transformer_blocks|layers)\.\d+\.")  # what checkpointing wraps
+
+
+@pytest.mark.parametrize("arch", list(GC_CASES))
+def test_gradient_checkpointing_gives_the_same_adapter(make_pipe, data, tmp_path, models, arch):
+    """--gradient-checkpointing is active: every adapter inside a transformer block (UNet, SD3/FLUX transformer) or a
+    trained text encoder's layer runs twice per step (the backward recomputes it), the others once; and the adapters
+    trained (dropout included: the recompute draws the same masks) are those of a run without it."""
+    from lora_kit.inject import lora_modules
+    from lora_kit.state import components
+
+    outs, calls = [], []
     for gc in (False, True):
         folder = tmp_path / str(gc)
         folder.mkdir()
-        cfg = config(models, data, folder, steps=2, gradient_checkpointing=gc, save_dtype="fp32")
-        loop.train(cfg, pipe=make_pipe("sd1"))
+        counts = collections.Counter()
+
+        def count_step_2(step, loss, context, counts=counts):  # hooks on after step 1: step 2's forwards are counted
+            if step == 1:
+                for comp, module in components(context["pipe"]).items():
+                    for path, wrapper in lora_modules(module):
+                        wrapper.register_forward_pre_hook(lambda m, args, k=f"{comp}.{path}": counts.update([k]))
+
+        cfg = config(models, data, folder, steps=2, batch_size=1, gradient_checkpointing=gc, save_dtype="fp32",
+                     dropout=0.2, **GC_CASES[arch])  # fmt: skip
+        loop.train(cfg, callbacks=[count_step_2], pipe=make_pipe(arch))
         outs.append(files.load(folder / "out.safetensors")[0])
+        calls.append(counts)
+    plain, checkpointed = calls
+    assert plain.keys() == checkpointed.keys() and set(plain.values()) == {1}
+    want = {k: 2 if IN_BLOCK.search(k) else 1 for k in plain}
+    assert checkpointed == want
+    trained = {"sd1": {"unet", "text_encoder"}, "sd3": {"transformer", "text_encoder", "text_encoder_2"},
+               "flux": {"transformer"}}  # fmt: skip
+    assert {k.split(".")[0] for k in plain if IN_BLOCK.search(k)} == trained[arch]
     # the same kernels rerun in the backward: equal here to the bit; 1e-6 is a thousandth of one AdamW step (lr 1e-3)
+    assert outs[0].keys() == outs[1].keys()
     assert all(torch.allclose(outs[0][k], outs[1][k], atol=1e-6) for k in outs[0])
 
 

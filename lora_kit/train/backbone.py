@@ -80,6 +80,24 @@ class Backbone:
         self.max_sequence_length = min(T5_TOKENS[self.arch], limit)
         self.prediction_type = "flow"
 
+    def enable_gradient_checkpointing(self, text_encoders: bool) -> None:
+        """Recompute activations in the backward pass instead of keeping them: the UNet's or transformer's blocks, and
+        with `text_encoders` the layers of the CLIPs that train (as kohya and the diffusers scripts do). transformers
+        checkpoints a layer only in training mode: the checkpointed layers alone are marked training (the rest of the
+        frozen encoder keeps its mode, its dropout off). Non-reentrant, as diffusers' models checkpoint."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        self.main.enable_gradient_checkpointing()
+        for name in ("text_encoder", "text_encoder_2") if text_encoders else ():
+            te = getattr(self.pipe, name, None)
+            if te is None:
+                continue
+            enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+            enable({"use_reentrant": False})  # (activation_: transformers 5.23's name; the other is deprecated there)
+            for layer in te.modules():
+                if isinstance(layer, GradientCheckpointingLayer):
+                    layer.training = True
+
     @property
     def size_step(self) -> int:
         """Image sides must be multiples of this: the VAE factor times the UNet's downsampling, or times the

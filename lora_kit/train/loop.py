@@ -278,7 +278,7 @@ def train(
     torch.manual_seed(cfg.seed)  # the adapters' initial values: the same in every process and every rerun
     recipe = build(cfg, pipe)
     if cfg.gradient_checkpointing:
-        backbone.main.enable_gradient_checkpointing()
+        backbone.enable_gradient_checkpointing(text_encoders=recipe.text_trains)
     if accelerator.is_main_process:
         check_space(cfg, recipe)
     plan = Plan(examples, cfg.batch_size, cfg.resolution, backbone.size_step, cfg.seed, cfg.buckets)
