@@ -168,9 +168,10 @@ def interrupted_outputs(cfg: TrainConfig) -> list[Path]:
 
 def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] = ()) -> dict[str, str]:
     """Refuse now, before the model loads, what would fail or be lost later: an existing output (without force), an
-    output that is or lies in an input (the data, a local model, `inputs`: always), the checkpoints or samples of an
-    earlier run (without force or resume), a missing or damaged checkpoint to resume from or one of another config,
-    data or model, class images drawn with other settings, a folder option (logdir, class_data) naming a file.
+    output that is or lies in an input (the data, a local model, `inputs`: always), a missing optional package
+    (bitsandbytes for adamw8bit), the checkpoints or samples of an earlier run (without force or resume), a missing
+    or damaged checkpoint to resume from or one of another config, data or model, class images drawn with other
+    settings, a folder option (logdir, class_data) naming a file.
     Returns the run's fingerprints (what its checkpoints record) when it saves or resumes checkpoints."""
     from ..formats import files
     from ..models import local_paths
@@ -186,6 +187,8 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
         files.check_output(path, cfg.force or path in leftovers, [cfg.data, *inputs, *local_paths(cfg.model)])
     if cfg.mixed_precision == "fp16" and not _uses_cuda():  # the CPU has no fp16 autocast: one line, not a crash
         raise ConfigError("mixed_precision", "fp16", "it needs a CUDA GPU; use bf16 or no on the CPU")
+    if cfg.optimizer == "adamw8bit":  # an optional package
+        _bitsandbytes()
     for name in ("logdir", "class_data"):
         _check_folder(cfg, name)
     if uses_prior(cfg):  # class images drawn with another prompt, model, ...
@@ -241,13 +244,19 @@ def make_scheduler(cfg: TrainConfig, optimizer):
     return get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
 
 
+def _bitsandbytes():
+    """bitsandbytes (adamw8bit), or one line saying it is missing: check_before_loading asks first, so a run without
+    it stops before the model loads and class images are drawn."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise LoraKitError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+    return bitsandbytes
+
+
 def make_optimizer(cfg: TrainConfig, recipe: Recipe):
     if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise LoraKitError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
-        return bnb.optim.AdamW8bit(recipe.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return _bitsandbytes().optim.AdamW8bit(recipe.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(recipe.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
