@@ -346,17 +346,31 @@ def test_objective_formulas_on_a_fixed_batch():
     assert torch.equal(w[1], torch.ones(1, 4, 4))
 
 
-def test_textual_inversion_changes_only_its_rows(make_pipe, data, tmp_path, models):
+def test_textual_inversion_changes_only_its_rows(make_pipe, data, tmp_path, models, monkeypatch):
+    """The new rows start at --init-token's embedding, the mean of its pieces ("dogs" is do + g + s</w> in the tiny
+    tokenizer, pieces named here by hand), every vector alike; training moves them and no other row."""
     pipe = make_pipe("sd1")
     before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     n_before = len(pipe.tokenizer)
-    cfg = config(models, data, tmp_path, mode="textual-inversion", token="<sks>", init_token="dog", num_vectors=2,
+    start = []
+    real = loop.make_optimizer
+
+    def spy(cfg, recipe):  # the rows as the first step finds them
+        start.append(recipe.rows["text_encoder"].param.detach().clone())
+        return real(cfg, recipe)
+
+    monkeypatch.setattr(loop, "make_optimizer", spy)
+    cfg = config(models, data, tmp_path, mode="textual-inversion", token="<sks>", init_token="dogs", num_vectors=2,
                  steps=4, ti_lr=0.1)  # fmt: skip
     loop.train(cfg, pipe=pipe)
     after = pipe.text_encoder.get_input_embeddings().weight.detach()
     assert after.shape[0] == n_before + 2
     assert torch.equal(after[:n_before], before)  # every old row bit-identical (AdamW weight decay included)
-    assert not torch.equal(after[n_before:], before[[pipe.tokenizer.convert_tokens_to_ids("dog</w>")] * 2])
+    pieces = before[pipe.tokenizer.convert_tokens_to_ids(["do", "g", "s</w>"])].double()
+    want = ((pieces[0] + pieces[1] + pieces[2]) / 3).float()
+    assert_close_scaled(start[0], torch.stack([want, want]), reduction=3)
+    assert not torch.allclose(want, before[:n_before].mean(0), atol=1e-3)  # not the default start: could fail
+    assert not torch.allclose(after[n_before:], start[0], atol=1e-3)  # trained
 
 
 @pytest.mark.parametrize("extra", [{}, {"dropout": 0.5}], ids=["plain", "dropout"])
