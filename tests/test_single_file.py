@@ -369,6 +369,9 @@ def test_wrong_files_get_one_line(toy_file, tmp_path):
     odd = tmp_path / "odd.safetensors"
     stream(odd, [("foo.weight", [2, 2], torch.float32, lambda: torch.zeros(2, 2))], {})
     fails(generate, ["--model", str(odd), "--prompt", "x", "-o", str(out)], str(odd), "not a checkpoint of")
+    scaled = tmp_path / "fp8_scaled.safetensors"
+    stream(scaled, [("scaled_fp8", [2], torch.float8_e4m3fn, lambda: torch.zeros(2).to(torch.float8_e4m3fn))], {})
+    fails(generate, ["--model", str(scaled), "--prompt", "x", "-o", str(out)], str(scaled), "scaled fp8")
     from safetensors import safe_open
 
     f = safe_open(toy_file, "pt")

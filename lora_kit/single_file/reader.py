@@ -66,6 +66,10 @@ def check(spec: str, allow_pickle: bool = False) -> tuple[Checkpoint, list[Check
             rest = item
             continue
         entries, metadata = _header(p, allow_pickle)
+        scaled = next((k for k in entries if k == "scaled_fp8" or k.endswith(".scale_weight")), None)
+        if scaled is not None:  # each fp8 weight times its own scale: read as plain fp8 it would be silently wrong
+            raise LoraKitError(f"{p}: holds ComfyUI's scaled fp8 weights ({scaled}), which lora_kit does not read "
+                               "yet; use an fp16/bf16/fp8 file without scales")  # fmt: skip
         found = sniff(p, entries, metadata)
         if found is None:
             if looks_like_lora(entries):
