@@ -44,16 +44,6 @@ def write_clip_vocab(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def write_clip_tokenizer(folder: Path, *, pad_token: str = "<|endoftext|>", model_max_length: int = 77) -> None:
-    """A CLIP tokenizer folder as the SD repos hold it: `pad_token` is "<|endoftext|>" for OpenAI's CLIP-L and "!"
-    for the OpenCLIP encoders (SD2, SDXL's and SD3's second tokenizer)."""
-    write_clip_vocab(folder)
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "pad_token": pad_token,
-              "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-              "do_lower_case": True}  # fmt: skip
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-
-
 def write_t5_vocab(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.json").write_bytes(gzip.open(T5).read())
