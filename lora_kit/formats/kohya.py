@@ -105,12 +105,10 @@ def stems(component: str, module: nn.Module, arch: str) -> dict[str, list[str]]:
 
 def to_kohya(state: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module], arch: str) -> dict[str, torch.Tensor]:
     """Canonical dict -> kohya keys."""
-    if arch == "sd3":
-        raise LoraKitError("kohya names for sd3 transformers are not written yet; use format='peft'")
     names = {c: stems(c, m, arch) for c, m in comps.items()}
     groups = group(state)
     out = {}
-    if arch == "flux" and "transformer" in comps:  # BFL names, q/k/v (and proj_mlp) fused
+    if arch in ("flux", "sd3") and "transformer" in comps:  # BFL / MMDiT names (sd-scripts'), q/k/v fused
         mine = {path: parts for (component, path), parts in groups.items() if component == "transformer"}
         out.update(kohya_flux.to_bfl(mine, comps["transformer"]))
         groups = {key: parts for key, parts in groups.items() if key[0] != "transformer"}
@@ -156,7 +154,7 @@ def from_kohya(
 ) -> dict[str, torch.Tensor]:
     """kohya keys -> canonical dict; every key must name a module of this model (variants are refused by sniff)."""
     out: dict[str, torch.Tensor] = {}
-    if arch == "flux" and "transformer" in comps:  # BFL names first; diffusers-path names below still read
+    if arch in ("flux", "sd3") and "transformer" in comps:  # BFL / MMDiT names first; diffusers paths still read
         out, tensors = kohya_flux.from_bfl(tensors, comps["transformer"], source)
     lookup = {}
     for component, module in comps.items():
