@@ -140,6 +140,16 @@ def attach_adapter(
     return adapter
 
 
+def attach_kind(model: nn.Module, path: str, name: str, parts) -> nn.Module:
+    """As attach_adapter, for an adapter of another kind given by its tensors (kinds.KindAdapter)."""
+    layer = model.get_submodule(path)
+    wrapper = layer if isinstance(layer, LoraWrapper) else wrap(layer).train(layer.training)
+    adapter = wrapper.add_kind(name, parts).train(wrapper.training)
+    if wrapper is not layer:
+        _set_module(model, path, wrapper)
+    return adapter
+
+
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraWrapper]]:
     """(path, wrapper) for every wrapped layer."""
     a_module(model)

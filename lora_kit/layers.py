@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from . import functional, offload
+from . import functional, kinds, offload
 
 _SERIALS = itertools.count()  # adapter identities and epochs that, unlike id(), are never reused within a process
 _PLAIN = frozenset({"weight", "factor", "enabled"})  # LoraAdapter's plain Python attributes
@@ -184,6 +184,8 @@ def _set_factor_quietly(adapter: LoraAdapter, factor: float) -> None:
 
 class LoraAdapter(nn.Module):
     """One named adapter: the trainable factors plus alpha, dropout, weight and the enabled flag."""
+
+    plain = True  # a low-rank pair the fast paths concatenate (kinds.KindAdapter: the composed route)
 
     def __init__(
         self,
@@ -341,10 +343,7 @@ class LoraWrapper(nn.Module):
     def add_adapter(
         self, name: str, rank: int, alpha: float | None = None, dropout: float = 0.0, init: str = "kaiming"
     ) -> LoraAdapter:
-        if name in self.adapters:
-            raise ValueError(f"adapter {name!r} already exists on this module")
-        if not name or "." in name or hasattr(self.adapters, name):  # ModuleDict keys cannot shadow its methods
-            raise ValueError(f"adapter name {name!r} is not usable: no dots, and not a torch method name")
+        self._check_name(name)
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"rank {rank} is not in 1..{self.max_rank} (min of in and out features) for this module")
         down_shape, up_shape = self._factor_shapes(rank)
@@ -354,10 +353,32 @@ class LoraWrapper(nn.Module):
         self.adapters[name] = adapter
         return adapter
 
+    def _check_name(self, name: str) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this module")
+        if not name or "." in name or hasattr(self.adapters, name):  # ModuleDict keys cannot shadow its methods
+            raise ValueError(f"adapter name {name!r} is not usable: no dots, and not a torch method name")
+
+    def add_kind(self, name: str, parts: dict[str, torch.Tensor]) -> kinds.KindAdapter:
+        """Add an adapter of another kind than the plain pair (LoHa, LoKr, IA3, full diff, DoRA, Tucker LoCon)
+        from its tensors under their file names (kinds.py); the caller has checked they fit this layer."""
+        self._check_name(name)
+        if "diff_b" in parts and self.base.bias is None:
+            raise ValueError("diff_b given for a layer without a bias")
+        adapter = kinds.KindAdapter(parts, device=offload.home(self.base))
+        self.adapters[name] = adapter
+        return adapter
+
     def delta_weight(self, name: str | None = None, *, with_weight: bool = True) -> torch.Tensor:
         """fp32 delta of one adapter (or, with name=None, the sum of the enabled ones), shaped like base.weight;
-        with_weight applies what the forward applies: weight x factor."""
+        with_weight applies what the forward applies: weight x factor. With a DoRA adapter among them, the delta
+        of the whole rescaled weight (the order of kinds.apply)."""
         names = [name] if name is not None else [n for n, a in self.adapters.items() if a.enabled]
+        chosen = [self.adapters[n] for n in names]
+        if not all(a.plain for a in chosen):
+            with torch.no_grad():
+                given = [(_parts(a), a.effective_weight if with_weight else 1.0) for a in chosen]
+                return kinds.apply(self.base.weight, given) - self.base.weight.float()
         total = torch.zeros(self.base.weight.shape, dtype=torch.float32, device=self.base.weight.device)
         for n in names:
             a = self.adapters[n]
@@ -485,6 +506,8 @@ class LoraWrapper(nn.Module):
         active = [a for a in self.adapters.values() if a.active]
         if not active:
             return self.base(x)
+        if not all(a.plain for a in active):
+            return self._composed_forward(x, active)
         if self._cacheable(active):
             kind = x.device.type
             fused = self.fused and self._own_op(self.base)  # (else the unfused forward, through the base module)
@@ -515,6 +538,32 @@ class LoraWrapper(nn.Module):
             return self._add_up(y, h, up, inplace=not torch.is_grad_enabled() and self._own_op(self.base))
         return self._loop(x, active, [a.effective_weight * a.scale for a in active])
 
+    def _composed_forward(self, x: torch.Tensor, active: list) -> torch.Tensor:
+        """The route of a layer holding an adapter that is no plain pair: the base op on base + every active
+        adapter applied (kinds.apply: additive deltas, then DoRA's rescale; full diffs' bias deltas on the bias),
+        composed in fp32 at each call (with autograd when training), held only for the call, so no weight-sized
+        memory is kept; fused (lora_kit.fuse) keeps it until something changes. A base module whose op cannot be
+        called directly (hooks, offload, quantisation) runs as it is and the op adds the composed delta."""
+        base = self.base
+        w, b = base.weight, base.bias
+        adapters = [(_parts(a), a.effective_weight) for a in active]
+
+        def compose():
+            weight, db = kinds.apply(w, adapters), kinds.bias_delta(adapters)
+            return weight, db
+
+        if self.fused and not torch.is_grad_enabled():
+            key = (*(a.state_key() for a in active), tensor_key(w), None if b is None else tensor_key(b), w.dtype)
+            weight, db = self._cached("composed", key, lambda: _cast(*compose(), w, b))
+        else:
+            weight, db = compose()
+        if self._own_op(base) and not w.is_meta:
+            bias = b if db is None else b.float() + db
+            return self._base_with(x, weight.to(w.dtype), None if bias is None else bias.to(b.dtype))
+        y = base(x)
+        delta = (weight.float() - w.float()).to(y.dtype)
+        return y + self._base_with(x.to(y.dtype), delta, None if db is None else db.to(y.dtype))
+
     def _loop(self, x: torch.Tensor, active: list[LoraAdapter], strengths: list) -> torch.Tensor:
         """Training: the formula adapter by adapter in fp32 (under autocast the ops run in the autocast dtype),
         dropout on each adapter's input; strengths = weight x factor x scale (floats, or tensors when traced)."""
@@ -532,6 +581,8 @@ class LoraWrapper(nn.Module):
         active = [a for a in self.adapters.values() if a.active]
         if not active:
             return self.base(x)
+        if not all(a.plain for a in active):
+            return self._composed_forward(x, active)
         strengths = [a.alpha * (a.effective_weight / a.rank) for a in active]  # scale as a tensor: no .item()
         if not self._cacheable(active):
             return self._loop(x, active, strengths)
@@ -780,6 +831,18 @@ class FactorBatch:
         _QUIET[0] += 1  # (another batch over these layers holds other factors fixed: it rebuilds)
         self.quiet = _QUIET[0]
         return True
+
+
+def _parts(adapter) -> dict[str, torch.Tensor]:
+    """An adapter's tensors under their file names, for kinds.apply."""
+    if adapter.plain:
+        return {"down": adapter.down, "up": adapter.up, "alpha": adapter.alpha}
+    return adapter.parts()
+
+
+def _cast(weight: torch.Tensor, db: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None):
+    """A composed (fp32 weight, bias delta) kept for fused mode: the weight in the base's dtype, the delta as is."""
+    return weight.to(w.dtype), db
 
 
 WRAPPERS: dict[type[nn.Module], type[LoraWrapper]] = {nn.Linear: LoraInjectedLinear, nn.Conv2d: LoraInjectedConv2d}

@@ -14,11 +14,15 @@ from torch import nn
 
 from . import offload
 from .errors import LoraKitError, finite
-from .inject import _layers, adapter_names, attach_adapter, lora_modules
+from .formats import kind_rules
+from .formats.check import module_problem
+from .inject import _layers, adapter_names, attach_adapter, attach_kind, lora_modules
 from .layers import LoraWrapper
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+# file suffix -> part name; LoRA's first (`weight`, IA3's, would match any of theirs), then the other kinds' names
+SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
+            **{name: name for name in kind_rules.SUFFIXES}}  # fmt: skip
 
 
 COMPONENT_TAG = "_lora_kit_component"  # on a bare module: the component it was loaded as (api.load's `component`)
@@ -94,6 +98,11 @@ def ungroup(groups: Mapping[tuple[str, str], Mapping[str, torch.Tensor]]) -> dic
     return flatten({f"{c}.{p}": parts for (c, p), parts in groups.items()})
 
 
+def plain_pair(parts: Mapping) -> bool:
+    """Whether a module's tensors are a plain LoRA pair (down, up, alpha): the kind the fast paths run."""
+    return set(parts) <= {"down", "up", "alpha"}
+
+
 def alpha_of(parts: Mapping[str, torch.Tensor]) -> float:
     """A module's alpha; a file without one means alpha = rank (scale 1), as in kohya and ComfyUI."""
     return float(parts["alpha"]) if "alpha" in parts else float(parts["down"].shape[0])
@@ -116,8 +125,12 @@ def lora_state_dict(target, name: str | None = None) -> dict[str, torch.Tensor]:
         for path, wrapper in lora_modules(module):
             if name in wrapper.adapters:
                 a = wrapper.adapters[name]
-                offload.reclaim([a], strict=False)  # (offloaded after the load: its values are in accelerate's map)
                 prefix = f"{component}.{path}."
+                if not a.plain:  # another kind: its tensors under their file names
+                    suffix = {part: s for s, part in SUFFIXES.items()}
+                    state.update({prefix + suffix[n]: t.detach().clone() for n, t in a.parts().items()})
+                    continue
+                offload.reclaim([a], strict=False)  # (offloaded after the load: its values are in accelerate's map)
                 state[prefix + "lora_down.weight"] = a.down.detach().clone()
                 state[prefix + "lora_up.weight"] = a.up.detach().clone()
                 state[prefix + "alpha"] = a.alpha.detach().clone()
@@ -146,12 +159,19 @@ def _check_group(component: str, path: str, parts: Mapping, layers: dict | None,
         return f"{component}.{path}: the model has no component {component!r}"
     if path not in layers:
         return f"{component}.{path}: no such Linear/Conv2d in the {component}"
-    if "down" not in parts or "up" not in parts:
-        return f"{component}.{path}: lora_down and lora_up must both be present"
     layer = layers[path]
     if isinstance(layer, LoraWrapper) and name in layer.adapters:
         return f"{component}.{path}: already has an adapter named {name!r}"
-    weight = (layer.base if isinstance(layer, LoraWrapper) else layer).weight
+    base = layer.base if isinstance(layer, LoraWrapper) else layer
+    weight = base.weight
+    if not plain_pair(parts):
+        shapes = {part: tuple(t.shape) for part, t in parts.items()}
+        problem = module_problem(shapes, tuple(weight.shape))
+        if problem is None and "diff_b" in parts and (base.bias is None or parts["diff_b"].numel() != weight.shape[0]):
+            problem = f"diff_b {shapes['diff_b']} does not fit the layer's bias"
+        return None if problem is None else f"{component}.{path}: {problem}"
+    if "down" not in parts or "up" not in parts:
+        return f"{component}.{path}: lora_down and lora_up must both be present"
     down, up = parts["down"], parts["up"]
     rank = down.shape[0]
     fan_in = weight[0].numel()
@@ -192,6 +212,13 @@ def load_lora_state_dict(
     groups = check_fits(target, state, name, source)
     done = []
     for (component, path), parts in groups.items():
+        if not plain_pair(parts):
+            adapter = attach_kind(comps[component], path, name, parts)
+            adapter.weight = weight
+            dtypes = {t.dtype for n, t in parts.items() if n not in ("alpha", "on_input")}
+            adapter.given_dtype = dtypes.pop() if len(dtypes) == 1 else None
+            done.append(f"{component}.{path}")
+            continue
         down = parts["down"]
         rank = down.shape[0]
         adapter = attach_adapter(comps[component], path, name, rank, alpha_of(parts))

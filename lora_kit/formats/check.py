@@ -10,18 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from ..errors import LoraKitError
+from .kind_rules import kind_of, shape_problem
 
 Shape = tuple[int, ...]
 
-VARIANTS = {  # key fragments of LoRA variants lora_kit does not read yet -> their names
-    "hada_": "LoHa", "lokr_": "LoKr", ".lora_mid.": "LoCon with a Tucker core (lora_mid)", ".dora_scale": "DoRA",
-    ".lora_magnitude_vector": "DoRA", ".on_input": "IA3", ".diff": "full-weight diff", ".a1.weight": "GLoRA",
-    "oft_": "OFT",
+VARIANTS = {  # key fragments of adapter kinds lora_kit does not read -> their names
+    ".a1.weight": "GLoRA", ".b1.weight": "GLoRA", "oft_blocks": "OFT", ".oft_": "OFT", "boft_": "BOFT",
 }  # fmt: skip
-
-
-# key prefixes of LoRA dialects no reader maps yet (ComfyUI's LoraSave and ai-toolkit write FLUX/SD3 this way)
-DIALECTS = ("diffusion_model.",)
 
 
 def check_variants(keys: Iterable[str], source: str, entries: Mapping | None = None) -> None:
@@ -33,10 +28,6 @@ def check_variants(keys: Iterable[str], source: str, entries: Mapping | None = N
     model = sniff(source, entries or {k: {"shape": []} for k in keys}, {})
     if model is not None:
         raise LoraKitError(f"{source}: is {model.describe()}, a base model, not a LoRA")
-    dialect = next((k for k in keys if k.startswith(DIALECTS)), None)
-    if dialect is not None:
-        raise LoraKitError(f"{source}: a LoRA in ComfyUI's / ai-toolkit's `{dialect.split('.')[0]}.` key dialect "
-                           f"({dialect}), which lora_kit does not read yet")  # fmt: skip
     for key in keys:
         for fragment, variant in VARIANTS.items():
             if fragment in key:
@@ -52,8 +43,14 @@ def not_a_lora(source: str, keys: list[str]) -> LoraKitError:
 _NAMES = {"down": "lora_down", "up": "lora_up", "alpha": "alpha"}
 
 
-def module_problem(shapes: Mapping[str, Shape]) -> str | None:
+def module_problem(shapes: Mapping[str, Shape], weight: Shape | None = None) -> str | None:
     """What is wrong with one module's factors ({'down', 'up', 'alpha'} -> shape), or None when it is a LoRA."""
+    if kind_of(shapes) != "lora":
+        problem = shape_problem(shapes, weight)
+        if problem is None and "dora_scale" in shapes and weight is not None:
+            if _prod(shapes["dora_scale"]) not in (weight[0], weight[1]):
+                return f"dora_scale has shape {shapes['dora_scale']}; the layer's weight is {weight}"
+        return problem
     down, up, alpha = shapes.get("down"), shapes.get("up"), shapes.get("alpha")
     if down is None or up is None:
         have = " and ".join(_NAMES[p] for p in _NAMES if p in shapes)
@@ -69,15 +66,32 @@ def module_problem(shapes: Mapping[str, Shape]) -> str | None:
         return "has rank 0"
     if alpha is not None and alpha not in ((), (1,)):
         return f"alpha has shape {alpha}; expected a single number"
+    if "mid" in shapes and (len(shapes["mid"]) != 4 or shapes["mid"][:2] != (down[0], down[0]) or down[2:] != (1, 1)):
+        return f"lora_mid has shape {shapes['mid']}; with lora_down {down} it must be ({down[0]}, {down[0]}, kh, kw)"
+    if "dora_scale" in shapes:
+        dora, fan_in = shapes["dora_scale"], down[1] * (_prod(shapes["mid"][2:]) if "mid" in shapes else 1)
+        if _prod(dora) not in (up[0], down[1]):
+            return f"dora_scale has shape {dora}; expected ({up[0]}, 1, ...) or (1, {fan_in}, ...)"
+    if weight is not None:
+        fan_in = down[1] * _prod((shapes["mid"] if "mid" in shapes else down)[2:])
+        if up[0] != weight[0] or fan_in != _prod(weight[1:]):
+            return f"lora_down {down} / lora_up {up} do not fit a layer with weight {weight}"
     return None
+
+
+def _prod(shape) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
 
 
 def check_factor_dtype(key: str, part: str, dtype: str, source: str) -> None:
     """lora_down and lora_up hold real numbers: an integer, bool or complex factor (no trainer writes one; every
     delta would be made of whole numbers) is refused. Alphas may be integers (diffusers' kohya converter writes
     int64). `dtype` is a safetensors name (F16, I32, ...) or a torch one (float16, int32, ...)."""
-    if part in ("down", "up") and not dtype.lower().startswith(("f", "bf")):
-        raise LoraKitError(f"{source}: tensor {key} is {dtype}; LoRA factors must be floating point")
+    if part not in ("alpha", "on_input") and not dtype.lower().startswith(("f", "bf")):
+        raise LoraKitError(f"{source}: tensor {key} is {dtype}; adapter factors must be floating point")
 
 
 def check_modules(modules: Mapping[str, Mapping[str, Shape]], source: str) -> None:

@@ -1,0 +1,233 @@
+"""Adapter kinds besides the low-rank pair: LoHa, LoKr, (IA)^3, full diff, and DoRA's column rescale.
+
+Each kind is one small class holding its own factors under the names LyCORIS files give them (the canonical state
+dict keeps those names: `unet.<path>.hada_w1_a`, ...), and answering one question: its exact `delta(base_weight)`
+(fp32, alpha / rank included, the user's weight not). The wrapper adds the deltas of a layer's adapters to the base
+weight and runs the base op on the sum (the composed route: LoHa/LoKr/full deltas are not low rank, IA3's depends
+on the base weight); a layer holding only plain LoRAs keeps the fast low-rank paths of layers.py.
+
+DoRA is not a kind but an option of the additive ones (`dora_scale`, a LoRA's, LoHa's or LoKr's): the merged
+weight V = W + delta is rescaled so each output row (or input column, by the shape of dora_scale) has the norm
+dora_scale holds: V * dora_scale / (|V| + eps), as LyCORIS, PEFT and ComfyUI do. At a user weight w other than 1
+the three disagree; lora_kit takes ComfyUI's rule, W + w * (dora(V) - W), linear in w and the base itself at 0.
+
+Definitions follow the LyCORIS package (lycoris/functional, modules) and peft (LoHa/LoKr/`use_dora`); the tests
+build adapters with their code and compare. Pure functions over tensors where they can be.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from . import functional
+from .formats.kind_rules import describe, kind_of
+
+_SERIALS = itertools.count(1 << 40)  # (disjoint from layers._SERIALS: identities only need to differ)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).float()
+
+
+def _tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The Tucker rebuild LyCORIS uses for LoHa/LoKr conv factors: core t (r, r, kh, kw), a (r, out), b (r, in)
+    -> (out, in, kh, kw)."""
+    return torch.einsum("i j ..., i p, j r -> p r ...", t.float(), a.float(), b.float())
+
+
+def _scale(alpha: torch.Tensor | None, rank: int) -> float:
+    return 1.0 if alpha is None else functional.lora_scale(float(alpha), rank)
+
+
+def loha_delta(p: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """(w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank; with Tucker cores each side is t x_1 a x_2 b."""
+    rank = p["hada_w1_b"].shape[0]
+    if "hada_t1" in p:
+        w1 = _tucker(p["hada_t1"], p["hada_w1_a"], p["hada_w1_b"])
+        w2 = _tucker(p["hada_t2"], p["hada_w2_a"], p["hada_w2_b"])
+    else:
+        w1 = _flat(p["hada_w1_a"]) @ _flat(p["hada_w1_b"])
+        w2 = _flat(p["hada_w2_a"]) @ _flat(p["hada_w2_b"])
+    return (w1 * w2 * _scale(p.get("alpha"), rank)).reshape(shape)
+
+
+def _lokr_rank(p: Mapping[str, torch.Tensor]) -> int | None:
+    """The rank alpha is divided by: of the first decomposed factor (LyCORIS's rank_scale); None when both are
+    whole matrices (scale 1 whatever alpha says, as LyCORIS and ComfyUI take it)."""
+    if "lokr_w1_a" in p:
+        return p["lokr_w1_a"].shape[1]
+    if "lokr_w2_a" in p:
+        return p["lokr_w2_a"].shape[1] if "lokr_t2" not in p else p["lokr_w2_a"].shape[0]
+    return None
+
+
+def lokr_factors(p: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w1, w2) of a LoKr module, fp32: w1 (out_m, in_m), w2 (out_k, in_n[, kh, kw]) with out_m * out_k = out and
+    in_m * in_n = in."""
+    w1 = p["lokr_w1"].float() if "lokr_w1" in p else _flat(p["lokr_w1_a"]) @ _flat(p["lokr_w1_b"])
+    if "lokr_w2" in p:
+        w2 = p["lokr_w2"].float()
+    elif "lokr_t2" in p:
+        w2 = _tucker(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+    else:
+        w2 = _flat(p["lokr_w2_a"]) @ _flat(p["lokr_w2_b"])
+        out_k, in_n = w2.shape[0], shape[1] // w1.shape[1]
+        w2 = w2.reshape(out_k, in_n, *shape[2:])
+    return w1, w2
+
+
+def lokr_delta(p: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """kron(w1, w2) * alpha / rank (see _lokr_rank)."""
+    w1, w2 = lokr_factors(p, shape)
+    w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - w1.dim()))
+    rank = _lokr_rank(p)
+    scale = 1.0 if rank is None else _scale(p.get("alpha"), rank)
+    return (torch.kron(w1, w2.contiguous()) * scale).reshape(shape)
+
+
+def ia3_delta(p: Mapping[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """W * w along the input channels (`on_input` set) or the output channels: IA3 scales by (1 + w)."""
+    on_input = bool(p["on_input"]) if "on_input" in p else False
+    axis = 1 if on_input else 0
+    view = [1] * weight.dim()
+    view[axis] = weight.shape[axis]
+    return weight.float() * p["weight"].float().reshape(view)
+
+
+def lora_delta(p: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """scale * up @ down; with a Tucker core (`lora_mid`, LyCORIS's LoCon) down is first folded through it."""
+    down = fold_mid(p["down"], p["mid"]) if "mid" in p else p["down"]
+    scale = _scale(p.get("alpha"), down.shape[0])
+    return functional.delta(p["up"], down, scale).reshape(shape)
+
+
+def fold_mid(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """A Tucker LoCon's down (r, in, 1, 1) through its core (r, r, kh, kw) as one plain conv down (r, in, kh, kw):
+    up @ fold(mid, down) is the same delta, so such a module is a plain low-rank pair."""
+    return torch.einsum("i j ..., j c -> i c ...", mid.float(), _flat(down))
+
+
+def additive_delta(p: Mapping[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """A module's delta before any DoRA rescale (fp32, shaped like `weight`)."""
+    kind, shape = kind_of(p), tuple(weight.shape)
+    if kind == "lora":
+        return lora_delta(p, shape)
+    if kind == "loha":
+        return loha_delta(p, shape)
+    if kind == "lokr":
+        return lokr_delta(p, shape)
+    if kind == "ia3":
+        return ia3_delta(p, weight)
+    if kind == "full":
+        return p["diff"].float().reshape(shape) if "diff" in p else torch.zeros(shape, device=weight.device)
+    raise ValueError(f"no weight delta for a {kind} module")
+
+
+def dora(merged: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
+    """The merged weight with each output row (dora_scale (out, 1, ...)) or input column (dora_scale (1, in, ...))
+    rescaled to the norm dora_scale holds; the norm + fp32 eps, as LyCORIS and ComfyUI take it."""
+    merged, scale = merged.float(), dora_scale.float()
+    if scale.dim() == 1:  # PEFT's lora_magnitude_vector: (out,)
+        scale = scale.reshape(-1, *[1] * (merged.dim() - 1))
+    if scale.shape[0] == merged.shape[0] and (scale.numel() == merged.shape[0]):
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(scale.shape)
+    else:
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
+        norm = norm.reshape(1, merged.shape[1], *[1] * (merged.dim() - 2))
+    return merged * (scale.reshape(norm.shape) / (norm + torch.finfo(torch.float32).eps))
+
+
+def apply(weight: torch.Tensor, adapters: list[tuple[Mapping[str, torch.Tensor], float]]) -> torch.Tensor:
+    """The base weight with `adapters` [(parts, user weight)] applied, fp32: the additive ones summed first, then
+    each DoRA one in turn on the weight so far (W + w * (dora(W + delta) - W))."""
+    base = weight.float()
+    out = base.clone()
+    for parts, w in adapters:
+        if "dora_scale" not in parts and w != 0:
+            out += additive_delta(parts, weight) * w
+    for parts, w in adapters:
+        if "dora_scale" in parts and w != 0:
+            rescaled = dora(out + additive_delta(parts, weight), parts["dora_scale"])
+            out = out + (rescaled - out) * w if w != 1 else rescaled
+    return out
+
+
+def bias_delta(adapters: list[tuple[Mapping[str, torch.Tensor], float]]) -> torch.Tensor | None:
+    """The sum of the full-diff adapters' bias deltas (`diff_b`) x their weights, fp32; None when none has one."""
+    found = [p["diff_b"].float() * w for p, w in adapters if "diff_b" in p and w != 0]
+    return torch.stack(found).sum(0) if found else None
+
+
+def needs_base(parts: Mapping) -> bool:
+    """Whether the module's delta depends on the base weight (DoRA, IA3): converting it to a plain LoRA needs the
+    model."""
+    return "dora_scale" in parts or kind_of(parts) == "ia3"
+
+
+class KindAdapter(nn.Module):
+    """One named adapter of a non-pair kind in a wrapper: its tensors as fp32 parameters under their file names,
+    alpha as a 0-d buffer, and the user `weight`, step `factor` and `enabled` flag LoraAdapter has."""
+
+    plain = False  # (the wrapper's low-rank fast paths do not apply)
+
+    def __init__(self, parts: Mapping[str, torch.Tensor], device: torch.device | None = None):
+        super().__init__()
+        self.kind = kind_of(parts)
+        self.on_input = bool(parts["on_input"]) if "on_input" in parts else None
+        for name, t in parts.items():
+            if name == "alpha":
+                self.register_buffer("alpha", t.detach().float().reshape(()).to(device))
+            elif name != "on_input":
+                self.register_parameter(name, nn.Parameter(t.detach().float().to(device).clone()))
+        self.weight_ = 1.0
+        self.factor = 1.0
+        self.enabled = True
+        self.serial = next(_SERIALS)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in ("weight_", "factor", "enabled"):  # layers whose kept plans skip this adapter must see it
+            from .layers import _bump
+
+            _bump()
+
+    # `weight` is the user's strength; nn.Module would take a `weight` attribute for IA3's parameter, which is kept
+    # under `weight_ia3` in _parameters instead.
+    def register_parameter(self, name, param) -> None:
+        super().register_parameter("weight_ia3" if name == "weight" else name, param)
+
+    @property
+    def weight(self) -> float:
+        return self.weight_
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self.weight_ = value
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The tensors under their file names (live parameters: callers detach or clone)."""
+        out = {("weight" if n == "weight_ia3" else n): p for n, p in self._parameters.items()}
+        out.update(self._buffers)
+        if self.on_input is not None:
+            out["on_input"] = torch.tensor(int(self.on_input))
+        return out
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.weight != 0 and self.factor != 0
+
+    @property
+    def effective_weight(self) -> float:
+        return self.weight * self.factor
+
+    def state_key(self) -> tuple:
+        """Changes whenever this adapter's contribution can (its strengths, flag, or any tensor)."""
+        tensors = tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in self._parameters.values())
+        return self.serial, self.weight, self.factor, self.enabled, tensors
+
+    def extra_repr(self) -> str:
+        return f"kind={describe({n: tuple(t.shape) for n, t in self.parts().items()})}, weight={self.weight:g}"
