@@ -231,3 +231,43 @@ class KindAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={describe({n: tuple(t.shape) for n, t in self.parts().items()})}, weight={self.weight:g}"
+
+
+def _linear_shape(parts: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """The (out, in) a linear LoHa/LoKr/full module's delta has, from its factors."""
+    if "diff" in parts:
+        return tuple(parts["diff"].shape)
+    if "hada_w1_a" in parts:
+        return parts["hada_w1_a"].shape[0], parts["hada_w1_b"].shape[1]
+    w1 = parts["lokr_w1"].shape if "lokr_w1" in parts else (parts["lokr_w1_a"].shape[0], parts["lokr_w1_b"].shape[1])
+    w2 = parts["lokr_w2"].shape if "lokr_w2" in parts else (parts["lokr_w2_a"].shape[0], parts["lokr_w2_b"].shape[1])
+    return w1[0] * w2[0], w1[1] * w2[1]
+
+
+def split_rows(parts: Mapping[str, torch.Tensor], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    """A linear adapter on a fused layer (an original checkpoint's qkv) as one adapter per part, by output rows
+    (`sizes`, in fused order): each part's rows of the delta as a full `diff` (LoHa and LoKr deltas are not
+    separable by rows otherwise), IA3's and DoRA's per-row vectors cut the same way. Exact: every part's delta is
+    its rows of the fused one. A DoRA norm over input columns spans every row: ValueError."""
+    if kind_of(parts) == "ia3":
+        if "on_input" in parts and bool(parts["on_input"]):
+            return [dict(parts) for _ in sizes]
+        return [{**parts, "weight": w} for w in parts["weight"].split(sizes)]
+    if kind_of(parts) not in ("loha", "lokr", "full"):
+        raise ValueError(f"a {kind_of(parts)} module is not split by split_rows")
+    out = sum(sizes)
+    if "dora_scale" in parts and parts["dora_scale"].shape[0] != out:
+        raise ValueError("its DoRA norm is taken over input columns, which span every part")
+    shape = _linear_shape(parts)
+    if shape[0] != out:
+        raise ValueError(f"its delta has {shape[0]} rows, the parts {out}")
+    delta = additive_delta(parts, torch.empty(shape, device="meta")) if kind_of(parts) != "full" else None
+    source = parts.get("diff") if delta is None else delta
+    pieces = []
+    for rows in torch.arange(out).split(sizes):
+        piece = {} if source is None else {"diff": source[rows]}
+        for name in ("diff_b", "dora_scale"):
+            if name in parts:
+                piece[name] = parts[name][rows]
+        pieces.append(piece)
+    return pieces
