@@ -37,6 +37,7 @@ def main(file: str, as_json: bool, metadata: bool) -> None:
     click.echo(f"  architecture  {info['architecture']}")
     comps = ", ".join(f"{c} {n}" for c, n in info["components"].items())
     click.echo(f"  modules       {info['modules']} ({comps}); {info['conv_modules']} kxk conv")
+    click.echo(f"  adapters      {', '.join(f'{a} x{n}' for a, n in info['adapters'].items())}")
     click.echo(f"  ranks         {', '.join(f'{r} x{n}' for r, n in info['ranks'].items()) or '-'}")
     click.echo(
         f"  alphas        {', '.join(f'{a} x{n}' for a, n in info['alphas'].items()) or '(none: alpha = rank)'}"

@@ -201,12 +201,15 @@ def collapse_lora(model: nn.Module, name: str | None = None) -> list[str]:
     check_in_memory(model)
     chosen = [(p, w) for p, w in lora_modules(model) if name is None or name in w.adapters]
     for path, wrapper in chosen:
-        if not torch.isfinite(wrapper.delta_weight(name)).all():
+        bias = wrapper.bias_delta(name)
+        if not torch.isfinite(wrapper.delta_weight(name)).all() or bias is not None and not bias.isfinite().all():
             raise LoraKitError(f"the LoRA delta of {path} is not finite (NaN/inf); nothing was collapsed")
     for _, wrapper in chosen:
-        w = wrapper.base.weight
+        w, b, bias = wrapper.base.weight, wrapper.base.bias, wrapper.bias_delta(name)
         with torch.no_grad():
             w.copy_((w.float() + wrapper.delta_weight(name)).to(w.dtype))
+            if bias is not None:  # (a full diff's diff_b)
+                b.copy_((b.float() + bias).to(b.dtype))
     remove_lora(model, name)
     return [p for p, _ in chosen]
 

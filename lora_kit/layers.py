@@ -386,6 +386,13 @@ class LoraWrapper(nn.Module):
             total += functional.delta(a.up.detach(), a.down.detach(), factor)
         return total
 
+    def bias_delta(self, name: str | None = None, *, with_weight: bool = True) -> torch.Tensor | None:
+        """fp32 bias delta of one adapter (or the enabled ones): full diffs' `diff_b` (None when none has one)."""
+        names = [name] if name is not None else [n for n, a in self.adapters.items() if a.enabled]
+        chosen = [self.adapters[n] for n in names if not self.adapters[n].plain]
+        with torch.no_grad():
+            return kinds.bias_delta([(a.parts(), a.effective_weight if with_weight else 1.0) for a in chosen])
+
     def invalidate(self) -> None:
         """Drop the cached pair / fused weight (needed only after writing or assigning adapter tensors' `.data`)."""
         self._caches.clear()

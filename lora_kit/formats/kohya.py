@@ -17,10 +17,12 @@ from torch import nn
 
 from ..errors import LoraKitError
 from ..inject import _layers
-from ..state import clip_path, group, split_key
+from ..state import SUFFIXES as STATE_SUFFIXES
+from ..state import clip_path, group, plain_pair, split_key
 from . import kohya_flux
 
-SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+# every tensor a module may hold (LoRA's, then the other kinds' LyCORIS names: kind_rules), as `.suffix` -> part
+SUFFIXES = {f".{suffix}": part for suffix, part in STATE_SUFFIXES.items()}
 RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
               "conv_shortcut": "skip_connection"}  # fmt: skip
 
@@ -114,6 +116,9 @@ def to_kohya(state: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module], 
         groups = {key: parts for key, parts in groups.items() if key[0] != "transformer"}
     for (component, path), parts in groups.items():
         stem = names[component][path][0]
+        if not plain_pair(parts):  # another kind: its tensors under their LyCORIS names, as LyCORIS's kohya wrapper
+            out.update({f"{stem}{suffix}": parts[part] for suffix, part in SUFFIXES.items() if part in parts})
+            continue
         out[stem + ".lora_down.weight"] = parts["down"]
         out[stem + ".lora_up.weight"] = parts["up"]
         out[stem + ".alpha"] = parts.get("alpha", torch.tensor(float(parts["down"].shape[0])))
