@@ -15,17 +15,20 @@ from ..errors import LoraKitError
 from ..models import ARCHITECTURES, architecture, base_model_metadata, prediction_type, spec_architecture
 from ..ops import cast, uniform_alpha
 from ..state import COMPONENTS, components, modules, split_key
-from . import check, files, kohya, legacy, peft
+from . import check, dialects, files, kohya, legacy, peft, trainers
 from .header import architectures_for, check_lora, guess_architecture
 
-FORMATS = ("kohya", "peft", "native")
+FORMATS = ("kohya", "peft", "native", "comfyui")  # what write() writes; read() also takes dialects.READERS
 DEFAULT_FORMAT = {"sd1": "kohya", "sd2": "kohya", "sdxl": "kohya", "sd3": "peft", "flux": "kohya"}
 
 
 def sniff(keys, source: str = "file") -> str:
-    """kohya, legacy, native or peft; LoRA variants lora_kit does not read and other files are refused."""
+    """kohya, legacy, native, peft or one of dialects.READERS (comfyui, xlabs, onetrainer, lycoris); LoRA variants
+    lora_kit does not read and other files are refused."""
     keys = list(keys)
     check.check_variants(keys, source)
+    if dialect := dialects.reader_of(keys):  # before kohya: OneTrainer's files hold kohya text-encoder keys too
+        return dialect
     if kohya.is_kohya(keys):
         return "kohya"
     if legacy.is_legacy(keys):
@@ -57,13 +60,16 @@ def read(path: str | os.PathLike, target, *, allow_pickle: bool = False) -> tupl
     fmt = sniff(tensors, str(p))
     if isinstance(target, nn.Module) and fmt != "legacy":  # a bare UNet / transformer / text encoder takes its part
         ((component, module),) = comps.items()
-        tensors = _only(tensors, component, kohya.prefix(component, module, architecture(comps)), fmt, str(p))
+        arch = architecture(comps)
+        tensors = _only(tensors, component, kohya.prefix(component, module, arch), fmt, arch, str(p))
     if fmt == "legacy":
         state = legacy.from_safeloras(tensors, metadata, comps, str(p))
     elif fmt == "kohya":
         state = kohya.from_kohya(tensors, comps, architecture(comps), str(p))
     elif fmt == "peft":
         state = peft.from_peft(tensors, metadata, comps, str(p))
+    elif fmt in dialects.READERS:
+        state = trainers.read(tensors, fmt, comps, architecture(comps), str(p))
     else:
         state = dict(tensors)
     return checked(state, p), metadata
@@ -130,8 +136,10 @@ def checked(state: dict, source) -> dict:
     return state
 
 
-def _only(tensors: Mapping, component: str, kohya_prefix: str, fmt: str, source: str) -> dict:
-    if fmt == "kohya":
+def _only(tensors: Mapping, component: str, kohya_prefix: str, fmt: str, arch: str, source: str) -> dict:
+    if fmt in dialects.READERS:
+        keep = {k: t for k, t in tensors.items() if dialects.component_of(k, arch) == component}
+    elif fmt == "kohya":
         prefixes = {"lora_unet": ("lora_unet_", "lora_transformer_"), "lora_te": ("lora_te_", "lora_te1_"),
                     "lora_te1": ("lora_te_", "lora_te1_")}.get(kohya_prefix, (kohya_prefix + "_",))  # fmt: skip
         keep = {k: t for k, t in tensors.items() if k.startswith(prefixes)}
@@ -199,6 +207,9 @@ def _held_encoders(path) -> tuple[set[str], str | None]:
         return set(), None
     arch = guess_architecture(list(header), metadata)
     held = set()
+    if dialects.reader_of(header):
+        held = {dialects.component_of(key, arch) for key in header} - {"unet", "transformer", None}
+        return held, arch if arch in ARCHITECTURES else None
     for key in header:
         first = key.split(".", 1)[0]
         te = next((c for pre, c in _KOHYA_TE.items() if key.startswith(pre)), None)
@@ -270,6 +281,8 @@ def write(
     elif fmt == "peft":
         tensors, extra = peft.to_peft(state, comps)
         header.update(extra)
+    elif fmt == "comfyui":
+        tensors = trainers.to_comfyui(state, comps, arch)
     else:
         tensors = dict(state)
     ss_only = {k: v for k, v in header.items() if k.startswith("ss_")}

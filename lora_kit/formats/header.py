@@ -12,7 +12,7 @@ import struct
 from collections import Counter
 
 from ..errors import LoraKitError
-from . import check, peft_config
+from . import check, dialects, peft_config
 from .files import read_header
 
 _STRUCT = {  # safetensors dtypes struct reads as they are
@@ -58,6 +58,8 @@ _KEY = re.compile(  # <stem><separator><part>, in every spelling the readers tak
 
 def _split(key: str) -> tuple[str, str] | None:
     """'x.lora_B.weight' -> ('x', 'up'); 'unet:3:down' -> ('unet:3', 'down'); None for a key that is no factor."""
+    if xlabs := dialects.xlabs_part(key):  # XLabs' `<stem>_lora1.down.weight` (`.weight` alone is IA3's)
+        return xlabs
     m = _KEY.match(key)
     if m is None:
         return None
@@ -67,10 +69,9 @@ def _split(key: str) -> tuple[str, str] | None:
 
 
 def _format(stems) -> str:
-    """The format dispatch.sniff reads the file as (the same rules, without torch)."""
-    if any(":" in s for s in stems):
-        return "legacy"
-    return "kohya" if any(s.startswith("lora_") for s in stems) else "peft"
+    """The file's key dialect (dialects.dialect_of: kohya, kohya-bfl, sd-scripts-sd3, comfyui, xlabs, onetrainer,
+    lycoris, peft or legacy), which dispatch.sniff reads it by."""
+    return dialects.dialect_of(stems)
 
 
 def _kind(down: tuple) -> str:
@@ -80,6 +81,8 @@ def _kind(down: tuple) -> str:
 def _component(stem: str) -> str:
     if stem.startswith("lora_"):
         return stem.split("_")[1]  # lora_te1_x -> te1
+    if stem.startswith("lycoris_"):
+        return "lycoris"
     return re.split(r"[.:]", stem, maxsplit=1)[0]
 
 

@@ -12,7 +12,7 @@ rows of up. Write (split -> fused): parts that share one down and alpha (what a 
 their ups, so file -> memory -> file is bit-exact; otherwise the downs are stacked along the rank and up is
 block-diagonal, each block rescaled so that the fused alpha / rank gives every part its own delta. A part without
 an adapter gets zero rows of up. Adapter kinds other than LoRA pass through unchanged on unfused modules and are
-split by rows (lora_kit.kinds.split_rows) on fused ones. Pure functions over dicts.
+split by rows (lora_kit.kinds.split_rows: each part's exact delta) on fused ones. Pure functions over dicts.
 """
 
 from __future__ import annotations
@@ -93,14 +93,9 @@ def split(
     paths = fused.paths
     if len(paths) == 1 and not fused.swapped:  # one diffusers layer: every kind's tensors as they are
         return {f"transformer.{paths[0]}.{suffix}": t for suffix, t in parts.items()}
-    lora = {LORA[s]: t for s, t in parts.items() if s in LORA}
-    other = {s: t for s, t in parts.items() if s not in LORA}
-    if other and "down" not in lora and "up" not in lora and "alpha" in lora:  # another kind's alpha (LoHa, LoKr)
-        other["alpha"] = lora.pop("alpha")
-    out = _split_lora(written, fused, lora, transformer, source) if lora else {}
-    if other:
-        out.update(_split_other(written, fused, other, transformer, source))
-    return out
+    if any(s not in LORA for s in parts):  # another kind (LoHa, LoKr, IA3, diff, DoRA): split as a whole
+        return _split_other(written, fused, parts, transformer, source)
+    return _split_lora(written, fused, {LORA[s]: t for s, t in parts.items()}, transformer, source)
 
 
 def _split_lora(written: str, fused: Fused, parts: Mapping[str, torch.Tensor], transformer, source) -> dict:
@@ -131,17 +126,18 @@ def _split_lora(written: str, fused: Fused, parts: Mapping[str, torch.Tensor], t
 
 
 def _split_other(written: str, fused: Fused, parts: Mapping[str, torch.Tensor], transformer, source) -> dict:
-    """Another adapter kind's tensors on a fused module, split by rows (lora_kit.kinds.split_rows, where it is)."""
-    kinds = ", ".join(sorted(parts))
-    try:
-        from ..kinds import split_rows
-    except ImportError:
-        split_rows = None
-    if split_rows is None or fused.swapped:
-        raise LoraKitError(
-            f"{source}: {written} fuses {', '.join(fused.paths)}; its {kinds} cannot be split onto them yet"
-        )
-    pieces = split_rows(dict(parts), out_sizes(transformer, fused.paths))
+    """Another adapter kind's tensors on a fused module as one adapter per part, by rows (kinds.split_rows)."""
+    from ..kinds import split_rows
+
+    why = "its (shift, scale) halves are swapped" if fused.swapped else None
+    if why is None:
+        try:
+            pieces = split_rows(dict(parts), out_sizes(transformer, fused.paths))
+        except ValueError as e:
+            why = str(e)
+    if why is not None:
+        kinds = ", ".join(sorted(parts))
+        raise LoraKitError(f"{source}: {written} fuses {', '.join(fused.paths)}; its {kinds} cannot be split: {why}")
     pairs = zip(fused.paths, pieces, strict=True)
     return {f"transformer.{path}.{suffix}": t for path, piece in pairs for suffix, t in piece.items()}
 

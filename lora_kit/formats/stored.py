@@ -16,7 +16,7 @@ import torch
 from ..errors import LoraKitError
 from ..ops import cast, uniform_alpha
 from ..state import SUFFIXES, flatten, modules
-from . import files, kohya, peft
+from . import dialects, files, kohya, peft
 from .dispatch import checked, metadata_for, sniff
 from .header import guess_architecture
 
@@ -41,6 +41,8 @@ def read_lora(
     if fmt == "peft":
         state = peft.normalize(tensors, metadata, str(p))
     else:
+        if fmt in dialects.READERS:  # ComfyUI's lora_A/lora_B, XLabs' down/up: as kohya's suffixes
+            tensors = dialects.as_stored(tensors, fmt)
         odd = [k for k in tensors if not k.endswith(tuple("." + s for s in SUFFIXES))]
         if odd:
             raise LoraKitError(f"{p}: keys that are not LoRA factors or alphas, e.g. {', '.join(odd[:3])}")
@@ -96,7 +98,7 @@ def write_lora(
     files.check_output(path, force)
     state = cast(uniform_alpha(state), dtype)
     header = metadata_for(state, arch, metadata, prediction)
-    tensors = state
+    tensors = dialects.to_stored(state, fmt)
     if fmt == "peft":
         tensors, extra = peft.to_peft(state)
         header.update(extra)
