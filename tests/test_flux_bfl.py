@@ -64,6 +64,7 @@ def test_default_write_is_fused_bfl(saved):
     assert not up[:HIDDEN, 4:].any() and not up[HIDDEN : 2 * HIDDEN, :4].any() and not up[2 * HIDDEN :, :6].any()
 
 
+@pytest.mark.conformance(dialect="kohya-bfl", kind="lora", arch="flux", checks="write apply", reference="diffusers")
 def test_diffusers_loader_matches_lora_kit(saved, make_pipe, tmp_path):
     pipe, path = saved
     tensors, _ = files.load(path)
@@ -85,6 +86,7 @@ def test_diffusers_loader_matches_lora_kit(saved, make_pipe, tmp_path):
     assert not torch.allclose(got["text_encoder"], base["text_encoder"], atol=1e-3)
 
 
+@pytest.mark.conformance(dialect="kohya-bfl", kind="lora", arch="flux", checks="read", reference="round trip")
 def test_lora_kit_reads_its_bfl_file(saved, make_pipe):
     pipe, path = saved
     fresh = make_pipe("flux")

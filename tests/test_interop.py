@@ -27,6 +27,7 @@ def _peft_paths(module, adapter):
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.conformance(dialect="kohya", kind="lora", arch="{arch}", checks="write apply", reference="diffusers")
 def test_kohya_file_in_diffusers_loader_matches_lora_kit(make_pipe, tmp_path, arch):
     ours = make_pipe(arch)
     _adapt(ours, arch)
@@ -50,6 +51,7 @@ def test_kohya_file_in_diffusers_loader_matches_lora_kit(make_pipe, tmp_path, ar
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.conformance(dialect="peft", kind="lora", arch="{arch}", checks="read apply", reference="diffusers")
 def test_diffusers_saved_lora_loads_into_lora_kit(make_pipe, tmp_path, arch):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
@@ -83,6 +85,7 @@ def test_diffusers_saved_lora_loads_into_lora_kit(make_pipe, tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd3"])
+@pytest.mark.conformance(dialect="peft", kind="lora", arch="{arch}", checks="write apply", reference="diffusers")
 def test_peft_file_in_diffusers_loader_matches_lora_kit(make_pipe, tmp_path, arch):
     """diffusers/PEFT files (the SD3 default, SDXL on request) with mixed ranks and alpha != rank."""
     ours = make_pipe(arch)

@@ -77,6 +77,7 @@ LAYERS = {
 
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.conformance(dialect="(any)", kind="{config}", arch="{layer}", checks="apply", reference="lycoris-lora")
 def test_kind_matches_lycoris_forward(config, layer):
     torch.manual_seed(0)
     make, shape = LAYERS[layer]
@@ -155,6 +156,9 @@ PIPE_CONFIGS = ["loha", "lokr", "dora", "ia3", "full", "locon-tucker"]
 
 
 @pytest.mark.parametrize("config", PIPE_CONFIGS)
+@pytest.mark.conformance(
+    dialect="kohya", kind="{config}", arch="sd1", checks="read apply write", reference="lycoris-lora"
+)
 def test_lycoris_file_on_sd1_pipeline(make_pipe, tmp_path, config):
     """A LyCORIS-made kohya file on a whole SD1 UNet and text encoder: load == LyCORIS's own forward; collapse ==
     load; fuse/unfuse; weight 0 and unload give the base back exactly; save writes the same tensors back."""
@@ -214,6 +218,7 @@ def test_mixed_kinds_on_one_pipeline(make_pipe, tmp_path):
     assert all(not torch.allclose(d, torch.zeros_like(d)) for d in alone.values())
 
 
+@pytest.mark.conformance(dialect="kohya", kind="lokr", arch="flux", checks="read apply", reference="lycoris-lora")
 def test_lokr_on_flux_transformer(make_pipe, tmp_path):
     """A DiT: LoKr on every Linear of the FLUX transformer's blocks (diffusers paths), as LyCORIS applies it."""
     judged = make_pipe("flux")
@@ -268,3 +273,32 @@ def test_split_rows_is_exact():
         pieces = kinds.split_rows(parts, [4, 4, 4])
         split = torch.cat([kinds.apply(p, [(q, 0.7)]) for p, q in zip(w.split(4), pieces, strict=True)])
         assert_close_scaled(split, whole, reduction=8 + 8, msg=config)
+
+
+@pytest.mark.slow
+def test_kinds_follow_step_schedules_and_compile(make_pipe, tmp_path):
+    """A LoHa and a LoKr scheduled over the denoising steps: a zero schedule is the other adapter alone, a constant
+    one the static weight; torch.compile of the UNet traces the composed route (fullgraph) to the eager latents."""
+    from test_schedule import CALL, _denoise, _loop
+
+    loha = _kohya_file(make_pipe("sd1"), "loha", tmp_path / "loha.safetensors", seed=0)
+    lokr = _kohya_file(make_pipe("sd1"), "dokr", tmp_path / "dokr.safetensors", seed=50)
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe.unet, lokr, name="b")
+    only_b = _denoise(pipe, "sd1")
+    lora_kit.load(pipe.unet, loha, name="a")  # (text encoders are never scheduled: the UNet's part only)
+    lora_kit.schedule(pipe, {"a": "0:0,1:0"})
+    assert torch.equal(_denoise(pipe, "sd1"), only_b)
+    lora_kit.unschedule(pipe)
+    lora_kit.set_weights(pipe, {"a": 0.3, "b": 0.8})
+    static = _denoise(pipe, "sd1")
+    assert not torch.allclose(static, only_b)
+    lora_kit.set_weights(pipe, {"a": 0.5, "b": 1.0})
+    lora_kit.schedule(pipe, {"a": "0:0.6", "b": lambda p, s, t: 0.8})
+    assert_close_scaled(_denoise(pipe, "sd1"), static, reduction=_loop(pipe, 3))
+    lora_kit.unschedule(pipe)
+    eager = _denoise(pipe, "sd1")
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
+    g = torch.Generator().manual_seed(0)
+    compiled = pipe("a photo of a dog", num_inference_steps=3, generator=g, output_type="latent", **CALL["sd1"])
+    assert_close_scaled(compiled.images, eager, reduction=_loop(pipe, 3))

@@ -69,6 +69,9 @@ def no_adapters(pipe):
 
 
 @pytest.mark.parametrize("unet_targets", [UNET_TARGETS, UNET_EXTENDED], ids=["default", "extended"])
+@pytest.mark.conformance(
+    dialect="cloneofsimo safeloras", kind="lora", arch="sd1", checks="read apply", reference="by hand"
+)
 def test_safeloras_matches_hand_computed_deltas(make_pipe, tmp_path, unet_targets):
     expected_pipe = make_pipe("sd1")
     convs = unet_targets == UNET_EXTENDED  # the extended (LoCon-like) targets include ResnetBlock2D convs
@@ -113,6 +116,7 @@ def test_safeloras_embed_tokens_and_bare_module(make_pipe, tmp_path):
     assert_close_scaled(forward_main(unet), forward_main(ref.unet), reduction=unet)
 
 
+@pytest.mark.conformance(dialect="cloneofsimo .pt", kind="lora", arch="sd1", checks="read apply", reference="by hand")
 def test_pt_lists_need_allow_pickle_and_match_hand_computed_deltas(make_pipe, tmp_path):
     ref = make_pipe("sd1")
     unet_pairs = random_pairs(ref.unet, UNET_TARGETS, [torch.nn.Linear], seed=5)
@@ -189,6 +193,9 @@ def _peft_text_encoder(te, tmp_path, **config):
 
 
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+@pytest.mark.conformance(
+    dialect="peft standalone", kind="lora, rslora", arch="sd1", checks="read apply", reference="peft"
+)
 def test_peft_standalone_text_encoder_matches_peft_forward(make_pipe, tmp_path, rslora):
     theirs = make_pipe("sd1").text_encoder
     base = forward_text(theirs)
