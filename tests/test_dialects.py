@@ -9,7 +9,14 @@ diffusers does not convert), and the canonical dict the files were written from 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_close_scaled, assert_outputs_close, forward_main, pipeline_outputs, randomize_adapters
+from conftest import (
+    assert_close_scaled,
+    assert_outputs_close,
+    forward_main,
+    main_model,
+    pipeline_outputs,
+    randomize_adapters,
+)
 from safetensors.torch import save_file
 
 import lora_kit
@@ -21,7 +28,11 @@ from lora_kit.state import lora_state_dict
 
 
 def _adapt(pipe, seed=3):
-    inject_lora(pipe.transformer, "dit", rank=4, alpha=2.0, name="x")
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        inject_lora(unet, "locon", rank=4, alpha=2.0, conv_rank=4, conv_alpha=2.0, name="x")
+    else:
+        inject_lora(pipe.transformer, "dit", rank=4, alpha=2.0, name="x")
     inject_lora(pipe.text_encoder, "clip-attn", rank=2, alpha=2.0, name="x")  # one alpha: files keep the factors
     randomize_adapters(pipe, seed=seed)
 
@@ -32,8 +43,10 @@ def _equal(a: dict, b: dict) -> None:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("arch", ["flux", "sd3"])
-@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+ROUND_TRIPS = [("flux", "kohya"), ("sd3", "kohya"), *((arch, "comfyui") for arch in ("flux", "sd3", "sd1", "sdxl"))]
+
+
+@pytest.mark.parametrize(("arch", "fmt"), ROUND_TRIPS)
 def test_write_read_round_trip(make_pipe, tmp_path, arch, fmt):
     """pipeline -> file -> memory -> file -> memory: the two reads are equal to the bit, the two files too, and the
     adapters loaded from the file compute what the pipeline's did."""
@@ -47,13 +60,17 @@ def test_write_read_round_trip(make_pipe, tmp_path, arch, fmt):
     fresh = make_pipe(arch)
     lora_kit.load(fresh, first)
     assert_outputs_close(pipeline_outputs(fresh), pipeline_outputs(pipe), pipe)
-    assert not torch.allclose(forward_main(fresh.transformer), forward_main(make_pipe(arch).transformer), atol=1e-3)
+    assert not torch.allclose(forward_main(main_model(fresh)), forward_main(main_model(make_pipe(arch))), atol=1e-3)
     keys = list(files.load(first)[0])
     expected = {("kohya", "flux"): "kohya-bfl", ("kohya", "sd3"): "sd-scripts-sd3"}.get((fmt, arch), fmt)
     assert dialects.dialect_of(keys) == expected and describe(first)["format"] == expected
-    qkv = {"flux": "double_blocks.0.img_attn.qkv", "sd3": "joint_blocks.0.x_block.attn.qkv"}[arch]
-    stem = {"kohya": kohya_flux.kohya_stem(qkv), "comfyui": "diffusion_model." + qkv}[fmt]
-    assert f"{stem}.lora_up.weight" in keys and not any("to_q" in k for k in keys)
+    if arch in ("flux", "sd3"):
+        qkv = {"flux": "double_blocks.0.img_attn.qkv", "sd3": "joint_blocks.0.x_block.attn.qkv"}[arch]
+        stem = {"kohya": kohya_flux.kohya_stem(qkv), "comfyui": "diffusion_model." + qkv}[fmt]
+        assert f"{stem}.lora_up.weight" in keys and not any("to_q" in k for k in keys)
+    else:  # ComfyUI's UNet keys are the SGM checkpoint's paths
+        assert "diffusion_model.input_blocks.1.0.in_layers.2.lora_up.weight" in keys  # resnet conv1
+        assert not any("down_blocks" in k for k in keys)
     if fmt == "comfyui":  # ComfyUI's text-encoder keys
         assert "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.alpha" in keys
 
