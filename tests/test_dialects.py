@@ -134,6 +134,10 @@ def test_comfyui_flux_file_in_diffusers_loader_matches_lora_kit(make_pipe, tmp_p
     assert not torch.allclose(got["main"], base["main"], atol=1e-3)
     assert not torch.allclose(got["text_encoder"], base["text_encoder"], atol=1e-3)
     assert describe(path)["format"] == "comfyui" and describe(path)["architecture"] == "flux"
+    bare = make_pipe("flux")  # a bare transformer / text encoder takes its part of the file
+    lora_kit.load(bare.transformer, path)
+    lora_kit.load(bare.text_encoder, path)
+    assert_outputs_close(pipeline_outputs(bare), got, ours, exact=True)
 
 
 def test_comfyui_diffusers_paths_under_diffusion_model(make_pipe, tmp_path):
