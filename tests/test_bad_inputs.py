@@ -198,7 +198,7 @@ def test_inspect_refuses_what_the_other_tools_refuse(tmp_path):
     cases = [
         (plain, "not a LoRA file lora_kit knows (keys such as conv.weight)"),
         (empty, "not a LoRA file lora_kit knows (it holds no tensors)"),
-        (loha, "LoHa adapters"),
+        (loha, "LoHa module lacks hada_w1_b"),  # (a malformed one: LoHa files are read)
         (_raw(tmp_path / "q9.safetensors", {f"{Q}.alpha": dict(alpha, dtype="Q9")}), "dtype 'Q9'"),
         (_raw(tmp_path / "m1.safetensors", {"__metadata__": "hi", f"{Q}.alpha": alpha}), "__metadata__ is a str"),
         (_raw(tmp_path / "m2.safetensors", {"__metadata__": {"a": "x", "b": 3}, f"{Q}.alpha": alpha}), "'b' is not"),
@@ -265,7 +265,7 @@ def test_non_float_factors_are_refused_by_every_tool(make_pipe, tmp_path, dtype)
     bad, out = tmp_path / "int.safetensors", tmp_path / "out.safetensors"
     save_file(tensors, bad)
     message = f"tensor {Q}.lora_up.weight is "
-    _fails(inspect, [bad], str(bad), message, "LoRA factors must be floating point")
+    _fails(inspect, [bad], str(bad), message, "adapter factors must be floating point")
     _fails(resize, [bad, "--rank", "1", "-o", out], str(bad), message, "floating point")
     save_file(_good(), good := tmp_path / "good.safetensors")
     _fails(merge, [good, bad, "-o", out], str(bad), message)

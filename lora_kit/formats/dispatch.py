@@ -14,8 +14,8 @@ from .. import __version__
 from ..errors import LoraKitError
 from ..models import ARCHITECTURES, architecture, base_model_metadata, prediction_type, spec_architecture
 from ..ops import cast, uniform_alpha
-from ..state import COMPONENTS, components, modules, split_key
-from . import check, dialects, files, kohya, legacy, peft, trainers
+from ..state import COMPONENTS, components, modules, plain_pair, split_key
+from . import check, dialects, files, kind_rules, kohya, legacy, peft, trainers
 from .header import architectures_for, check_lora, guess_architecture
 
 FORMATS = ("kohya", "peft", "native", "comfyui")  # what write() writes; read() also takes dialects.READERS
@@ -227,10 +227,12 @@ def metadata_for(
     not say what it is for) leaves out the entries that name the base model, whose SD1/SD2 names depend on the
     scheduler's `prediction` type (models.base_model_metadata)."""
     groups = modules(state)
-    ranks = sorted({parts["down"].shape[0] for parts in groups.values()})
+    ranks = sorted({parts["down"].shape[0] for parts in groups.values() if "down" in parts})
     alphas = sorted({float(parts["alpha"]) for parts in groups.values() if "alpha" in parts})
+    algos = sorted({kind_rules.kind_of(parts) for parts in groups.values() if not plain_pair(parts)})
+    module = "networks.lora_flux" if arch == "flux" else "networks.lora"
     meta = {
-        "ss_network_module": "networks.lora_flux" if arch == "flux" else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if algos else module,  # (as LyCORIS's kohya wrapper writes)
         "ss_network_dim": str(ranks[0]) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": f"{alphas[0]:g}" if len(alphas) == 1 else "Dynamic",
         "ss_v2": str(arch == "sd2"),
@@ -238,6 +240,8 @@ def metadata_for(
         "modelspec.implementation": "diffusers",
         "lora_kit.version": __version__,
     }
+    if algos:
+        meta["ss_network_args"] = json.dumps({"algo": algos[0] if len(algos) == 1 else "mixed"})
     if arch is not None:
         meta.update(base_model_metadata(arch, prediction))
         meta["lora_kit.architecture"] = arch

@@ -12,7 +12,7 @@ import struct
 from collections import Counter
 
 from ..errors import LoraKitError
-from . import check, dialects, peft_config
+from . import check, dialects, kind_rules, peft_config
 from .files import read_header
 
 _STRUCT = {  # safetensors dtypes struct reads as they are
@@ -52,7 +52,8 @@ def _scalar(dtype: str, raw: bytes) -> float | None:
 _KEY = re.compile(  # <stem><separator><part>, in every spelling the readers take (kohya, peft/diffusers, legacy)
     r"^(?P<stem>.+?)(?:[._](?P<down>lora_down|lora_A(?:\.default)?|lora(?:_linear_layer)?\.down)\.weight"
     r"|[._](?P<up>lora_up|lora_B(?:\.default)?|lora(?:_linear_layer)?\.up)\.weight|(?P<alpha>\.alpha)"
-    r"|(?P<legacy>:\d+):(?P<legacy_part>up|down))$"
+    r"|(?P<legacy>:\d+):(?P<legacy_part>up|down)"
+    r"|\.(?P<mid>lora_mid)\.weight|\.(?P<other>" + "|".join(kind_rules.SUFFIXES) + "))$"
 )
 
 
@@ -65,13 +66,26 @@ def _split(key: str) -> tuple[str, str] | None:
         return None
     if m["legacy"]:
         return m["stem"] + m["legacy"], m["legacy_part"]
-    return m["stem"], next(part for part in ("down", "up", "alpha") if m[part])
+    if m["other"]:  # another adapter kind's tensor (kind_rules): the part is its name
+        return m["stem"], m["other"]
+    return m["stem"], next(part for part in ("down", "up", "alpha", "mid") if m[part])
 
 
 def _format(stems) -> str:
     """The file's key dialect (dialects.dialect_of: kohya, kohya-bfl, sd-scripts-sd3, comfyui, xlabs, onetrainer,
     lycoris, peft or legacy), which dispatch.sniff reads it by."""
     return dialects.dialect_of(stems)
+
+
+def _module(shapes: dict[str, tuple]) -> dict:
+    """What describe reports of one module: its adapter kind (kind_rules.describe), linear or kxk conv, and the
+    rank of a LoRA pair."""
+    info = {"adapter": kind_rules.describe(shapes)}
+    conv = any(_kind(shape) == "conv" for part, shape in shapes.items() if part not in ("up", "dora_scale"))
+    info["kind"] = "conv" if conv else "linear"  # (a LoHa's conv factors are flat unless Tucker: read as linear)
+    if "down" in shapes and "mid" not in shapes:
+        info["rank"] = shapes["down"][0]
+    return info
 
 
 def _kind(down: tuple) -> str:
@@ -156,6 +170,8 @@ def check_lora(header: dict, source: str) -> tuple[dict[str, tuple[str, str]], d
     lora_kit does not read (check.check_variants), well-formed modules (check.check_modules), float factors."""
     check.check_variants(header, source, header)
     parts = {key: split for key in header if (split := _split(key))}
+    ia3 = {stem for stem, part in parts.values() if part == "on_input"}  # (`x.weight` is IA3's only beside on_input)
+    parts = {key: (stem, part) for key, (stem, part) in parts.items() if part != "weight" or stem in ia3}
     if not parts:
         raise check.not_a_lora(source, list(header))
     shapes: dict[str, dict[str, tuple]] = {}
@@ -196,11 +212,11 @@ def describe(path: str | os.PathLike) -> dict:
     if model := sniff(path, header, metadata):
         return describe_checkpoint(model, path)
     parts, shapes = check_lora(header, str(path))
-    stems = {stem: {"rank": s["down"][0], "kind": _kind(s["down"])} for stem, s in shapes.items()}
+    stems = {stem: _module(s) for stem, s in shapes.items()}
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         for key, (stem, part) in parts.items():
-            if part == "down":
+            if part not in ("up", "alpha", "on_input") and "dtype" not in stems[stem]:
                 stems[stem]["dtype"] = header[key]["dtype"]
             elif part == "alpha":
                 start, end = header[key]["data_offsets"]
@@ -214,11 +230,14 @@ def describe(path: str | os.PathLike) -> dict:
     configs = peft_config.configs_of(metadata, str(path))  # a PEFT file's alphas live in its LoraConfig
     for stem, info in stems.items():
         component, _, module = stem.partition(".")
-        if "alpha" not in info and (alpha := peft_config.alpha_for(module, info["rank"], configs.get(component))):
+        if "rank" not in info or "alpha" in info:
+            continue
+        if alpha := peft_config.alpha_for(module, info["rank"], configs.get(component)):
             info["alpha"] = alpha
-    widths = {stem: shapes[stem]["down"][1] for stem in shapes}
+    widths = {stem: shapes[stem]["down"][1] for stem in shapes if "down" in shapes[stem]}
     other = [key for key in header if key not in parts]
-    ranks = Counter(i["rank"] for i in stems.values())
+    ranks = Counter(i["rank"] for i in stems.values() if "rank" in i)
+    adapters = Counter(f"{_component(stem)}: {i['adapter']}" for stem, i in stems.items())  # kinds per component
     alphas = Counter(round(i["alpha"], 6) for i in stems.values() if "alpha" in i)
     components = Counter(_component(s) for s in stems)
     return {
@@ -229,6 +248,7 @@ def describe(path: str | os.PathLike) -> dict:
         "modules": len(stems),
         "components": dict(components),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "adapters": dict(adapters.most_common()),
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
         "conv_modules": sum(1 for i in stems.values() if i["kind"] == "conv"),
         "dtypes": sorted({i["dtype"] for i in stems.values() if "dtype" in i}),
