@@ -409,3 +409,30 @@ def test_other_kinds_pass_through_unfused_and_split_or_refused_on_fused(make_pip
     }
     with pytest.raises(LoraKitError, match=r"^f\.safetensors: qkv fuses .*to_q.*dora_scale.* cannot be split: "):
         original.split("qkv", qkv, parts, transformer, "f.safetensors")
+
+
+def test_comfyui_file_of_other_kinds(make_pipe, tmp_path):
+    """A LoHa on an unfused module and a full diff on a fused qkv under ComfyUI's names: read through the same map,
+    applied as W + alpha/r * (w1a @ w1b) * (w2a @ w2b) and W + diff (by hand here). ComfyUI files are written for
+    LoRA pairs only: another kind is refused in one line."""
+    g = torch.Generator().manual_seed(14)
+    proj, qkv = "diffusion_model.double_blocks.0.img_attn.proj", "diffusion_model.double_blocks.0.img_attn.qkv"
+    loha = {
+        f"hada_w{i}_{ab}": torch.randn(*((32, 2) if ab == "a" else (2, 32)), generator=g)
+        for i in (1, 2)
+        for ab in "ab"
+    }
+    diff = torch.randn(96, 32, generator=g) * 0.1
+    tensors = {**{f"{proj}.{k}": t for k, t in loha.items()}, f"{proj}.alpha": torch.tensor(1.0), f"{qkv}.diff": diff}
+    save_file(tensors, tmp_path / "kinds.safetensors")
+    ours = make_pipe("flux")
+    lora_kit.load(ours, tmp_path / "kinds.safetensors")
+    expected = make_pipe("flux").transformer
+    with torch.no_grad():
+        delta = 0.5 * (loha["hada_w1_a"] @ loha["hada_w1_b"]) * (loha["hada_w2_a"] @ loha["hada_w2_b"])
+        expected.get_submodule("transformer_blocks.0.attn.to_out.0").weight += delta
+        for i, x in enumerate("qkv"):
+            expected.get_submodule(f"transformer_blocks.0.attn.to_{x}").weight += diff[32 * i : 32 * (i + 1)]
+    assert_close_scaled(forward_main(ours.transformer), forward_main(expected), reduction=expected)
+    with pytest.raises(LoraKitError, match=r"is not a LoRA pair .*format='kohya'"):
+        lora_kit.save(ours, tmp_path / "out.safetensors", format="comfyui")

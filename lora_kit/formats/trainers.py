@@ -148,6 +148,12 @@ def to_comfyui(state: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module]
     q/k/v fused, SGM for UNets, the diffusers path for other transformers) and `text_encoders.<name>.transformer.
     <path>`, each with lora_down / lora_up / alpha."""
     groups = group(state)
+    kinds = [f"{c}.{p}" for (c, p), parts in groups.items() if not set(parts) <= {"down", "up", "alpha"}]
+    if kinds:
+        raise LoraKitError(
+            f"{kinds[0]} is not a LoRA pair (LoHa, LoKr, DoRA, ...): ComfyUI files are written for LoRA; save with "
+            "format='kohya' (LyCORIS's names, which ComfyUI reads) or convert it with lora-convert --rank"
+        )
     out = {}
 
     def put(stem: str, factors: Mapping[str, torch.Tensor]) -> None:
