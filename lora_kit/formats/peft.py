@@ -3,10 +3,16 @@
 Read also: the older diffusers spellings `.lora.down/.lora.up`, `.lora_linear_layer.down/up` and the pre-PEFT
 `attn1.processor.to_q_lora.down`. Alphas come from the `lora_adapter_metadata` header (the PEFT LoraConfig with
 component-prefixed keys), else from `.alpha` tensors, else alpha = rank. Written files carry that metadata whenever
-some alpha differs from its rank, so diffusers never loads them at the wrong strength.
+some alpha differs from its rank or a module is DoRA, so diffusers never loads them at the wrong strength.
 
 Also read: PEFT's own standalone adapters (`save_pretrained`: a folder with `adapter_config.json` and
 `adapter_model.safetensors`, keys `base_model.model.<path>.lora_A.weight`), for one model at a time.
+
+Besides LoRA, both hold what PEFT makes of the other kinds (see canonical): DoRA (LoraConfig(use_dora=True): a
+`lora_magnitude_vector` per module, (out,) for a Linear, (1, out, 1, 1) for a Conv2d, one norm per output row, read
+as the canonical dora_scale (out, 1[, 1, 1])), LoHa and LoKr (LoHaConfig, LoKrConfig: the LyCORIS tensor names, but
+scaled by alpha / r of the config whatever the factors, folded here into LyCORIS's rule). Written: LoRA and DoRA by
+output rows; the other kinds have no PEFT/diffusers form diffusers loads, and are refused.
 """
 
 from __future__ import annotations
@@ -22,22 +28,29 @@ from torch import nn
 
 from ..errors import LoraKitError
 from ..inject import _layers
-from ..state import COMPONENTS, clip_path, group, split_key
-from .peft_config import METADATA_KEY, alpha_for, check_config, configs_of
+from ..state import COMPONENTS, SUFFIXES, clip_path, flatten, group, split_key
+from .kind_rules import LOHA, LOKR, describe, kind_of
+from .peft_config import METADATA_KEY, alpha_for, check_config, configs_of, kind_scale
 
-_SPELLINGS = [  # (regex on the key after the component, replacement giving "path.down" / "path.up")
+_KINDS = "|".join(sorted((*LOHA, *LOKR), key=len, reverse=True))  # PEFT's LoHa/LoKr names are LyCORIS's
+_SPELLINGS = [  # (regex on the key after the component, replacement giving "path.<part>")
     (r"(.+)\.lora_A(?:\.default)?\.weight", r"\1.down"),
     (r"(.+)\.lora_B(?:\.default)?\.weight", r"\1.up"),
     (r"(.+)\.lora(?:_linear_layer)?\.down\.weight", r"\1.down"),
     (r"(.+)\.lora(?:_linear_layer)?\.up\.weight", r"\1.up"),
     (r"(.+)\.processor\.(to_q|to_k|to_v)_lora\.(down|up)\.weight", r"\1.\2.\3"),
     (r"(.+)\.processor\.to_out_lora\.(down|up)\.weight", r"\1.to_out.0.\2"),
+    # DoRA: PEFT and diffusers' save_lora_weights write `.lora_magnitude_vector`, diffusers' kohya converter
+    # `.lora_magnitude_vector.weight`, a PEFT model's own state dict `.lora_magnitude_vector.default.weight`
+    (r"(.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?", r"\1.magnitude"),
+    (rf"(.+)\.({_KINDS})(?:\.default)?", r"\1.\2"),
     (r"(.+)\.alpha", r"\1.alpha"),
 ]
 
 
 def is_peft(keys) -> bool:
-    return any(k.split(".", 1)[0] in COMPONENTS and (".lora" in k or "_lora." in k) for k in keys)
+    marks = (".lora", "_lora.", ".hada_", ".lokr_")
+    return any(k.split(".", 1)[0] in COMPONENTS and any(m in k for m in marks) for k in keys)
 
 
 def _resolve(path: str, layers: set[str]) -> str | None:
@@ -51,10 +64,11 @@ def _resolve(path: str, layers: set[str]) -> str | None:
 def normalize(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str
 ) -> dict[str, torch.Tensor]:
-    """PEFT/diffusers keys -> `{component}.{path as stored}.lora_down.weight/.lora_up.weight/.alpha`, alphas from
-    the metadata (no model needed; `from_peft` then maps the paths onto a model)."""
+    """PEFT/diffusers keys -> canonical `{component}.{path as stored}.<suffix>` (see canonical), alphas from the
+    metadata (no model needed; `from_peft` then maps the paths onto a model)."""
     configs = configs_of(metadata, source)
-    out, unknown = {}, []
+    found: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unknown = []
     for key, tensor in tensors.items():
         component, _, rest = key.partition(".")
         match = next(((p, r) for p, r in _SPELLINGS if re.fullmatch(p, rest)), None)
@@ -62,18 +76,64 @@ def normalize(
             unknown.append(key)
             continue
         path, _, part = re.sub(match[0], match[1], rest).rpartition(".")
-        suffix = {"down": "lora_down.weight", "up": "lora_up.weight", "alpha": "alpha"}[part]
-        out[f"{component}.{path}.{suffix}"] = tensor
+        found.setdefault((component, path), {})[part] = tensor
     if unknown:
         examples = ", ".join(unknown[:3])
         raise LoraKitError(f"{source}: {len(unknown)} keys are not LoRA keys lora_kit knows, e.g. {examples}")
-    for (component, path), parts in group(out).items():
-        if "down" not in parts:
-            continue  # a module missing a factor is reported by the reader's check (dispatch.checked)
-        alpha = alpha_for(path, parts["down"].shape[0], configs.get(component))
+    mods = {f"{c}.{path}": canonical(parts, path, configs.get(c), source) for (c, path), parts in found.items()}
+    return flatten(mods)
+
+
+def canonical(parts: Mapping[str, torch.Tensor], path: str, config: Mapping | None, source: str) -> dict:
+    """One module's PEFT tensors ({down, up, magnitude, alpha, hada_*, lokr_*}) -> its canonical parts, under
+    `config` (its LoraConfig/LoHaConfig/LoKrConfig, None when the file has none):
+
+    - LoRA: alpha from the config (alpha_for), else the file's `.alpha`, else none (alpha = rank);
+    - DoRA: lora_magnitude_vector, one norm per output row whatever its shape, -> dora_scale (out, 1[, 1, 1]);
+    - LoHa: alpha * (LyCORIS's rank, hada_w1_b's) / r, the same scale alpha / r;
+    - LoKr: alpha * rank / r with LyCORIS's rank (of the first decomposed factor, kinds._lokr_rank); when w1 and w2
+      are both whole, LyCORIS scales by 1 and PEFT by alpha / r: that scale is folded into lokr_w2 and alpha dropped.
+
+    Without a config LoHa and LoKr tensors are taken as they are (LyCORIS's rule, a missing alpha is scale 1)."""
+    out = dict(parts)
+    if "magnitude" in out:
+        magnitude = out.pop("magnitude")
+        if "up" in out and "down" in out:  # (a module missing a factor is reported by the reader's check)
+            rows = out["up"].shape[0]
+            if magnitude.numel() != rows:
+                raise LoraKitError(
+                    f"{source}: {path}.lora_magnitude_vector has shape {tuple(magnitude.shape)}; DoRA holds one norm "
+                    f"per output row ({rows})"
+                )
+            magnitude = magnitude.reshape(rows, *[1] * (out["down"].dim() - 1))
+        out["dora_scale"] = magnitude
+    kind = kind_of(out)
+    if kind == "lora" and "down" in out:
+        alpha = alpha_for(path, out["down"].shape[0], config)
         if alpha is not None:
-            out[f"{component}.{path}.alpha"] = torch.tensor(alpha)
+            out["alpha"] = torch.tensor(alpha)
+    elif kind in ("loha", "lokr") and config is not None:
+        alpha, r = kind_scale(path, config)
+        rank = _lycoris_rank(out)
+        if rank is not None:
+            out["alpha"] = torch.tensor(alpha * rank / r)
+        elif "lokr_w2" in out:
+            w2 = out["lokr_w2"]
+            out["lokr_w2"] = (w2.float() * (alpha / r)).to(w2.dtype)
+            out.pop("alpha", None)
     return out
+
+
+def _lycoris_rank(parts: Mapping[str, torch.Tensor]) -> int | None:
+    """The rank LyCORIS divides alpha by (kinds.loha_delta, kinds._lokr_rank), None for a LoKr of two whole
+    matrices (scale 1) or factors missing (the reader's check reports them)."""
+    if "hada_w1_b" in parts:
+        return parts["hada_w1_b"].shape[0]
+    if "lokr_w1_a" in parts:
+        return parts["lokr_w1_a"].shape[1]
+    if "lokr_w2_a" in parts:
+        return parts["lokr_w2_a"].shape[0 if "lokr_t2" in parts else 1]
+    return None
 
 
 def spelling(stem: str) -> tuple[str, str]:
@@ -118,21 +178,37 @@ def to_peft(
     state: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Canonical dict (one alpha for all modules) -> (PEFT tensors, header metadata). With the model's components,
-    CLIP text-encoder keys say `text_model.` (see _key_path); without, paths are written as they are."""
+    CLIP text-encoder keys say `text_model.` (see _key_path); without, paths are written as they are. DoRA modules
+    get PEFT's `lora_magnitude_vector` and their component's config `use_dora: true`; what PEFT cannot hold is
+    refused (_writable)."""
     tensors: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, tuple[int, float]]] = {}
+    dora: dict[str, dict[str, bool]] = {}
     for (component, path), parts in group(state).items():
+        parts = _writable(component, path, parts)
         key_path = _key_path(component, path, comps)
         tensors[f"{component}.{key_path}.lora_A.weight"] = parts["down"]
         tensors[f"{component}.{key_path}.lora_B.weight"] = parts["up"]
+        if "dora_scale" in parts:  # PEFT's shapes: (out,) for a Linear, (1, out, 1, 1) for a Conv2d
+            shape = (-1,) if parts["down"].dim() == 2 else (1, -1, 1, 1)
+            tensors[f"{component}.{key_path}.lora_magnitude_vector"] = parts["dora_scale"].reshape(shape)
+        dora.setdefault(component, {})[path] = "dora_scale" in parts
         rank = parts["down"].shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
         # a text encoder's LoraConfig names its paths without `text_model.`: diffusers strips that prefix from the
         # keys for a model without it (transformers 5) and PEFT matches these names as suffixes in either
         config_path = clip_path(path)[0] if component.startswith("text_encoder") else path
         per_component.setdefault(component, {})[config_path] = (rank, alpha)
+    for component, flags in dora.items():  # use_dora is one flag of a LoraConfig, for every module it adapts
+        if any(flags.values()) and not all(flags.values()):
+            plain = next(p for p, f in flags.items() if not f)
+            raise LoraKitError(
+                f"PEFT/diffusers files cannot hold DoRA and plain LoRA modules in one component ({component}: "
+                f"{plain} is plain); write format kohya"
+            )
     metadata = {"format": "pt"}
-    if any(rank != alpha for mods in per_component.values() for rank, alpha in mods.values()):
+    uses_dora = {component for component, flags in dora.items() if any(flags.values())}
+    if uses_dora or any(rank != alpha for mods in per_component.values() for rank, alpha in mods.values()):
         config = {}
         for component, mods in per_component.items():
             alphas = {alpha for _, alpha in mods.values()}
@@ -145,8 +221,34 @@ def to_peft(
                 _pattern(component, p, mods): r for p, (r, _) in mods.items() if r != common
             }
             config[f"{component}.target_modules"] = sorted(mods)
+            if component in uses_dora:
+                config[f"{component}.use_dora"] = True
         metadata[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
     return tensors, metadata
+
+
+def _writable(component: str, path: str, parts: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A module's parts as PEFT can hold them: a LoRA pair, with DoRA by output rows; a Tucker LoCon's core folded
+    into its down (the same delta: kinds.fold_mid). Anything else is one LoraKitError naming the module and kind."""
+    kind, why = kind_of(parts), None
+    if kind != "lora" or not {"down", "up"} <= set(parts):
+        why = describe({n: tuple(t.shape) for n, t in parts.items()})
+    elif "dora_scale" in parts:
+        rows, scale = parts["up"].shape[0], parts["dora_scale"]
+        if not (scale.shape[0] == rows and scale.numel() == rows):
+            why = f"DoRA by input columns (dora_scale {tuple(scale.shape)}, an older LyCORIS form)"
+    if why is not None:
+        raise LoraKitError(
+            f"{component}.{path}: PEFT/diffusers files cannot hold a {why} module; write format kohya, or make it "
+            "a plain LoRA first (lora-convert --rank)"
+        )
+    if "mid" in parts:
+        from ..kinds import fold_mid
+
+        parts = {n: t for n, t in parts.items() if n != "mid"} | {
+            "down": fold_mid(parts["down"], parts["mid"]).to(parts["down"].dtype)
+        }
+    return parts
 
 
 def _pattern(component: str, path: str, paths) -> str:
@@ -160,7 +262,14 @@ def _pattern(component: str, path: str, paths) -> str:
 
 
 STANDALONE_CONFIG = "adapter_config.json"
-_STANDALONE_KEY = re.compile(r"base_model\.model\.(.+)\.lora_(A|B)(?:\.default)?\.weight")
+_STANDALONE_KEY = re.compile(
+    rf"base_model\.model\.(.+)\.(lora_A|lora_B|lora_magnitude_vector|{_KINDS})(?:\.default)?(?:\.weight)?"
+)
+_PARTS = {  # peft_type -> {tensor name in its keys: the part canonical() takes}
+    "LORA": {"lora_A": "down", "lora_B": "up", "lora_magnitude_vector": "magnitude"},
+    "LOHA": {n: n for n in LOHA},
+    "LOKR": {n: n for n in LOKR},
+}
 
 
 def is_standalone(path) -> bool:
@@ -177,8 +286,9 @@ def read_standalone(
     """A PEFT standalone adapter -> (canonical dict, metadata) for the one component whose layers it names.
 
     With a bare module, that module; with a pipeline, the component whose Linear/Conv2d paths include all of the
-    adapter's (if two do, e.g. SDXL's two CLIPs, pass the module itself). Alphas follow the config: lora_alpha,
-    alpha_pattern, and rsLoRA's alpha / sqrt(r) scale as alpha * sqrt(r).
+    adapter's (if two do, e.g. SDXL's two CLIPs, pass the module itself). A LoraConfig (use_dora too), LoHaConfig or
+    LoKrConfig; scales follow the config (see canonical): lora_alpha or alpha, alpha_pattern, rank_pattern, and
+    rsLoRA's alpha / sqrt(r) scale as alpha * sqrt(r).
     """
     from . import files
 
@@ -194,11 +304,9 @@ def read_standalone(
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
         raise LoraKitError(f"{folder / STANDALONE_CONFIG}: not a JSON object") from None
     kind = str(config.get("peft_type", "LORA")).upper()
-    if kind != "LORA":
-        raise LoraKitError(f"{p}: a PEFT {kind} adapter; lora_kit reads LoRA adapters only")
+    if kind not in _PARTS:
+        raise LoraKitError(f"{p}: a PEFT {kind} adapter; lora_kit reads PEFT's LoRA, DoRA, LoHa and LoKr adapters")
     config = check_config(config, f"{folder / STANDALONE_CONFIG}: ")
-    if config.get("use_dora"):
-        raise LoraKitError(f"{p}: a DoRA adapter (use_dora); lora_kit does not read DoRA yet")
     if p.suffix in files.PICKLES:
         tensors, metadata = files.tensor_dict(files.load_pickle(p, allow_pickle), p), {}
     else:
@@ -206,13 +314,13 @@ def read_standalone(
     factors, unknown = {}, []
     for key, tensor in tensors.items():
         m = _STANDALONE_KEY.fullmatch(key)
-        if m is None:
+        if m is None or m[2] not in _PARTS[kind]:
             unknown.append(key)
         else:
-            factors.setdefault(m[1], {})["down" if m[2] == "A" else "up"] = tensor
+            factors.setdefault(m[1], {})[_PARTS[kind][m[2]]] = tensor
     if unknown:
         examples = ", ".join(unknown[:3])
-        raise LoraKitError(f"{p}: {len(unknown)} keys are not LoRA factors lora_kit reads, e.g. {examples}")
+        raise LoraKitError(f"{p}: {len(unknown)} keys are not PEFT {kind} factors lora_kit reads, e.g. {examples}")
     fits = {}
     for component, module in comps.items():
         layers = {q for q, _ in _layers(module)}
@@ -228,10 +336,11 @@ def read_standalone(
     ((component, resolved),) = fits.items()
     out = {}
     for path, parts in factors.items():
-        if set(parts) != {"down", "up"}:
+        if kind == "LORA" and not {"down", "up"} <= set(parts):
             raise LoraKitError(f"{p}: {path} needs both lora_A and lora_B")
+        if kind == "LORA" and config.get("use_dora") and "magnitude" not in parts:
+            raise LoraKitError(f"{p}: {path} has no lora_magnitude_vector, but the config says use_dora")
+        suffix = {part: s for s, part in SUFFIXES.items()}
         prefix = f"{component}.{resolved[path]}."
-        out[prefix + "lora_down.weight"] = parts["down"]
-        out[prefix + "lora_up.weight"] = parts["up"]
-        out[prefix + "alpha"] = torch.tensor(alpha_for(path, parts["down"].shape[0], config))
+        out.update({prefix + suffix[n]: t for n, t in canonical(parts, path, config, str(p)).items()})
     return out, metadata
