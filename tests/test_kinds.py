@@ -133,52 +133,66 @@ def test_dora_weight_interpolates_as_comfyui():
             assert_close_scaled(wrapper(x), expected, reduction=40)
 
 
-def _kohya_file(pipe, config: str, path, seed: int = 0):
-    """A LyCORIS adapter of `config` on every attention/MLP Linear of the UNet's or transformer's blocks and the text
-    encoder's attention (Conv2d too for the conv-capable kinds), applied to `pipe` by LyCORIS; its tensors written
-    under kohya names (diffusers module paths, as LyCORIS's kohya wrapper names them)."""
-    tensors = {}
+TEXT_ENCODERS = {  # kohya prefix of each CLIP text encoder a LyCORIS file adapts, by architecture
+    "sd1": {"lora_te": "text_encoder"},
+    "sdxl": {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"},
+    "sd3": {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"},
+    "flux": {"lora_te1": "text_encoder"},
+}
+
+
+def _kohya_file(pipe, config: str, path, seed: int = 0, arch: str = "sd1"):
+    """A LyCORIS adapter of `config` on every Linear of the UNet's or transformer's blocks (and every resnet Conv2d of
+    a UNet) and on the CLIP text encoders' attention, applied to `pipe` by LyCORIS; its tensors written under kohya
+    names (diffusers module paths, as LyCORIS's kohya wrapper names them)."""
     main = main_model(pipe)
     targets = [("lora_unet", main, p) for p, m in main.named_modules() if isinstance(m, nn.Linear) and "blocks" in p]
     targets += [("lora_unet", main, p) for p, m in main.named_modules() if isinstance(m, nn.Conv2d) and "resnets" in p]
-    te = pipe.text_encoder
-    targets += [("lora_te", te, p) for p, m in te.named_modules() if isinstance(m, nn.Linear) and "self_attn" in p]
+    for prefix, name in TEXT_ENCODERS[arch].items():
+        te = getattr(pipe, name)
+        targets += [(prefix, te, p) for p, m in te.named_modules() if isinstance(m, nn.Linear) and "self_attn" in p]
+    tensors = {}
     for i, (prefix, model, module_path) in enumerate(targets):
-        layer = model.get_submodule(module_path)
-        stem = f"{prefix}_{('text_model.' + module_path) if prefix == 'lora_te' else module_path}".replace(".", "_")
-        module = lycoris_module(config, layer, stem, seed=seed + i)
+        written = module_path if prefix == "lora_unet" else "text_model." + module_path.removeprefix("text_model.")
+        stem = f"{prefix}_{written}".replace(".", "_")
+        module = lycoris_module(config, model.get_submodule(module_path), stem, seed=seed + i)
         tensors.update({f"{stem}.{k}": v for k, v in lycoris_tensors(module).items()})
     save_file(tensors, str(path), {"ss_network_module": "lycoris.kohya"})
     return path
 
 
-PIPE_CONFIGS = ["loha", "lokr", "dora", "ia3", "full", "locon-tucker"]
+PIPE_CASES = [("sd1", c) for c in ("loha", "lokr", "dora", "ia3", "full", "locon-tucker")]
+PIPE_CASES += [(arch, c) for arch in ("sdxl", "sd3", "flux") for c in ("loha", "dokr")]
 
 
-@pytest.mark.parametrize("config", PIPE_CONFIGS)
+@pytest.mark.parametrize(("arch", "config"), PIPE_CASES)
 @pytest.mark.conformance(
-    dialect="kohya", kind="{config}", arch="sd1", checks="read apply write", reference="lycoris-lora"
+    dialect="kohya", kind="{config}", arch="{arch}", checks="read apply write", reference="lycoris-lora"
 )
-def test_lycoris_file_on_sd1_pipeline(make_pipe, tmp_path, config):
-    """A LyCORIS-made kohya file on a whole SD1 UNet and text encoder: load == LyCORIS's own forward; collapse ==
-    load; fuse/unfuse; weight 0 and unload give the base back exactly; save writes the same tensors back."""
-    judged = make_pipe("sd1")
-    path = _kohya_file(judged, config, tmp_path / f"{config}.safetensors")
+def test_lycoris_file_on_a_pipeline(make_pipe, tmp_path, arch, config):
+    """A LyCORIS-made kohya file on a whole UNet or transformer and the CLIP text encoders: load == LyCORIS's own
+    forward; collapse == load; fuse/unfuse; weight 0 and unload give the base back exactly; save writes the same
+    tensors back."""
+    judged = make_pipe(arch)
+    path = _kohya_file(judged, config, tmp_path / f"{config}.safetensors", arch=arch)
     expected = pipeline_outputs(judged)
-    pipe = make_pipe("sd1")
+    pipe = make_pipe(arch)
     base = pipeline_outputs(pipe)
     lora_kit.load(pipe, path, name="a")
     got = pipeline_outputs(pipe)
-    for k in ("main", "text_encoder"):
+    for k in ("main", *TEXT_ENCODERS[arch].values()):
         assert not torch.allclose(expected[k], base[k])
-        model = main_model(pipe) if k == "main" else pipe.text_encoder
+        model = main_model(pipe) if k == "main" else getattr(pipe, k)
         assert_close_scaled(got[k], expected[k], reduction=model, msg=lambda m, k=k: f"{k}: {m}")
     again = tmp_path / "again.safetensors"
-    lora_kit.save(pipe, again, dtype=torch.float32)
-    written, _ = files.load(again)
-    stored, _ = files.load(path)
-    assert written.keys() == stored.keys()
-    assert all(torch.equal(written[k], stored[k].to(written[k].dtype)) for k in stored)
+    lora_kit.save(pipe, again, dtype=torch.float32)  # (in lora_kit's default names for the architecture)
+    if arch == "sd1":  # the names LyCORIS gave are lora_kit's own there
+        written, stored = files.load(again)[0], files.load(path)[0]
+        assert written.keys() == stored.keys()
+        assert all(torch.equal(written[k], stored[k].to(written[k].dtype)) for k in stored)
+    reread = make_pipe(arch)
+    lora_kit.load(reread, again)
+    assert all(torch.equal(v, got[k]) for k, v in pipeline_outputs(reread).items())
     lora_kit.fuse(pipe)
     fused = pipeline_outputs(pipe)
     lora_kit.unfuse(pipe)
@@ -188,7 +202,7 @@ def test_lycoris_file_on_sd1_pipeline(make_pipe, tmp_path, config):
     assert all(torch.equal(v, base[k]) for k, v in pipeline_outputs(pipe).items())
     lora_kit.set_weights(pipe, {"a": 1.0})
     lora_kit.unload(pipe, "a")
-    assert not any(True for _ in lora_modules(pipe.unet))
+    assert not any(True for _ in lora_modules(main_model(pipe)))
     assert all(torch.equal(v, base[k]) for k, v in pipeline_outputs(pipe).items())
     lora_kit.load(pipe, path, name="a")
     lora_kit.collapse(pipe)

@@ -272,6 +272,8 @@ def write(
     comps = components(target)
     arch = architecture(comps)
     fmt = format or DEFAULT_FORMAT[arch]
+    if format is None and fmt == "peft" and not all(map(plain_pair, modules(state).values())):
+        fmt = "kohya"  # (PEFT/diffusers files hold no LoHa/LoKr/IA3/full: LyCORIS's names, which ComfyUI reads)
     if fmt not in FORMATS:
         raise LoraKitError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     files.check_output(path, force)

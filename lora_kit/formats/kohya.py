@@ -112,8 +112,12 @@ def to_kohya(state: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module], 
     out = {}
     if arch in ("flux", "sd3") and "transformer" in comps:  # BFL / MMDiT names (sd-scripts'), q/k/v fused
         mine = {path: parts for (component, path), parts in groups.items() if component == "transformer"}
-        out.update(kohya_flux.to_bfl(mine, comps["transformer"]))
-        groups = {key: parts for key, parts in groups.items() if key[0] != "transformer"}
+        if all(plain_pair(parts) for parts in mine.values()):
+            out.update(kohya_flux.to_bfl(mine, comps["transformer"]))
+            groups = {key: parts for key, parts in groups.items() if key[0] != "transformer"}
+        else:  # another kind on q/k/v has no fused form short of a full diff: LyCORIS's own names for a diffusers
+            # transformer (`lycoris_<path>`), which ComfyUI reads ("simpletuner lycoris format"), q/k/v as slices
+            names["transformer"] = {path: [f"lycoris_{path.replace('.', '_')}"] for path in names["transformer"]}
     for (component, path), parts in groups.items():
         stem = names[component][path][0]
         if not plain_pair(parts):  # another kind: its tensors under their LyCORIS names, as LyCORIS's kohya wrapper
