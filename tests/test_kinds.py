@@ -316,3 +316,24 @@ def test_kinds_follow_step_schedules_and_compile(make_pipe, tmp_path):
     g = torch.Generator().manual_seed(0)
     compiled = pipe("a photo of a dog", num_inference_steps=3, generator=g, output_type="latent", **CALL["sd1"])
     assert_close_scaled(compiled.images, eager, reduction=_loop(pipe, 3))
+
+
+@pytest.mark.conformance(dialect="native", kind="{config}", arch="sd1", checks="read write", reference="round trip")
+@pytest.mark.parametrize("config", ["dora", "loha", "locon-tucker"])
+def test_native_files_keep_every_kind(make_pipe, tmp_path, config):
+    """format='native' (the canonical keys) holds every kind, plain pairs beside them: file -> memory -> file is
+    bit-exact and lora-inspect reads it."""
+    from lora_kit.formats.header import describe
+
+    path = _kohya_file(make_pipe("sd1"), config, tmp_path / "k.safetensors")
+    pipe = make_pipe("sd1")
+    lora_kit.load(pipe, path, name="a")
+    native = lora_kit.save(pipe, tmp_path / "n.safetensors", format="native", dtype=torch.float32)
+    again = make_pipe("sd1")
+    lora_kit.load(again, native, name="a")
+    ours, read_back = pipeline_outputs(pipe), pipeline_outputs(again)
+    assert all(torch.equal(v, read_back[k]) for k, v in ours.items())
+    twice = lora_kit.save(again, tmp_path / "n2.safetensors", format="native", dtype=torch.float32)
+    first, second = files.load(native)[0], files.load(twice)[0]
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert describe(native)["modules"] == describe(path)["modules"]

@@ -15,9 +15,11 @@ from ..errors import LoraKitError
 from ..models import ARCHITECTURES, architecture, base_model_metadata, prediction_type, spec_architecture
 from ..ops import cast, uniform_alpha
 from ..state import COMPONENTS, components, modules, plain_pair, split_key
+from ..state import SUFFIXES as STATE_SUFFIXES
 from . import check, dialects, files, kind_rules, kohya, legacy, peft, trainers
 from .header import architectures_for, check_lora, guess_architecture
 
+NATIVE = tuple(f".{suffix}" for suffix in STATE_SUFFIXES)  # the canonical dict's key endings (state.SUFFIXES)
 FORMATS = ("kohya", "peft", "native", "comfyui")  # what write() writes; read() also takes dialects.READERS
 DEFAULT_FORMAT = {"sd1": "kohya", "sd2": "kohya", "sdxl": "kohya", "sd3": "peft", "flux": "kohya"}
 
@@ -34,7 +36,8 @@ def sniff(keys, source: str = "file") -> str:
     if legacy.is_legacy(keys):
         return "legacy"
     if peft.is_peft(keys):
-        if all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys):
+        pair = any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys)
+        if pair and all(k.endswith(NATIVE) for k in keys):  # canonical keys (other kinds' names among them)
             return "native"
         return "peft"
     raise check.not_a_lora(source, keys)

@@ -53,7 +53,8 @@ _KEY = re.compile(  # <stem><separator><part>, in every spelling the readers tak
     r"^(?P<stem>.+?)(?:[._](?P<down>lora_down|lora_A(?:\.default)?|lora(?:_linear_layer)?\.down)\.weight"
     r"|[._](?P<up>lora_up|lora_B(?:\.default)?|lora(?:_linear_layer)?\.up)\.weight|(?P<alpha>\.alpha)"
     r"|(?P<legacy>:\d+):(?P<legacy_part>up|down)"
-    r"|\.(?P<mid>lora_mid)\.weight|\.(?P<other>" + "|".join(kind_rules.SUFFIXES) + "))$"
+    r"|\.(?P<mid>lora_mid)\.weight|\.(?P<dora>lora_magnitude_vector)(?:\.default)?(?:\.weight)?"
+    r"|\.(?P<other>" + "|".join(kind_rules.SUFFIXES) + r")(?:\.default)?)$"  # (PEFT's: `.default` after the name)
 )
 
 
@@ -68,6 +69,8 @@ def _split(key: str) -> tuple[str, str] | None:
         return m["stem"] + m["legacy"], m["legacy_part"]
     if m["other"]:  # another adapter kind's tensor (kind_rules): the part is its name
         return m["stem"], m["other"]
+    if m["dora"]:  # PEFT's DoRA magnitude: one value per output row, (out,) or (1, out, 1, 1)
+        return m["stem"], "dora_scale"
     return m["stem"], next(part for part in ("down", "up", "alpha", "mid") if m[part])
 
 
