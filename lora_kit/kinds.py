@@ -249,6 +249,12 @@ def split_rows(parts: Mapping[str, torch.Tensor], sizes: list[int]) -> list[dict
     (`sizes`, in fused order): each part's rows of the delta as a full `diff` (LoHa and LoKr deltas are not
     separable by rows otherwise), IA3's and DoRA's per-row vectors cut the same way. Exact: every part's delta is
     its rows of the fused one. A DoRA norm over input columns spans every row: ValueError."""
+    if "lora_up.weight" in parts:  # a LoRA with DoRA (plain pairs are split by their readers): rows of up and scale
+        out = sum(sizes)
+        if parts.get("dora_scale") is None or parts["dora_scale"].shape[0] != out or "lora_mid.weight" in parts:
+            raise ValueError("a LoRA with a DoRA norm over input columns or a Tucker core spans every part")
+        ups, scales = parts["lora_up.weight"].split(sizes), parts["dora_scale"].split(sizes)
+        return [{**parts, "lora_up.weight": up, "dora_scale": scale} for up, scale in zip(ups, scales, strict=True)]
     if kind_of(parts) == "ia3":
         if "on_input" in parts and bool(parts["on_input"]):
             return [dict(parts) for _ in sizes]

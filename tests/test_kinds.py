@@ -337,3 +337,15 @@ def test_native_files_keep_every_kind(make_pipe, tmp_path, config):
     first, second = files.load(native)[0], files.load(twice)[0]
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert describe(native)["modules"] == describe(path)["modules"]
+
+
+def test_split_rows_of_a_dora_lora():
+    """DoRA on a LoRA over a fused qkv: each part keeps down and alpha and takes its rows of up and of the scale."""
+    torch.manual_seed(4)
+    w = torch.randn(12, 8)
+    parts = parts_of(lycoris_tensors(lycoris_module("dora", nn.Linear(8, 12))))
+    stored = {{"down": "lora_down.weight", "up": "lora_up.weight"}.get(k, k): v for k, v in parts.items()}
+    pieces = kinds.split_rows(stored, [4, 4, 4])
+    canonical = [{_NAMES.get(k, k): v for k, v in piece.items()} for piece in pieces]
+    split = torch.cat([kinds.apply(p, [(q, 0.7)]) for p, q in zip(w.split(4), canonical, strict=True)])
+    assert_close_scaled(split, kinds.apply(w, [(parts, 0.7)]), reduction=8 + 8)
