@@ -34,6 +34,14 @@ HELP = {
     "dropout": "Dropout on the adapter input while training (masks drawn per seed, step and process). [0]",
     "init": "Initial down factors: kaiming (uniform, as kohya and peft's default) or gaussian (std 1/rank, as peft's "
     "init_lora_weights='gaussian' of the diffusers scripts); up starts at zero either way. [kaiming]",
+    "adapter": "Adapter kind: lora (a low-rank pair), dora (LoRA with DoRA's per-row magnitude), loha (LyCORIS "
+    "LoHa, rank --rank), lokr (LyCORIS LoKr, w2 at --rank, or whole where the rank is too large for it). "
+    "dora/loha/lokr start as LyCORIS's do, take no --dropout, are written under kohya/LyCORIS names on every "
+    "architecture (what LyCORIS, ComfyUI and lora_kit.load read), and are refused for textual-inversion. [lora]",
+    "lokr_factor": "LoKr: split each dimension as LyCORIS's factorization(dim, factor) (w1 holds the smaller "
+    "part); -1 = the most balanced split. [-1]",
+    "lokr_full_w1": "LoKr: keep w1 a whole matrix (LyCORIS's default); --no-lokr-full-w1 decomposes it at --rank "
+    "where that is smaller (LyCORIS's decompose_both). [on]",
     "lr": "Learning rate of the UNet/transformer adapters. [1e-4]",
     "text_encoder_lr": "Learning rate of the text-encoder adapters. [lr]",
     "ti_lr": "Learning rate of new token embeddings. [5e-3]",
@@ -108,7 +116,8 @@ def _options(fn):
 @_options
 @friendly_errors
 def main(config_file, **flags):
-    """Train a LoRA (lora, dreambooth), an embedding (textual-inversion), or both (pivotal) on a folder of images.
+    """Train a LoRA (lora, dreambooth), an embedding (textual-inversion), or both (pivotal) on a folder of images;
+    --adapter dora|loha|lokr trains that LyCORIS kind in place of the LoRA pair.
 
     SD1/SD2/SDXL train on the noise-prediction objective (epsilon or v); SD3 and FLUX with flow matching (sigma
     logit-normal, shifted as the model's scheduler shifts it; target noise - latents).

@@ -257,14 +257,19 @@ def lora_disabled(*models: nn.Module) -> Iterator[None]:
 
 
 def extract_lora_ups_down(model: nn.Module, name: str | None = None) -> Iterator[tuple[nn.Parameter, nn.Parameter]]:
-    """cloneofsimo's iterator: `(up, down)` for every adapter (or adapter `name`) in module order."""
+    """cloneofsimo's iterator: `(up, down)` for every LoRA pair (or those of adapter `name`) in module order; adapters
+    of other kinds (kinds.KindAdapter: LoHa, LoKr, DoRA, ...) have no such pair and are left out (lora_parameters
+    gives their tensors)."""
     for _, wrapper in lora_modules(model):
         for n, adapter in wrapper.adapters.items():
-            if name is None or n == name:
+            if (name is None or n == name) and adapter.plain:
                 yield adapter.up, adapter.down
 
 
 def lora_parameters(model: nn.Module, name: str | None = None) -> Iterator[nn.Parameter]:
-    for up, down in extract_lora_ups_down(model, name):
-        yield down
-        yield up
+    """Every trainable tensor of adapter `name` (of every adapter when None), in module order: down then up of a
+    LoRA pair, every factor of another kind (LoHa's hada_*, LoKr's lokr_*, DoRA's down, up and dora_scale)."""
+    for _, wrapper in lora_modules(model):
+        for n, adapter in wrapper.adapters.items():
+            if name is None or n == name:
+                yield from (adapter.down, adapter.up) if adapter.plain else adapter.parameters()

@@ -277,3 +277,109 @@ def split_rows(parts: Mapping[str, torch.Tensor], sizes: list[int]) -> list[dict
                 piece[name] = parts[name][rows]
         pieces.append(piece)
     return pieces
+
+
+# --- fresh adapters to train (lora-train --adapter): LyCORIS's initialisations, each with a delta of exactly 0 ---
+
+TRAINABLE = ("dora", "loha", "lokr")  # the kinds init_parts makes (plain LoRA: layers.LoraAdapter)
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS's split of a dimension into (m, n), m <= n, m * n = dimension: (factor, dimension / factor) when factor
+    divides it, else the most balanced split whose m is at most factor (any m when factor is -1)."""
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (n, m) if m > n else (m, n)
+    if factor < 0:
+        factor = dimension
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > m + n or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def _kaiming(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """LyCORIS's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return nn.init.kaiming_uniform_(torch.empty(shape), a=5**0.5, generator=generator)
+
+
+def _normal(shape: tuple[int, ...], std: float, generator: torch.Generator | None) -> torch.Tensor:
+    return nn.init.normal_(torch.empty(shape), std=std, generator=generator)
+
+
+def init_parts(
+    kind: str,
+    weight_shape: tuple[int, ...],
+    rank: int,
+    alpha: float | None = None,
+    *,
+    factor: int = -1,
+    full_w1: bool = True,
+    generator: torch.Generator | None = None,
+    weight: torch.Tensor | None = None,
+    init: str = "kaiming",
+) -> dict[str, torch.Tensor]:
+    """A fresh adapter of `kind` (dora, loha or lokr) for a Linear or Conv2d weight of `weight_shape` (out, in[, kh,
+    kw]), as LyCORIS's modules start one: its delta is exactly 0. alpha None = rank. Random draws from `generator`
+    (torch's global RNG when None), in LyCORIS's order, so that a seeded LyCORIS module starts from the same numbers.
+
+    - dora: a LoRA pair (down by `init`, as lora-train's; up 0) and `dora_scale`, the norm of each output row of
+      `weight` (the base weight, required): (out, 1[, 1, 1]). dora(W + 0) is W up to the eps of the norm's division
+      (W * |W| / (|W| + eps), as LyCORIS and ComfyUI compute it).
+    - loha: hada_w1_a ~ N(0, 0.1), hada_w1_b and hada_w2_b ~ N(0, 1), hada_w2_a = 0 (convs flat: b (rank, in*kh*kw)).
+    - lokr: out and in split by factorization(dim, factor) into w1 (out_l, in_m) x w2 (out_k, in_n[, kh, kw]); w1 whole
+      (kaiming) unless not `full_w1` and rank < max(out_l, in_m) / 2 (then lokr_w1_a/b at rank, both kaiming: LyCORIS's
+      decompose_both); w2 as lokr_w2_a (kaiming) @ lokr_w2_b (0) at rank unless rank >= max(out_k, in_n) / 2, where
+      LyCORIS keeps it whole (0). With both whole the scale is 1 (alpha is stored as the rank, as LyCORIS does).
+    """
+    import math  # (here, not on top: the top of this file is another part's)
+
+    if kind not in TRAINABLE:
+        raise ValueError(f"init_parts makes {', '.join(TRAINABLE)} adapters, not {kind!r}")
+    shape = tuple(int(n) for n in weight_shape)
+    if len(shape) not in (2, 4):
+        raise ValueError(f"weight shape {shape}: a Linear (out, in) or Conv2d (out, in, kh, kw) weight")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank {rank!r}: give a whole number >= 1")
+    out, fan_in, kernel = shape[0], shape[1], shape[2:]
+    alpha = float(rank if alpha is None else alpha)
+    if kind == "dora":
+        if weight is None or tuple(weight.shape) != shape:
+            raise ValueError(f"a DoRA adapter needs the base weight of shape {shape} (its rows' norms)")
+        w = weight.detach().float()
+        return {
+            "down": functional.init_down((rank, fan_in, *kernel), init, generator),
+            "up": torch.zeros(out, rank, *[1] * len(kernel)),
+            "dora_scale": w.reshape(out, -1).norm(dim=1, keepdim=True).reshape(out, *[1] * (w.dim() - 1)),
+            "alpha": torch.tensor(alpha),
+        }
+    if kind == "loha":
+        flat_in = fan_in * math.prod(kernel)
+        w1_b = _normal((rank, flat_in), 1.0, generator)
+        w1_a = _normal((out, rank), 0.1, generator)
+        w2_b = _normal((rank, flat_in), 1.0, generator)
+        return {"hada_w1_a": w1_a, "hada_w1_b": w1_b, "hada_w2_a": torch.zeros(out, rank), "hada_w2_b": w2_b,
+                "alpha": torch.tensor(alpha)}  # fmt: skip
+    in_m, in_n = factorization(fan_in, factor)
+    out_l, out_k = factorization(out, factor)
+    parts: dict[str, torch.Tensor] = {}
+    whole_w2 = rank >= max(out_k, in_n) / 2
+    if whole_w2:
+        parts["lokr_w2"] = torch.zeros(out_k, in_n, *kernel)
+    else:
+        parts["lokr_w2_a"] = _kaiming((out_k, rank), generator)
+        parts["lokr_w2_b"] = torch.zeros(rank, in_n * math.prod(kernel))
+    whole_w1 = full_w1 or rank >= max(out_l, in_m) / 2
+    if whole_w1:
+        parts["lokr_w1"] = _kaiming((out_l, in_m), generator)
+    else:
+        parts["lokr_w1_a"] = _kaiming((out_l, rank), generator)
+        parts["lokr_w1_b"] = _kaiming((rank, in_m), generator)
+    parts["alpha"] = torch.tensor(float(rank) if whole_w1 and whole_w2 else alpha)
+    return parts

@@ -24,6 +24,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 PRIOR_TARGETS = ("images", "base")
 INITS = ("kaiming", "gaussian")
+ADAPTERS = ("lora", "dora", "loha", "lokr")
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
@@ -37,6 +38,7 @@ BOUNDS = (
     (("alpha", "conv_alpha", "text_encoder_alpha", "lr", "text_encoder_lr", "ti_lr", "min_snr_gamma"),
      lambda v: v > 0, "it must be above 0"),
     (("dropout", "caption_dropout", "mask_floor"), lambda v: 0 <= v <= 1, "it must be in [0, 1]"),
+    (("lokr_factor",), lambda v: v == -1 or v >= 1, "it must be -1 (the most balanced split) or at least 1"),
     # upper bounds where a larger value fails mid-run: torch's seeds (errors.SEED_MAX); 8192 pixels a side is beyond
     # any GPU's memory already (larger overflowed PIL); a CLIP prompt holds 75 tokens between its start and end tokens
     # (more vectors were cut off, or overflowed)
@@ -67,6 +69,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     clip = tuple(p for p in PRESETS if p.startswith("clip-"))
     return {"mode": MODES, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS, "optimizer": OPTIMIZERS,
             "save_dtype": SAVE_DTYPES, "prior_target": PRIOR_TARGETS, "init": INITS, "prediction_type": PREDICTIONS,
+            "adapter": ADAPTERS,
             "targets": tuple(p for p in PRESETS if p not in clip), "text_encoder_targets": clip}  # fmt: skip
 
 
@@ -126,6 +129,10 @@ class TrainConfig:
     text_encoder_targets: str = "clip-attn"
     dropout: float = 0.0  # on the adapter input
     init: str = "kaiming"  # initial down factors: kaiming-uniform (kohya, peft's default) or gaussian std 1/rank
+    # the adapter kind: a LoRA pair, or LyCORIS's DoRA (LoRA + magnitude), LoHa, LoKr (kohya/LyCORIS names on disk)
+    adapter: str = "lora"
+    lokr_factor: int = -1  # LoKr: each dim splits as LyCORIS's factorization(dim, factor); -1 = most balanced
+    lokr_full_w1: bool = True  # LoKr: w1 whole (LyCORIS's default); False: at rank where smaller (decompose_both)
     # optimisation
     lr: float = 1e-4
     text_encoder_lr: float | None = None  # None = lr
@@ -204,8 +211,28 @@ class TrainConfig:
             raise ConfigError("class_prompt", self.class_prompt, "it names no prompt")
         if self.mode == "dreambooth" and not self.class_prompt:
             raise ConfigError("mode", self.mode, "it needs {class_prompt} (e.g. 'a photo of a dog')")
+        self._check_adapter()
         if self.mode == "pivotal" and self.ti_steps >= self.steps:
             raise ConfigError("ti_steps", self.ti_steps, "pivotal needs it below {steps} so that LoRA trains too")
+
+    def _check_adapter(self) -> None:
+        """What the adapter kinds other than lora do not take (refused, never ignored)."""
+        if self.adapter == "lora":
+            pass
+        elif self.mode == "textual-inversion":
+            raise ConfigError("adapter", self.adapter, "textual-inversion trains no adapters (only the new token's "
+                              "vectors); leave {adapter} at lora or use {mode} pivotal")  # fmt: skip
+        elif self.dropout:  # (LyCORIS's LoHa/LoKr have no input dropout either; the composed route applies none)
+            raise ConfigError("dropout", self.dropout, f"input dropout applies to lora adapters only, not "
+                              f"{self.adapter}; leave {{dropout}} at 0")  # fmt: skip
+        elif self.init != "kaiming" and self.adapter != "dora":
+            raise ConfigError("init", self.init, f"it sets LoRA's down factors (lora, dora); {self.adapter} starts "
+                              "as LyCORIS's does: leave {init} unset")  # fmt: skip
+        if self.adapter != "lokr":
+            for name, default in (("lokr_factor", -1), ("lokr_full_w1", True)):
+                if getattr(self, name) != default:
+                    raise ConfigError(name, getattr(self, name), f"it applies to {{adapter}} lokr, not "
+                                      f"{self.adapter}; leave it unset")  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,6 +256,10 @@ class TrainConfig:
         kept = {k: v for k, v in self.to_dict().items() if k not in loose}
         if self.prediction_type is None:  # (as before the field existed: earlier checkpoints still resume)
             kept.pop("prediction_type")
+        if self.adapter == "lora":  # (the same)
+            kept.pop("adapter")
+        for key in ("lokr_factor", "lokr_full_w1") if self.adapter != "lokr" else ():  # (defaults: _check_adapter)
+            kept.pop(key)
         if self.class_data is not None:
             kept["class_data"] = str(Path(self.class_data).resolve())
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,6 +1,6 @@
 """The four modes as short recipes over the shared loop: what trains, at which learning rate, and what is written.
 
-- lora: adapters on the UNet (and the text encoders when text_encoder_rank > 0);
+- lora: adapters (of --adapter's kind, adapters.py) on the UNet (and the text encoders when text_encoder_rank > 0);
 - dreambooth: the same adapters; the loop adds the class images and the prior-preservation loss;
 - textual-inversion: new token rows only, trained in fp32 (tokens.py; every other row stays bit-identical);
 - pivotal: textual inversion for ti_steps, then LoRA and the embeddings jointly.
@@ -15,8 +15,9 @@ import torch
 
 from .. import embeddings
 from ..formats import embeddings as ti_files
-from ..inject import inject_lora, lora_modules, lora_parameters
+from ..inject import lora_modules
 from ..state import components, lora_state_dict
+from . import adapters
 from .config import TrainConfig
 from .tokens import TokenRows
 
@@ -81,17 +82,15 @@ def build(cfg: TrainConfig, pipe) -> Recipe:
         recipe.text_trains = True
     if cfg.mode != "textual-inversion":
         main = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-        inject_lora(main, cfg.targets, rank=cfg.rank, alpha=cfg.alpha, name=ADAPTER, conv_rank=cfg.conv_rank,
-                    conv_alpha=cfg.conv_alpha, dropout=cfg.dropout, init=cfg.init)  # fmt: skip
-        unet_params = list(lora_parameters(main, ADAPTER))
+        unet_params = adapters.add(main, cfg, ADAPTER, cfg.targets, cfg.rank, cfg.alpha, conv_rank=cfg.conv_rank,
+                                   conv_alpha=cfg.conv_alpha)  # fmt: skip
         recipe.groups.append({"params": unet_params, "lr": cfg.lr})
         recipe.lora += unet_params
         if cfg.text_encoder_rank > 0:
             te_params = []
             for _, _, te in _text_encoders(pipe):
-                inject_lora(te, cfg.text_encoder_targets, rank=cfg.text_encoder_rank, alpha=cfg.text_encoder_alpha,
-                            name=ADAPTER, dropout=cfg.dropout, init=cfg.init)  # fmt: skip
-                te_params += list(lora_parameters(te, ADAPTER))
+                te_params += adapters.add(te, cfg, ADAPTER, cfg.text_encoder_targets, cfg.text_encoder_rank,
+                                          cfg.text_encoder_alpha)  # fmt: skip
             recipe.groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.lr})
             recipe.lora += te_params
             recipe.text_trains = True
@@ -115,17 +114,14 @@ def checkpoint_tensors(recipe: Recipe, pipe) -> dict[str, torch.Tensor]:
 
 
 def restore_tensors(recipe: Recipe, pipe, tensors: dict[str, torch.Tensor]) -> None:
-    """Put checkpoint values back into the same trainable tensors (for --resume)."""
-    from ..inject import lora_modules
-
+    """Put checkpoint values back into the same trainable tensors (for --resume), whatever the adapter kind."""
     comps = components(pipe)
     with torch.no_grad():
         for comp, module in comps.items():
             for path, wrapper in lora_modules(module):
                 if ADAPTER in wrapper.adapters:
-                    a = wrapper.adapters[ADAPTER]
-                    a.down.copy_(tensors[f"lora.{comp}.{path}.lora_down.weight"])
-                    a.up.copy_(tensors[f"lora.{comp}.{path}.lora_up.weight"])
+                    for suffix, t in adapters.trainable_tensors(wrapper.adapters[ADAPTER]).items():
+                        t.copy_(tensors[f"lora.{comp}.{path}.{suffix}"])
         for comp, rows in recipe.rows.items():
             rows.load(torch.stack([tensors[f"emb.{comp}.{entry}"] for entry in recipe.tokens[comp]]))
 
@@ -151,4 +147,19 @@ def save_outputs(cfg: TrainConfig, recipe: Recipe, pipe, dtype, metadata: dict) 
     sidecar = []
     if cfg.mode == "pivotal":
         sidecar.append(ti_files.write(paths[1], learned_embeddings(recipe, cfg.token), force=cfg.force))
-    return [save(pipe, paths[0], name=ADAPTER, dtype=dtype, metadata=metadata, force=cfg.force), *sidecar]
+    written = save(pipe, paths[0], name=ADAPTER, format=output_format(cfg, pipe), dtype=dtype, metadata=metadata,
+                   force=cfg.force)  # fmt: skip
+    return [written, *sidecar]
+
+
+def output_format(cfg: TrainConfig, pipe) -> str | None:
+    """The file format of the trained adapter: the architecture's default for lora (None); kohya/LyCORIS names for
+    the other kinds on UNets. FLUX/SD3's kohya names are their original trees', which fuse q/k/v into one qkv layer:
+    a LoHa/LoKr per diffusers layer cannot be fused into one there, so those are written under the diffusers module
+    paths (native: `transformer.<path>.hada_w1_a`, LyCORIS's tensor names), and DoRA as PEFT's DoRA
+    (`lora_magnitude_vector`, what diffusers loads)."""
+    if cfg.adapter == "lora":
+        return None
+    if getattr(pipe, "transformer", None) is None:
+        return "kohya"
+    return "peft" if cfg.adapter == "dora" else "native"
