@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ._common import command, friendly_errors, output_options, progress, torch_dtype
+from .convert import print_module_errors
 
 
 def _is_model(spec: str, allow_pickle: bool) -> bool:
@@ -65,15 +66,22 @@ def _weights(n: int, alpha: float | None, weights: str | None) -> list[float]:
 @click.option("--allow-pickle", is_flag=True,
               help="Read pickled .pt/.bin LoRAs (torch weights_only): {name: tensor} files, and with a MODEL first "
                    "also cloneofsimo's lists.")  # fmt: skip
+@click.option("--model", default=None,
+              help="LoRA + LoRA holding LoHa/LoKr/DoRA/IA3/full-diff modules (summed by SVD at --rank): the base "
+                   "model whose names and layer shapes the files are read with; DoRA and IA3 need it, their delta "
+                   "depends on the base weight. Default: the architecture the files are for, built on the meta "
+                   "device.")  # fmt: skip
 @click.option("--to", "to", type=click.Choice(["folder", "single-file"]), default=None,
               help="With a MODEL first: write a diffusers folder or one checkpoint file. [single-file when OUTPUT "
                    "ends in .safetensors, else folder]")  # fmt: skip
 @output_options
 @friendly_errors
-def main(inputs, alpha, weights, rank, conv_rank, allow_pickle, to, output, dtype, force):
+def main(inputs, alpha, weights, rank, conv_rank, allow_pickle, model, to, output, dtype, force):
     """Merge LoRA files: `lora-merge A B --alpha 0.6 -o OUT` writes a LoRA whose delta is exactly
     0.6*dA + 0.4*dB in every module (ranks are concatenated; --rank re-compresses and prints the error).
-    Pivotal-tuning embeddings (`A.emb.safetensors`) are merged too; a token in both is an error.
+    Pivotal-tuning embeddings (`A.emb.safetensors`) are merged too; a token in both is an error. Inputs holding
+    LyCORIS kinds (LoHa, LoKr, DoRA, IA3, full diff) need --rank: each module's weighted sum of exact deltas is
+    factored by SVD and the errors printed (DoRA/IA3: --model too).
 
     `lora-merge MODEL A --alpha 0.8 -o DIR` collapses A at weight 0.8 into MODEL (a diffusers folder, a hub id or
     a single-file checkpoint) and writes a diffusers pipeline folder that from_pretrained loads; `-o
@@ -90,6 +98,8 @@ def main(inputs, alpha, weights, rank, conv_rank, allow_pickle, to, output, dtyp
     if _is_model(inputs[0], allow_pickle):
         if len(inputs) != 2 or weights:
             raise LoraKitError("with a MODEL first, give exactly one LoRA (and --alpha for its weight)")
+        if model is not None:
+            raise LoraKitError("--model is for merging LoRAs of other kinds; with a MODEL first it is that MODEL")
         if rank is not None or conv_rank is not None:
             flag = "--rank" if rank is not None else "--conv-rank"
             raise LoraKitError(f"{flag} re-compresses a merged LoRA; with a MODEL first the LoRA is collapsed into it")
@@ -104,10 +114,11 @@ def main(inputs, alpha, weights, rank, conv_rank, allow_pickle, to, output, dtyp
         raise LoraKitError("--to applies with a MODEL first (lora-merge MODEL LORA --to single-file -o OUT)")
     ws = _weights(len(inputs), alpha, weights)
     report = tools.merge(inputs, output, ws, rank=rank, conv_rank=conv_rank, dtype=torch_dtype(dtype), force=force,
-                         progress=progress("re-rank"), allow_pickle=allow_pickle)  # fmt: skip
+                         progress=progress("re-rank"), allow_pickle=allow_pickle, model=model)  # fmt: skip
     if rank is not None:  # the ranks kept: a module already at or below --rank keeps its own
         kept = ", ".join(f"{r} x{n}" for r, n in sorted(report.ranks.items()))
         click.echo(f"re-compressed to rank {max(report.ranks)} ({kept}): relative error {report.total_error:.3e}")
+        print_module_errors(report.errors)
     for note in report.notes:
         click.echo(note)
     click.echo(f"wrote {report.path} ({' + '.join(f'{w:g}*{Path(p).name}' for w, p in zip(ws, inputs, strict=True))})")

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from . import ops
+from . import kinds, ops
 from .errors import LoraKitError
 from .formats import embeddings as ti_files
 from .formats import files
+from .formats.kind_rules import kind_of
 from .inject import targeted
 from .models import architecture, check_spec, loads_in_fp32, local_path, local_paths, open_pipeline, prediction_in
-from .state import check_fits, components, modules
+from .state import check_fits, components, modules, plain_pair, split_key
 from .targets import resolve
 
 KEPT_METADATA = ("lora_kit.trigger_words", "lora_kit.targets", "lora_kit.config", "modelspec.trigger_phrase")
@@ -41,6 +42,72 @@ class Report:
     errors: dict[str, float] = field(default_factory=dict)
     ranks: dict[int, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+# the formats whose writers keep LyCORIS kinds under their own names (LoHa, LoKr, DoRA, IA3, full, Tucker LoCon) and
+# whose readers take them back; the others (peft, comfyui, native) hold plain LoRA pairs only, so such modules reach
+# them through --rank (an SVD) or not at all
+KIND_FORMATS = ("kohya",)
+_KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "IA3", "full": "full diff", "norm": "norm diff"}
+
+
+def _not_pairs(mods: dict[str, dict]) -> dict[str, dict]:
+    """The modules of {stem: parts} that are not plain LoRA pairs (down, up, alpha)."""
+    return {stem: parts for stem, parts in mods.items() if not plain_pair(parts)}
+
+
+def _kind_names(mods: dict[str, dict]) -> str:
+    """'LoHa, DoRA' for a set of modules: what a refusal names."""
+
+    def name(parts) -> str:
+        if kind_of(parts) == "lora":
+            return "DoRA" if "dora_scale" in parts else "Tucker LoCon" if "mid" in parts else "LoRA + diff_b"
+        return _KIND_NAMES.get(kind_of(parts), kind_of(parts)) + ("+DoRA" if "dora_scale" in parts else "")
+
+    return ", ".join(sorted({name(parts) for parts in mods.values()}))
+
+
+def _check_kinds(source, mods: dict[str, dict], to: str, reshape: bool, model: str | None, verb: str) -> None:
+    """Refuse, in one line naming `source`, what cannot become a file in format `to`: modules of other kinds with
+    neither a format that holds them nor `reshape` (--rank / --dynamic); with reshape, DoRA/IA3 modules without a
+    model (their delta depends on the base weight), a bias delta in a format that has none, and modules that change
+    no weight."""
+    others = _not_pairs(mods)
+    if not others:
+        return
+    stem = next(iter(others))
+    if not reshape:
+        if to in KIND_FORMATS or all(ops.is_pair(p) and "diff_b" not in p for p in others.values()):
+            return  # (Tucker LoCons alone are folded into plain pairs, exactly)
+        raise LoraKitError(
+            f"{source}: holds {_kind_names(others)} modules (e.g. {stem}), which a {to} file cannot hold; pass "
+            "--rank N (or --dynamic) to turn them into plain LoRA by SVD of their exact deltas"
+        )
+    need = {s: p for s, p in others.items() if kinds.needs_base(p)}
+    if need and model is None:
+        raise LoraKitError(
+            f"{source}: its {_kind_names(need)} modules (e.g. {next(iter(need))}) have deltas that depend on the base "
+            f"weight; {verb} needs --model"
+        )
+    for s, p in others.items():
+        if kind_of(p) not in ("lora", "loha", "lokr", "ia3", "full") or (kind_of(p) == "full" and "diff" not in p):
+            raise LoraKitError(f"{source}: {s} is a {_kind_names({s: p})} module that changes no weight; no LoRA "
+                               "can hold it")  # fmt: skip
+        if "diff_b" in p and to not in KIND_FORMATS:
+            raise LoraKitError(
+                f"{source}: {s} holds a bias delta (diff_b), which a {to} LoRA cannot hold; --to kohya keeps it "
+                "beside the pair (LyCORIS and ComfyUI apply it)"
+            )
+
+
+def _layer_weights(pipe, stems) -> dict[str, torch.Tensor]:
+    """{canonical stem: the weight of the layer it names} (meta tensors on a meta pipeline: shapes only)."""
+    comps = components(pipe)
+    out = {}
+    for stem in stems:
+        component, path = stem.split(".", 1)
+        out[stem] = comps[component].get_submodule(path).weight.detach()
+    return out
 
 
 def _merge_sidecars(inputs: Sequence[Path]) -> tuple[dict[str, dict], dict[str, Path]]:
@@ -75,11 +142,15 @@ def merge(
     force: bool = False,
     progress: Callable = _same,
     allow_pickle: bool = False,
+    model: str | None = None,
 ) -> Report:
     """Merge LoRA files into `output` with delta = sum_i weights[i] * delta_i; `rank` re-compresses by SVD.
 
     The inputs must be in one format and for one base model. Pivotal-tuning sidecars (`x.emb.safetensors`) are
     merged too; a token present in two of them is an error. Pickled {name: tensor} inputs need allow_pickle.
+    Inputs holding other kinds (LoHa, LoKr, DoRA, IA3, full diff) are merged by summing each module's exact delta
+    and factoring the sum by SVD at `rank` (then required); names and layer shapes come from `model`, else from
+    the architecture the files are for (built on the meta device); DoRA/IA3 deltas need `model`'s weights.
     """
     from .formats.stored import architecture_of, one_spelling, read_lora, write_lora
 
@@ -93,7 +164,7 @@ def merge(
         raise LoraKitError(
             f"--conv-rank {conv_rank} without --rank: it is the rank of kxk convs when --rank re-compresses"
         )
-    files.check_output(output, force, inputs)
+    files.check_output(output, force, [*inputs, *(local_paths(model) if model else [])])
     loaded = [read_lora(p, allow_pickle) for p in inputs]
     formats = {fmt for _, fmt, _ in loaded}
     if len(formats) > 1:
@@ -107,6 +178,19 @@ def merge(
         files.check_output(ti_files.sidecar(output), force, [ti_files.sidecar(p) for p in inputs])
         ti_files.file_tensors(tokens, ti_files.sidecar(output), owners)  # a sidecar no model could load: refused now
     arch, fmt = next((a for a in archs if a), None), formats.pop()
+    summed = False  # (Tucker LoCons alone are concatenated like plain pairs, their cores folded: exact)
+    for path, (state, _, _) in zip(inputs, loaded, strict=True):
+        others = {stem: p for stem, p in _not_pairs(modules(state)).items() if not ops.is_pair(p) or "diff_b" in p}
+        summed = summed or bool(others)
+        if others and rank is None:
+            raise LoraKitError(
+                f"{path}: holds {_kind_names(others)} modules (e.g. {next(iter(others))}); merging them into one LoRA "
+                "needs --rank N (the weighted sum of their deltas is factored by SVD)"
+            )
+        _check_kinds(path, others, fmt, True, model, "merging them")
+    if summed:
+        return _merge_kinds(inputs, loaded, output, weights, rank, conv_rank, arch, fmt, dtype, force, progress,
+                            allow_pickle, model, tokens, owners)  # fmt: skip
     # one spelling per module (lora_te_ / lora_te1_, SGM / diffusers block names, ...), so that two spellings sum
     pieces = one_spelling([state for state, _, _ in loaded], fmt, arch)
     parts = [(piece, w, str(p)) for p, w, split in zip(inputs, weights, pieces, strict=True) for piece in split]
@@ -118,6 +202,39 @@ def merge(
     dtype = dtype or given_dtype(*(state for state, _, _ in loaded))
     prediction = next((p for _, _, m in loaded if (p := prediction_in(m))), None)
     write_lora(output, merged, fmt, arch, dtype=dtype, metadata=meta, force=force, prediction=prediction)
+    if tokens:
+        sidecar = ti_files.write(ti_files.sidecar(output), tokens, force=force)
+        report.notes.append(f"embeddings merged into {sidecar}")
+    report.ranks = dict(Counter(p["down"].shape[0] for p in modules(merged).values()))
+    return report
+
+
+def _merge_kinds(inputs, loaded, output, weights, rank, conv_rank, arch, fmt, dtype, force, progress, allow_pickle,
+                 model, tokens, owners) -> Report:  # fmt: skip
+    """merge() of inputs holding other kinds (checked by merge): read onto `model` (or the meta architecture), the
+    weighted sum of each module's exact delta factored at `rank` (ops.merge_deltas), written in the inputs' format."""
+    from .formats import read, write
+    from .formats.dispatch import FORMATS
+    from .models import meta_pipeline
+
+    if model is None and arch is None:
+        raise LoraKitError(f"{inputs[0]}: the files do not say which base model they are for; pass --model")
+    pipe = open_pipeline(model, allow_pickle=allow_pickle) if model is not None else meta_pipeline(arch)
+    states = []
+    for path in inputs:
+        state, _ = read(path, pipe, allow_pickle=allow_pickle)
+        check_fits(pipe, state, source=str(path))  # (each delta takes its layer's shape)
+        states.append(state)
+    bases = _layer_weights(pipe, {stem for state in states for stem in modules(state)})
+    report = Report(Path(output))
+    merged, report.errors, report.total_error = ops.merge_deltas(
+        states, weights, rank, conv_rank, bases=bases, names=[str(p) for p in inputs], progress=progress
+    )
+    meta = {"merged_from": [str(p) for p in inputs], "merge_weights": list(weights)}
+    dtype = dtype or given_dtype(*(state for state, _, _ in loaded))
+    prediction = next((p for _, _, m in loaded if (p := prediction_in(m))), None)
+    report.path = write(output, merged, pipe, format=fmt if fmt in FORMATS else None, dtype=dtype, metadata=meta,
+                        force=force, prediction=prediction)  # fmt: skip
     if tokens:
         sidecar = ti_files.write(ti_files.sidecar(output), tokens, force=force)
         report.notes.append(f"embeddings merged into {sidecar}")
@@ -151,6 +268,12 @@ def resize(
     ops.check_resize(rank, dynamic, conv_rank)
     files.check_output(output, force, [input])
     state, fmt, meta = read_lora(input, allow_pickle)
+    others = {stem: p for stem, p in _not_pairs(modules(state)).items() if not ops.is_pair(p)}
+    if others:  # their deltas take the layer's shape (and DoRA/IA3 its values): names must be mapped to a model
+        raise LoraKitError(
+            f"{input}: holds {_kind_names(others)} modules (e.g. {next(iter(others))}); lora-convert --rank N "
+            "turns them into a LoRA of rank N"
+        )
     resized, errors, total = ops.resize(state, rank, dynamic, conv_rank, progress=progress)
     kept = {k: v for k, v in meta.items() if k in KEPT_METADATA}
     dtype = dtype or given_dtype(state)
@@ -274,17 +397,34 @@ def convert(
     dtype=None,
     force: bool = False,
     allow_pickle: bool = False,
+    rank: int | None = None,
+    conv_rank: int | None = None,
+    dynamic: tuple[str, float] | None = None,
+    progress: Callable = _same,
 ) -> Report:
     """Rewrite a LoRA file (any supported format) as `to`; names are mapped through `model`'s modules, or through
-    the real architecture the file is for, built on the meta device (models.meta_pipeline)."""
+    the real architecture the file is for, built on the meta device (models.meta_pipeline).
+
+    With `rank` and/or `dynamic` (as resize takes them) every module becomes a plain LoRA: the exact delta of each
+    LoHa/LoKr/DoRA/IA3/full module factored by SVD (DoRA and IA3 need `model`: their delta depends on the base
+    weight), LoRA modules above the rank shrunk, the others kept; the report holds each module's relative error.
+    A full diff's bias delta (`diff_b`) stays beside its pair in kohya files and is refused in others.
+    Without them, other kinds are kept where `to` holds them (KIND_FORMATS) and refused elsewhere."""
     from .formats import read, write
     from .formats.dispatch import precheck
     from .formats.stored import architecture_of
     from .models import meta_pipeline
 
+    reshape = rank is not None or dynamic is not None
+    if reshape:
+        ops.check_resize(rank, dynamic, conv_rank)
+    elif conv_rank is not None:
+        raise LoraKitError(f"--conv-rank {conv_rank} without --rank: it is the rank of kxk convs when --rank converts")
     files.check_output(output, force, [input, *(local_paths(model) if model else [])])
     precheck(input, allow_pickle, model)  # a bad file, or one for another architecture: before any model opens
     stored = _read_named(input)  # the file checked as stored before any model is built
+    if stored is not None:
+        _check_kinds(input, modules(stored[0]), to, reshape, model, "the conversion")
     if model is not None:
         pipe = open_pipeline(model, allow_pickle=allow_pickle)
     elif stored is None:
@@ -298,12 +438,24 @@ def convert(
             raise LoraKitError(f"{input}: the file does not say which base model it is for; pass --model")
         pipe = meta_pipeline(arch)
     state, meta = read(input, pipe, allow_pickle=allow_pickle)
+    _check_kinds(input, modules(state), to, reshape, model, "the conversion")  # (a pickle's or PEFT folder's: now)
     if model is not None:  # (without one, the shipped architecture maps names only: a smaller model's files pass)
         check_fits(pipe, state, source=str(input))
+    report = Report(Path(output))
+    if reshape:
+        not_pairs = _not_pairs(modules(state))
+        others = {k: t for k, t in state.items() if split_key(k)[0] in not_pairs}
+        check_fits(pipe, others, source=str(input))  # their deltas take the layer's shape: it must be theirs
+        bases = _layer_weights(pipe, not_pairs)  # (a pair's own factors give its shape)
+        dtype = dtype or given_dtype(state)  # (the SVD works in fp32; the file keeps the input's dtype)
+        state, report.errors, report.total_error = ops.resize(state, rank, dynamic, conv_rank, progress, bases)
+        report.ranks = dict(Counter(p["down"].shape[0] for p in modules(state).values()))
+    elif to not in KIND_FORMATS:
+        state = ops.fold_mids(state)  # Tucker LoCons as plain pairs (_check_kinds let nothing else through)
     kept = {k: v for k, v in meta.items() if k in KEPT_METADATA}
     prediction = prediction_in(meta)  # (a --model's scheduler says it first)
-    path = write(output, state, pipe, format=to, dtype=dtype, metadata=kept, force=force, prediction=prediction)
-    return Report(path)
+    report.path = write(output, state, pipe, format=to, dtype=dtype, metadata=kept, force=force, prediction=prediction)
+    return report
 
 
 def _read_named(input: str | os.PathLike) -> tuple | None:
