@@ -10,18 +10,19 @@ import torch
 from torch import nn
 
 from .errors import LoraKitError, finite
-from .layers import LoraAdapter, LoraWrapper, wrap
+from .layers import LoraAdapter, LoraWrapper, is_norm, wrap
 from .targets import Target, layer_kind, resolve
 
 
-def _layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(path, layer) for every Linear/Conv2d or wrapper below `module`, not descending into wrappers."""
+def _layers(module: nn.Module, prefix: str = "", norms: bool = False) -> Iterator[tuple[str, nn.Module]]:
+    """(path, layer) for every Linear/Conv2d or wrapper below `module`, not descending into wrappers; with `norms`
+    the affine LayerNorm/GroupNorm layers too (what LyCORIS's norm-layer diffs adapt)."""
     for child_name, child in module.named_children():
         path = f"{prefix}{child_name}"
-        if isinstance(child, LoraWrapper) or layer_kind(child) is not None:
+        if isinstance(child, LoraWrapper) or layer_kind(child) is not None or norms and is_norm(child):
             yield path, child
         else:
-            yield from _layers(child, path + ".")
+            yield from _layers(child, path + ".", norms)
 
 
 def _base(layer: nn.Module) -> nn.Module:

@@ -122,8 +122,9 @@ def additive_delta(p: Mapping[str, torch.Tensor], weight: torch.Tensor) -> torch
         return lokr_delta(p, shape)
     if kind == "ia3":
         return ia3_delta(p, weight)
-    if kind == "full":
-        return p["diff"].float().reshape(shape) if "diff" in p else torch.zeros(shape, device=weight.device)
+    if kind in ("full", "norm"):  # (a norm-layer diff is a full diff of the norm's weight and bias)
+        diff = p.get("diff", p.get("w_norm"))
+        return diff.float().reshape(shape) if diff is not None else torch.zeros(shape, device=weight.device)
     raise ValueError(f"no weight delta for a {kind} module")
 
 
@@ -158,7 +159,7 @@ def apply(weight: torch.Tensor, adapters: list[tuple[Mapping[str, torch.Tensor],
 
 def bias_delta(adapters: list[tuple[Mapping[str, torch.Tensor], float]]) -> torch.Tensor | None:
     """The sum of the full-diff adapters' bias deltas (`diff_b`) x their weights, fp32; None when none has one."""
-    found = [p["diff_b"].float() * w for p, w in adapters if "diff_b" in p and w != 0]
+    found = [p[n].float() * w for p, w in adapters for n in ("diff_b", "b_norm") if n in p and w != 0]
     return torch.stack(found).sum(0) if found else None
 
 

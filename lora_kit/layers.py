@@ -363,8 +363,8 @@ class LoraWrapper(nn.Module):
         """Add an adapter of another kind than the plain pair (LoHa, LoKr, IA3, full diff, DoRA, Tucker LoCon)
         from its tensors under their file names (kinds.py); the caller has checked they fit this layer."""
         self._check_name(name)
-        if "diff_b" in parts and self.base.bias is None:
-            raise ValueError("diff_b given for a layer without a bias")
+        if ("diff_b" in parts or "b_norm" in parts) and self.base.bias is None:
+            raise ValueError("a bias diff given for a layer without a bias")
         adapter = kinds.KindAdapter(parts, device=offload.home(self.base))
         self.adapters[name] = adapter
         return adapter
@@ -852,7 +852,39 @@ def _cast(weight: torch.Tensor, db: torch.Tensor | None, w: torch.Tensor, b: tor
     return weight.to(w.dtype), db
 
 
-WRAPPERS: dict[type[nn.Module], type[LoraWrapper]] = {nn.Linear: LoraInjectedLinear, nn.Conv2d: LoraInjectedConv2d}
+class LoraInjectedNorm(LoraWrapper):
+    """An affine nn.LayerNorm / nn.GroupNorm + norm-layer diffs (LyCORIS's `w_norm`/`b_norm`, added to its weight and
+    bias at the adapter's weight): they take the composed route, the norm's op on the changed weight and bias."""
+
+    _NORMS = (nn.LayerNorm, nn.GroupNorm)
+
+    def __init__(self, base: nn.Module):
+        if not is_norm(base):
+            raise TypeError(f"LoraInjectedNorm wraps an affine LayerNorm or GroupNorm, got {type(base).__name__}")
+        super().__init__(base)
+
+    def add_adapter(self, name: str, *args, **kwargs):
+        raise ValueError(f"a {type(self.base).__name__} takes norm-layer diffs (w_norm, b_norm), not a LoRA pair")
+
+    def _own_op(self, base: nn.Module) -> bool:
+        return any(type(base).forward is cls.forward for cls in self._NORMS) and _plain(base)
+
+    def _base_with(self, x, weight, bias):
+        b = self.base
+        if isinstance(b, nn.GroupNorm):
+            return F.group_norm(x, b.num_groups, weight, bias, b.eps)
+        return F.layer_norm(x, b.normalized_shape, weight, bias, b.eps)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """An affine LayerNorm or GroupNorm: a layer LyCORIS's norm-layer diffs can adapt."""
+    return isinstance(module, nn.LayerNorm | nn.GroupNorm) and module.weight is not None
+
+
+WRAPPERS: dict[type[nn.Module], type[LoraWrapper]] = {
+    nn.Linear: LoraInjectedLinear, nn.Conv2d: LoraInjectedConv2d, nn.LayerNorm: LoraInjectedNorm,
+    nn.GroupNorm: LoraInjectedNorm,
+}  # fmt: skip
 
 
 def wrap(module: nn.Module) -> LoraWrapper:

@@ -167,8 +167,9 @@ def _check_group(component: str, path: str, parts: Mapping, layers: dict | None,
     if not plain_pair(parts):
         shapes = {part: tuple(t.shape) for part, t in parts.items()}
         problem = module_problem(shapes, tuple(weight.shape))
-        if problem is None and "diff_b" in parts and (base.bias is None or parts["diff_b"].numel() != weight.shape[0]):
-            problem = f"diff_b {shapes['diff_b']} does not fit the layer's bias"
+        for name in ("diff_b", "b_norm"):
+            if problem is None and name in parts and (base.bias is None or parts[name].numel() != base.bias.numel()):
+                problem = f"{name} {shapes[name]} does not fit the layer's bias ({type(base).__name__})"
         return None if problem is None else f"{component}.{path}: {problem}"
     if "down" not in parts or "up" not in parts:
         return f"{component}.{path}: lora_down and lora_up must both be present"
@@ -191,7 +192,7 @@ def check_fits(target, state: Mapping[str, torch.Tensor], name: str = "", source
     """The state's modules grouped (see group), once every one names a Linear/Conv2d of `target` (a pipeline or a
     module) whose weight its factors fit and that has no adapter `name` yet; else LoraKitError naming `source` and
     the first mismatches."""
-    layers = {c: dict(_layers(m)) for c, m in components(target).items()}
+    layers = {c: dict(_layers(m, norms=True)) for c, m in components(target).items()}
     groups = group(state)
     problems = [p for (c, path), parts in groups.items() if (p := _check_group(c, path, parts, layers.get(c), name))]
     if problems:

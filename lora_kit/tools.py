@@ -47,7 +47,7 @@ class Report:
 # the formats whose writers keep LyCORIS kinds under their own names (LoHa, LoKr, DoRA, IA3, full, Tucker LoCon) and
 # whose readers take them back; the others (peft, comfyui, native) hold plain LoRA pairs only, so such modules reach
 # them through --rank (an SVD) or not at all
-KIND_FORMATS = ("kohya",)
+KIND_FORMATS = ("kohya", "native")  # the formats that hold every kind as it is
 _KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "ia3": "IA3", "full": "full diff", "norm": "norm diff"}
 
 
@@ -67,6 +67,13 @@ def _kind_names(mods: dict[str, dict]) -> str:
     return ", ".join(sorted({name(parts) for parts in mods.values()}))
 
 
+def _peft_holds(parts: dict) -> bool:
+    """Whether a PEFT/diffusers file holds this module: a LoRA pair, with DoRA by output rows at most."""
+    dora = parts.get("dora_scale")
+    per_row = dora is None or dora.numel() == parts["up"].shape[0]
+    return kind_of(parts) == "lora" and "diff_b" not in parts and per_row
+
+
 def _check_kinds(source, mods: dict[str, dict], to: str, reshape: bool, model: str | None, verb: str) -> None:
     """Refuse, in one line naming `source`, what cannot become a file in format `to`: modules of other kinds with
     neither a format that holds them nor `reshape` (--rank / --dynamic); with reshape, DoRA/IA3 modules without a
@@ -79,6 +86,8 @@ def _check_kinds(source, mods: dict[str, dict], to: str, reshape: bool, model: s
     if not reshape:
         if to in KIND_FORMATS or all(ops.is_pair(p) and "diff_b" not in p for p in others.values()):
             return  # (Tucker LoCons alone are folded into plain pairs, exactly)
+        if to == "peft" and all(_peft_holds(p) for p in others.values()):
+            return  # (DoRA on a LoRA by output rows: PEFT's lora_magnitude_vector)
         raise LoraKitError(
             f"{source}: holds {_kind_names(others)} modules (e.g. {stem}), which a {to} file cannot hold; pass "
             "--rank N (or --dynamic) to turn them into plain LoRA by SVD of their exact deltas"

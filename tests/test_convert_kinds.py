@@ -134,11 +134,22 @@ def test_convert_refusals(make_pipe, model_dir, tmp_path):
     full = _kohya_file(make_pipe("sd1"), "full", tmp_path / "full.safetensors")
     args = [full, "--to", "peft", "--rank", 4, "--model", model_dir, "-o", out]
     _refused(convert, args, out, str(full), "diff_b", "bias")
-    args = [full, "--to", "native", "--rank", 4, "--model", model_dir, "-o", out]
-    _refused(convert, args, out, str(full), "diff_b", "bias")
-    _refused(convert, [loha, "--to", "native", "--model", model_dir, "-o", out], out, str(loha), "--rank")
+    _refused(convert, [loha, "--to", "comfyui", "--model", model_dir, "-o", out], out, str(loha), "--rank")
     _refused(convert, [loha, "--to", "peft", "--conv-rank", 2, "-o", out], out, "--rank")
     _refused(resize, [loha, "--rank", "2", "-o", out], out, str(loha), "lora-convert --rank")
+
+
+def test_kinds_keep_as_they_are_in_native_and_dora_in_peft(make_pipe, model_dir, tmp_path):
+    """Without --rank, native files keep every kind (LoHa and a full diff's diff_b too) and peft files a DoRA by
+    output rows (PEFT's lora_magnitude_vector): each reads back to the same forward."""
+    for config, to in (("loha", "native"), ("full", "native"), ("dora", "peft")):
+        judged = make_pipe("sd1")
+        path = _kohya_file(judged, config, tmp_path / f"{config}.safetensors")
+        out = tmp_path / f"{config}-{to}.safetensors"
+        assert _run(convert, [path, "--to", to, "--model", model_dir, "-o", out]).exit_code == 0
+        pipe = make_pipe("sd1")
+        lora_kit.load(pipe, out)
+        assert_close_scaled(pipeline_outputs(pipe)["main"], pipeline_outputs(judged)["main"], reduction=pipe.unet)
 
 
 def test_tucker_locon_to_peft_needs_no_rank(make_pipe, model_dir, tmp_path):

@@ -349,3 +349,43 @@ def test_split_rows_of_a_dora_lora():
     canonical = [{_NAMES.get(k, k): v for k, v in piece.items()} for piece in pieces]
     split = torch.cat([kinds.apply(p, [(q, 0.7)]) for p, q in zip(w.split(4), canonical, strict=True)])
     assert_close_scaled(split, kinds.apply(w, [(parts, 0.7)]), reduction=8 + 8)
+
+
+@pytest.mark.conformance(dialect="kohya", kind="norm", arch="sd1", checks="read apply write", reference="lycoris-lora")
+def test_norm_layer_diffs_on_sd1_pipeline(make_pipe, tmp_path):
+    """LyCORIS's norm-layer diffs (w_norm, b_norm) on every LayerNorm/GroupNorm of the UNet and text encoder, beside
+    a LoHa on the attention: load == LyCORIS's forward, collapse == load, unload gives the base back exactly."""
+    from lycoris.modules.norms import NormModule
+
+    judged = make_pipe("sd1")
+    path = _kohya_file(judged, "loha", tmp_path / "loha.safetensors")
+    tensors = dict(files.load(path)[0])
+    g = torch.Generator().manual_seed(7)
+    for prefix, model in (("lora_unet", judged.unet), ("lora_te", judged.text_encoder)):
+        for module_path, layer in list(model.named_modules()):
+            if isinstance(layer, nn.LayerNorm | nn.GroupNorm) and layer.weight is not None:
+                written = module_path if prefix == "lora_unet" else "text_model." + module_path
+                stem = f"{prefix}_{written}".replace(".", "_")
+                module = NormModule(stem, layer, 1.0)
+                module.apply_to()
+                with torch.no_grad():
+                    for p in (module.w_norm, module.b_norm):
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                tensors.update({f"{stem}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+    save_file(tensors, str(tmp_path / "norm.safetensors"))
+    expected = pipeline_outputs(judged)
+    pipe = make_pipe("sd1")
+    base = pipeline_outputs(pipe)
+    lora_kit.load(pipe, tmp_path / "norm.safetensors", name="a")
+    got = pipeline_outputs(pipe)
+    for k in got:
+        model = main_model(pipe) if k == "main" else pipe.text_encoder
+        assert_close_scaled(got[k], expected[k], reduction=model, msg=lambda m, k=k: f"{k}: {m}")
+    written = lora_kit.save(pipe, tmp_path / "again.safetensors", dtype=torch.float32)
+    assert files.load(written)[0].keys() == tensors.keys()
+    lora_kit.unload(pipe, "a")
+    assert all(torch.equal(v, base[k]) for k, v in pipeline_outputs(pipe).items())
+    lora_kit.load(pipe, written, name="a")
+    lora_kit.collapse(pipe)
+    for k, v in pipeline_outputs(pipe).items():
+        assert_close_scaled(v, got[k], reduction=main_model(pipe) if k == "main" else pipe.text_encoder)

@@ -212,19 +212,18 @@ def test_resume_is_bit_exact(make_pipe, data, tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["loha", "dora"])
 def test_flux_trains_a_kind(make_pipe, data, tmp_path, kind):
-    """FLUX: a LoHa is written under the diffusers module paths (the BFL names fuse q/k/v, across which LoHa factors
-    cannot be fused) and a DoRA as PEFT's (lora_magnitude_vector); lora_kit loads either with the trained forward,
-    and diffusers loads the DoRA one with the same forward."""
+    """FLUX: a trained LoHa or DoRA is written under LyCORIS's own names for a diffusers transformer (`lycoris_<path>`,
+    which ComfyUI reads with q/k/v as slices of its fused qkv; the BFL names fuse q/k/v, across which LoHa factors
+    cannot be fused); lora_kit loads it with the trained forward, and the DoRA one, converted to PEFT's DoRA
+    (lora-convert --to peft), loads in diffusers with the same forward."""
     cfg = config(data, tmp_path, "flux", adapter=kind)
     base = pipeline_outputs(make_pipe("flux"))["main"]
     trained = make_pipe("flux")
     loop.train(cfg, pipe=trained)
-    tensors, _ = files.load(cfg.output)
-    if kind == "loha":
-        assert all(k.startswith("transformer.") for k in tensors)
-        assert {k.rsplit(".", 1)[1] for k in tensors} == SUFFIXES["loha"]
-    else:
-        assert any(k.endswith(".lora_magnitude_vector") for k in tensors)
+    tensors, meta = files.load(cfg.output)
+    main = [k for k in tensors if not k.startswith("lora_te")]
+    assert main and all(k.startswith("lycoris_") for k in main) and meta["ss_network_module"] == "lycoris.kohya"
+    assert {k.rsplit(".", 1)[1] for k in main} >= (SUFFIXES["loha"] if kind == "loha" else {"dora_scale"})
     want = pipeline_outputs(trained)
     loaded = make_pipe("flux")
     lora_kit.load(loaded, cfg.output)
@@ -232,8 +231,10 @@ def test_flux_trains_a_kind(make_pipe, data, tmp_path, kind):
     assert_outputs_close(got, want, trained)
     assert not torch.allclose(got["main"], base, atol=1e-4)
     if kind == "dora":  # (PEFT's DoRA divides by the norm without LyCORIS's eps: a rounding apart)
+        peft_file = tmp_path / "peft.safetensors"
+        lora_kit.convert(cfg.output, peft_file, to="peft")
         theirs = make_pipe("flux")
-        theirs.load_lora_weights(cfg.output)
+        theirs.load_lora_weights(peft_file)
         got = pipeline_outputs(theirs)["main"]
         assert_close_scaled(got, want["main"], reduction=trained.transformer, factor=64)
 

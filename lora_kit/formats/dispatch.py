@@ -18,6 +18,7 @@ from ..state import COMPONENTS, components, modules, plain_pair, split_key
 from ..state import SUFFIXES as STATE_SUFFIXES
 from . import check, dialects, files, kind_rules, kohya, legacy, peft, trainers
 from .header import architectures_for, check_lora, guess_architecture
+from .peft_config import METADATA_KEY
 
 NATIVE = tuple(f".{suffix}" for suffix in STATE_SUFFIXES)  # the canonical dict's key endings (state.SUFFIXES)
 FORMATS = ("kohya", "peft", "native", "comfyui")  # what write() writes; read() also takes dialects.READERS
@@ -35,12 +36,27 @@ def sniff(keys, source: str = "file") -> str:
         return "kohya"
     if legacy.is_legacy(keys):
         return "legacy"
+    if _native(keys):
+        return "native"
     if peft.is_peft(keys):
-        pair = any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys)
-        if pair and all(k.endswith(NATIVE) for k in keys):  # canonical keys (other kinds' names among them)
-            return "native"
         return "peft"
     raise check.not_a_lora(source, keys)
+
+
+def _native(keys: list[str]) -> bool:
+    """Whether every key is a canonical one, `{component}.{path}.{suffix}` of some kind (PEFT's own LoHa/LoKr keys look
+    the same: read() takes those with their config); `x.weight` only beside IA3's `x.on_input`."""
+    ia3 = {k.removesuffix(".on_input") for k in keys if k.endswith(".on_input")}
+    return bool(keys) and all(
+        k.split(".", 1)[0] in COMPONENTS
+        and k.endswith(NATIVE)
+        and (
+            not k.endswith(".weight")
+            or k.endswith((".lora_down.weight", ".lora_up.weight", ".lora_mid.weight"))
+            or k.removesuffix(".weight") in ia3
+        )
+        for k in keys
+    )
 
 
 def read(path: str | os.PathLike, target, *, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
@@ -69,7 +85,7 @@ def read(path: str | os.PathLike, target, *, allow_pickle: bool = False) -> tupl
         state = legacy.from_safeloras(tensors, metadata, comps, str(p))
     elif fmt == "kohya":
         state = kohya.from_kohya(tensors, comps, architecture(comps), str(p))
-    elif fmt == "peft":
+    elif fmt == "peft" or fmt == "native" and METADATA_KEY in metadata:  # (PEFT's own LoHa/LoKr: its scales)
         state = peft.from_peft(tensors, metadata, comps, str(p))
     elif fmt in dialects.READERS:
         state = trainers.read(tensors, fmt, comps, architecture(comps), str(p))

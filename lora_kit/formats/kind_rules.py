@@ -98,6 +98,8 @@ def shape_problem(shapes: Mapping[str, tuple[int, ...]], weight: tuple[int, ...]
             return f"IA3 weight has shape {tuple(shapes['weight'])}; the layer's weight is {tuple(weight)}"
         return None
     if kind == "norm":
+        if weight is not None and "w_norm" in shapes and _prod(shapes["w_norm"]) != _prod(weight):
+            return f"w_norm has shape {tuple(shapes['w_norm'])}; the layer's weight is {tuple(weight)}"
         return None
     return f"holds {', '.join(sorted(shapes))}, which is no adapter kind lora_kit knows"
 

@@ -87,7 +87,7 @@ def stems(component: str, module: nn.Module, arch: str) -> dict[str, list[str]]:
     pre = prefix(component, module, arch)
     table = sgm_blocks(module.config) if component == "unet" else None
     out = {}
-    for path, _ in _layers(module):
+    for path, _ in _layers(module, norms=True):
         flat = path.replace(".", "_")
         if component.startswith("text_encoder") and pre != "lora_te3":  # a CLIP: written as clip_path says, the
             canonical, written = (p.replace(".", "_") for p in clip_path(path))  # other spelling read too

@@ -147,19 +147,6 @@ def save_outputs(cfg: TrainConfig, recipe: Recipe, pipe, dtype, metadata: dict) 
     sidecar = []
     if cfg.mode == "pivotal":
         sidecar.append(ti_files.write(paths[1], learned_embeddings(recipe, cfg.token), force=cfg.force))
-    written = save(pipe, paths[0], name=ADAPTER, format=output_format(cfg, pipe), dtype=dtype, metadata=metadata,
+    written = save(pipe, paths[0], name=ADAPTER, dtype=dtype, metadata=metadata,
                    force=cfg.force)  # fmt: skip
     return [written, *sidecar]
-
-
-def output_format(cfg: TrainConfig, pipe) -> str | None:
-    """The file format of the trained adapter: the architecture's default for lora (None); kohya/LyCORIS names for
-    the other kinds on UNets. FLUX/SD3's kohya names are their original trees', which fuse q/k/v into one qkv layer:
-    a LoHa/LoKr per diffusers layer cannot be fused into one there, so those are written under the diffusers module
-    paths (native: `transformer.<path>.hada_w1_a`, LyCORIS's tensor names), and DoRA as PEFT's DoRA
-    (`lora_magnitude_vector`, what diffusers loads)."""
-    if cfg.adapter == "lora":
-        return None
-    if getattr(pipe, "transformer", None) is None:
-        return "kohya"
-    return "peft" if cfg.adapter == "dora" else "native"
