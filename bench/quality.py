@@ -47,7 +47,17 @@ import judge as judge_module  # noqa: E402
 from bench import _results  # noqa: E402
 from lora_kit.train.callbacks import grid  # noqa: E402
 
-MODES = ("lora", "dreambooth", "textual-inversion", "pivotal", "peft", "peft-dreambooth", "diffusers-ti")
+MODES = (
+    "lora",
+    "dreambooth",
+    "textual-inversion",
+    "pivotal",
+    "peft",
+    "peft-dreambooth",
+    "diffusers-ti",
+    "dora-dreambooth",
+    "lokr-dreambooth",
+)
 BACKGROUNDS = [c for c in generate.COLOURS if c not in ("red", "white")]
 
 
@@ -74,6 +84,7 @@ INIT_WORD = "circle"  # the subject's class: new tokens start from its embedding
 # captions, see datasets/toyworld/pretrain.py's colourless stage), on every background
 CLASS_PROMPTS = "|".join(f"a circle on a {bg} background" for bg in generate.COLOURS)
 PEERS = {"peft": "lora", "peft-dreambooth": "dreambooth", "diffusers-ti": "textual-inversion"}  # peer -> its mode
+KINDS = {"dora-dreambooth": ("dreambooth", "dora"), "lokr-dreambooth": ("dreambooth", "lokr")}  # -> (mode, --adapter)
 
 
 def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: int, lr: float, resolution: int,
@@ -296,12 +307,14 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
     work.mkdir(parents=True, exist_ok=True)
     rows, figure = {}, []  # figure: one row of samples per mode
     for mode in ("base", *modes):  # the base model first, untrained: what each metric reads without an adapter
-        kind = PEERS.get(mode, mode)  # a peer is scored like the mode it stands beside
+        kind = PEERS.get(mode, KINDS.get(mode, (mode,))[0])  # a peer is scored like the mode it stands beside
         token = "<sks>" if kind in ("textual-inversion", "pivotal") else "sks"
         out = work / f"{mode}.safetensors"
         if mode != "base":
             data = instance_data(work / f"data-{mode}", budget.instance_images, token)
             cfg = budget.config(model, data, out, kind, token, work / "class-images", sample_steps)
+            if mode in KINDS:  # the same DreamBooth with another adapter kind (lora-train --adapter)
+                cfg = replace(cfg, adapter=KINDS[mode][1])
         if mode in PEERS:
             lr = budget.ti_lr if kind == "textual-inversion" else budget.lr
             peer_train(mode, model, data, out, budget.steps, budget.rank, lr, 64, token, budget.targets, class_cfg=cfg,
@@ -352,13 +365,16 @@ LABELS = {
     "peft": "diffusers+peft LoRA (peer of lora)",
     "peft-dreambooth": "diffusers+peft DreamBooth (peer of dreambooth)",
     "diffusers-ti": "diffusers textual inversion (peer of textual-inversion)",
+    "dora-dreambooth": "dreambooth, DoRA adapters (--adapter dora)",
+    "lokr-dreambooth": "dreambooth, LoKr adapters (--adapter lokr)",
 }
 
 
 def write_results(args, command: str, base: dict | None, rows: dict, path: Path) -> None:
     b = args.budget
+    partial = "" if set(args.modes.split(",")) == set(MODES) else f" --modes {args.modes}"  # (its own section)
     lines = [
-        "## bench/quality.py" + (" (quick)" if args.quick else ""),
+        "## bench/quality.py" + partial + (" (quick)" if args.quick else ""),
         "",
         f"`{command}` - {datetime.date.today()}, commit {_results.commit()}, {platform.machine()}, "
         f"torch {torch.__version__}, model {args.label}; {args.sample_steps} DDIM steps, guidance {args.guidance}; "
@@ -461,7 +477,8 @@ def main(argv=None) -> int:
     if strip:
         grid(strip, columns=len(strip)).save(figures / "toyworld-base.png")
     if figure:  # one row per mode: 4 fidelity, 1 prior, 1 coloured, 2 composability samples
-        grid([image for row in figure for image in row], columns=len(figure[0])).save(figures / "toyworld-modes.png")
+        name = "toyworld-modes.png" if set(modes) == set(MODES) else f"toyworld-{'+'.join(modes)}.png"
+        grid([image for row in figure for image in row], columns=len(figure[0])).save(figures / name)
     return 0
 
 

@@ -44,13 +44,14 @@ def test_quality_bench_quick(tmp_path):
         "| pivotal |",
     ]
     rows += ["| diffusers+peft LoRA", "| diffusers+peft DreamBooth", "| diffusers textual inversion"]  # the peers
+    rows += ["| dreambooth, DoRA adapters", "| dreambooth, LoKr adapters"]  # other adapter kinds
     for row in rows:
         assert row in text
     assert "`python bench/quality.py --quick --repeats 2 --results " in text
     assert "seeds 0-1 pooled (2 runs per row)" in text
     # fidelity split by background: one sample per seed, on the first background, in each mode's row
-    by_background = text[text.index("Subject fidelity on each background") :].splitlines()[4:12]
-    assert [line.count("/2 |") for line in by_background] == [1] * 8
+    by_background = text[text.index("Subject fidelity on each background") :].splitlines()[4:14]
+    assert [line.count("/2 |") for line in by_background] == [1] * 10
     modes = text[text.index("Each mode at") : text.index("Subject fidelity")].splitlines()
     totals = [line.split(" | ")[1].split(" = ")[0] for line in modes if line.count(" = ") == 4]
     assert [line.split(" | ")[1] for line in by_background] == totals  # the one sample's hit, counted alike
@@ -59,7 +60,7 @@ def test_quality_bench_quick(tmp_path):
     assert Image.open(tmp_path / "toyworld-base.png").size == (6 * 64, 64)  # the README strip, beside the results
     # a row per mode: fidelity, prior, coloured and composability samples (4 + 1 + 1 + 2 in a full run; 1 each
     # here)
-    assert Image.open(tmp_path / "toyworld-modes.png").size == (4 * 64, 8 * 64)
+    assert Image.open(tmp_path / "toyworld-modes.png").size == (4 * 64, 10 * 64)
     assert bench.wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)  # the Wilson upper bound for 0/10
     runs = [
         {"dreambooth": {"fidelity": (45, 48), "prior": (40, 48)}},
