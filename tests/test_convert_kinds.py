@@ -63,6 +63,9 @@ CONFIGS = ["loha", "lokr", "dora", "ia3", "locon-tucker", "doha"]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.conformance(
+    dialect="peft (converted)", kind="{config} -> lora", arch="sd1", checks="write apply", reference="lycoris-lora"
+)
 def test_full_rank_convert_is_exact(make_pipe, model_dir, tmp_path, config):
     """--rank as large as any layer: the peft file (plain LoRA pairs only) gives LyCORIS's own forward."""
     judged = make_pipe("sd1")

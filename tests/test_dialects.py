@@ -47,6 +47,7 @@ ROUND_TRIPS = [("flux", "kohya"), ("sd3", "kohya"), *((arch, "comfyui") for arch
 
 
 @pytest.mark.parametrize(("arch", "fmt"), ROUND_TRIPS)
+@pytest.mark.conformance(dialect="{fmt}", kind="lora", arch="{arch}", checks="read write", reference="round trip")
 def test_write_read_round_trip(make_pipe, tmp_path, arch, fmt):
     """pipeline -> file -> memory -> file -> memory: the two reads are equal to the bit, the two files too, and the
     adapters loaded from the file compute what the pipeline's did."""
@@ -116,6 +117,7 @@ def _flux_comfy_file(path, transformer, prefix="diffusion_model."):
     return tensors
 
 
+@pytest.mark.conformance(dialect="comfyui", kind="lora", arch="flux", checks="read write apply", reference="diffusers")
 def test_comfyui_flux_file_in_diffusers_loader_matches_lora_kit(make_pipe, tmp_path):
     path = tmp_path / "comfy.safetensors"
     _flux_comfy_file(path, make_pipe("flux").transformer)
@@ -140,6 +142,9 @@ def test_comfyui_flux_file_in_diffusers_loader_matches_lora_kit(make_pipe, tmp_p
     assert_outputs_close(pipeline_outputs(bare), got, ours, exact=True)
 
 
+@pytest.mark.conformance(
+    dialect="comfyui (diffusers paths)", kind="lora", arch="flux", checks="read apply", reference="round trip"
+)
 def test_comfyui_diffusers_paths_under_diffusion_model(make_pipe, tmp_path):
     """ai-toolkit writes diffusers paths under `diffusion_model.` for some models: read as those layers."""
     pipe = make_pipe("flux")
@@ -171,6 +176,7 @@ def _xlabs_file(path, transformer, prefix=""):
     save_file(tensors, path)
 
 
+@pytest.mark.conformance(dialect="xlabs", kind="lora", arch="flux", checks="read apply", reference="diffusers")
 def test_xlabs_file_in_diffusers_loader_matches_lora_kit(make_pipe, tmp_path):
     """lora1 = the image stream (to_q/k/v, to_out.0), lora2 = the text stream (add_q/k/v_proj, to_add_out); a
     single block's qkv_lora adds to linear1's q, k, v rows only (not proj_mlp's), proj_lora to linear2."""
@@ -215,6 +221,9 @@ def _sd3_fused_formula(transformer, tensors):
     return forward_main(transformer)
 
 
+@pytest.mark.conformance(
+    dialect="sd-scripts-sd3", kind="lora", arch="sd3", checks="read write apply", reference="by hand"
+)
 def test_sd_scripts_sd3_names_against_the_kohya_formula(make_pipe, tmp_path):
     transformer = make_pipe("sd3").transformer
     g = torch.Generator().manual_seed(13)
@@ -246,6 +255,9 @@ def test_sd_scripts_sd3_names_against_the_kohya_formula(make_pipe, tmp_path):
     assert describe(tmp_path / "sd3.safetensors")["format"] == "sd-scripts-sd3"
 
 
+@pytest.mark.conformance(
+    dialect="musubi-tuner (= kohya-bfl)", kind="lora", arch="flux", checks="read", reference="by hand"
+)
 def test_musubi_tuner_flux_names_are_sd_scripts_bfl_names(make_pipe):
     """musubi-tuner's FLUX.1 LoRAs name a module `lora_unet` + "." + its path under BFL's DoubleStreamBlock /
     SingleStreamBlock, dots made underscores (networks/lora_flux.py over networks/lora.py): sd-scripts' names, read
@@ -260,6 +272,7 @@ def test_musubi_tuner_flux_names_are_sd_scripts_bfl_names(make_pipe):
 
 
 @pytest.mark.parametrize("dialect", ["onetrainer", "lycoris"])
+@pytest.mark.conformance(dialect="{dialect}", kind="lora", arch="flux", checks="read", reference="round trip")
 def test_flat_diffusers_dialects(make_pipe, tmp_path, dialect):
     """OneTrainer's `lora_transformer_<path>` (its text encoders: kohya's `lora_te1_`) and LyCORIS' standalone
     `lycoris_<path>`: written here from the canonical dict, read back to it bit for bit."""
@@ -411,6 +424,7 @@ def test_other_kinds_pass_through_unfused_and_split_or_refused_on_fused(make_pip
         original.split("qkv", qkv, parts, transformer, "f.safetensors")
 
 
+@pytest.mark.conformance(dialect="comfyui", kind="loha, full", arch="flux", checks="read apply", reference="by hand")
 def test_comfyui_file_of_other_kinds(make_pipe, tmp_path):
     """A LoHa on an unfused module and a full diff on a fused qkv under ComfyUI's names: read through the same map,
     applied as W + alpha/r * (w1a @ w1b) * (w2a @ w2b) and W + diff (by hand here). ComfyUI files are written for

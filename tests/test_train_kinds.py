@@ -124,6 +124,9 @@ def _lycoris_judge(kind: str, layer: nn.Module, tensors: dict[str, torch.Tensor]
 
 
 @pytest.mark.parametrize("kind", list(LYCORIS))
+@pytest.mark.conformance(
+    dialect="kohya", kind="{kind} (trained)", arch="sd1", checks="write apply", reference="lycoris-lora"
+)
 def test_kind_trains_into_a_file_lycoris_reads(make_pipe, data, tmp_path, kind):
     """SD1 with locon targets (3x3 convs too) and text-encoder adapters: at init the pipeline computes exactly what
     the base does (DoRA: up to its norm's eps); two steps change it; the file has kohya names and LyCORIS's tensor
@@ -211,6 +214,9 @@ def test_resume_is_bit_exact(make_pipe, data, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["loha", "dora"])
+@pytest.mark.conformance(
+    dialect="lycoris", kind="{kind} (trained)", arch="flux", checks="write read apply", reference="round trip"
+)
 def test_flux_trains_a_kind(make_pipe, data, tmp_path, kind):
     """FLUX: a trained LoHa or DoRA is written under LyCORIS's own names for a diffusers transformer (`lycoris_<path>`,
     which ComfyUI reads with q/k/v as slices of its fused qkv; the BFL names fuse q/k/v, across which LoHa factors
