@@ -32,7 +32,8 @@ from ._callable import callable_module
 from .errors import LoraKitError, finite
 from .formats import kohya
 from .inject import lora_modules
-from .layers import FactorBatch, LoraAdapter, LoraWrapper
+from .layers import LoraAdapter, LoraWrapper
+from .plans import FactorBatch
 
 HOOK = "_lora_kit_schedule"  # attribute of the UNet/transformer holding its Scheduled hook
 
