@@ -169,7 +169,25 @@ def needs_base(parts: Mapping) -> bool:
     return "dora_scale" in parts or kind_of(parts) == "ia3"
 
 
-class KindAdapter(nn.Module):
+class Strength:
+    """What every adapter kind's strength means to the forward (LoraAdapter and KindAdapter alike)."""
+
+    weight: float  # the user's strength at inference: 0 = off, 1 = as trained
+    factor: float  # the step schedule's multiplier at the current denoising step (1 when unscheduled)
+    enabled: bool
+
+    @property
+    def active(self) -> bool:
+        """Whether the forward adds this adapter: enabled, with a nonzero weight and step factor."""
+        return self.enabled and self.weight != 0 and self.factor != 0
+
+    @property
+    def effective_weight(self) -> float:
+        """What the forward multiplies this adapter's delta by (besides scale): weight x factor."""
+        return self.weight * self.factor
+
+
+class KindAdapter(Strength, nn.Module):
     """One named adapter of a non-pair kind in a wrapper: its tensors as fp32 parameters under their file names,
     alpha as a 0-d buffer, and the user `weight`, step `factor` and `enabled` flag LoraAdapter has."""
 
@@ -216,14 +234,6 @@ class KindAdapter(nn.Module):
         if self.on_input is not None:
             out["on_input"] = torch.tensor(int(self.on_input))
         return out
-
-    @property
-    def active(self) -> bool:
-        return self.enabled and self.weight != 0 and self.factor != 0
-
-    @property
-    def effective_weight(self) -> float:
-        return self.weight * self.factor
 
     def state_key(self) -> tuple:
         """Changes whenever this adapter's contribution can (its strengths, flag, or any tensor)."""

@@ -96,7 +96,7 @@ class _Adapters(nn.ModuleDict):
         _count(self._modules.values(), 1)
 
 
-class LoraAdapter(nn.Module):
+class LoraAdapter(kinds.Strength, nn.Module):
     """One named adapter: the trainable factors plus alpha, dropout, weight and the enabled flag."""
 
     plain = True  # a low-rank pair the fast paths concatenate (kinds.KindAdapter: the composed route)
@@ -161,16 +161,6 @@ class LoraAdapter(nn.Module):
         if self._scale is None or self._scale[0] != key:
             self._scale = (key, functional.lora_scale(self.alpha.item(), self.rank))
         return self._scale[1]
-
-    @property
-    def active(self) -> bool:
-        """Whether the forward adds this adapter: enabled, with a nonzero weight and step factor."""
-        return self.enabled and self.weight != 0 and self.factor != 0
-
-    @property
-    def effective_weight(self) -> float:
-        """What the forward multiplies this adapter's delta by (besides scale): weight x factor."""
-        return self.weight * self.factor
 
     def tensors_key(self) -> tuple:
         """Changes whenever down, up or alpha does: set anew (the tensor epoch), moved (storage pointer) or written
