@@ -450,3 +450,14 @@ def test_comfyui_file_of_other_kinds(make_pipe, tmp_path):
     assert_close_scaled(forward_main(ours.transformer), forward_main(expected), reduction=expected)
     with pytest.raises(LoraKitError, match=r"is not a LoRA pair .*format='kohya'"):
         lora_kit.save(ours, tmp_path / "out.safetensors", format="comfyui")
+
+
+@pytest.mark.parametrize(("width", "arch"), [(3072, "flux"), (1536, "sd3"), (2432, "sd3")])
+def test_dit_files_without_metadata_tell_flux_from_sd3_by_width(tmp_path, width, arch):
+    """FLUX's double blocks and SD3's blocks share diffusers' names: the attention's input width tells them apart in
+    files that do not say (LyCORIS's lycoris_ names, diffusers' transformer. keys)."""
+    for stem in ("lycoris_transformer_blocks_0_attn_to_q", "transformer.transformer_blocks.0.attn.to_q"):
+        path = tmp_path / f"{stem[:8]}.safetensors"
+        save_file({f"{stem}.lora_down.weight": torch.zeros(2, width), f"{stem}.lora_up.weight": torch.zeros(width, 2)},
+                  str(path))  # fmt: skip
+        assert describe(path)["architecture"] == arch

@@ -116,7 +116,13 @@ def guess_architecture(stems: list[str], metadata: dict[str, str], in_features: 
     joined = " ".join(stems)
     if "single_transformer_blocks" in joined or "double_blocks" in joined:
         return "flux"
-    if "transformer." in joined or "joint_blocks" in joined:
+    # a DiT's blocks (FLUX's double blocks and SD3's are alike by name): the attention's input width tells them apart
+    dit = {w for stem, w in (in_features or {}).items() if "transformer_blocks" in stem and "attn" in stem
+           and not any(block in stem for block in _UNET_BLOCKS)}  # fmt: skip
+    if 3072 in dit:
+        return "flux"
+    flat_dit = any(s.startswith(("lycoris_transformer_blocks", "lora_transformer_transformer_blocks")) for s in stems)
+    if "transformer." in joined or "joint_blocks" in joined or flat_dit or dit & {1536, 2432}:
         return "sd3"
     if "lora_te2_" in joined or "input_blocks" in joined or "text_encoder_2." in joined:
         return "sdxl"
@@ -159,8 +165,9 @@ def architectures_for(stems: list[str], metadata: dict[str, str], in_features: d
                       for stem in stems)  # fmt: skip
     if unet == transformer:  # neither (text encoders only), or both (no model has both)
         return set(_ARCHS)
-    if transformer:
-        return {"sd3", "flux"}
+    if transformer:  # FLUX's attention is 3072 wide, SD3's and SD3.5's 1536 or 2432
+        widths = {w for stem, w in (in_features or {}).items() if "transformer_blocks" in stem and "attn" in stem}
+        return {"flux"} if 3072 in widths else {"sd3"} if widths and widths <= {1536, 2432} else {"sd3", "flux"}
     for stem, width in (in_features or {}).items():
         if stem.endswith(("attn2_to_k", "attn2.to_k")) and width in _CROSS_DIM:
             return {_CROSS_DIM[width]}
