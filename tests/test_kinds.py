@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import assert_close_scaled, main_model, pipeline_outputs
 from safetensors.torch import save_file
 from torch import nn
@@ -389,3 +390,27 @@ def test_norm_layer_diffs_on_sd1_pipeline(make_pipe, tmp_path):
     lora_kit.collapse(pipe)
     for k, v in pipeline_outputs(pipe).items():
         assert_close_scaled(v, got[k], reduction=main_model(pipe) if k == "main" else pipe.text_encoder)
+
+
+def test_lora_generate_takes_other_kinds(make_pipe, tmp_path):
+    """lora-generate with a LoKr at a weight and a scheduled DoHa: the image of lora_kit.load + schedule in Python."""
+    import numpy as np
+    from PIL import Image
+
+    from cli import generate
+
+    pipe = make_pipe("sd1")
+    pipe.save_pretrained(tmp_path / "model")
+    lokr = _kohya_file(make_pipe("sd1"), "lokr", tmp_path / "lokr.safetensors", seed=1)
+    doha = _kohya_file(make_pipe("sd1"), "doha", tmp_path / "doha.safetensors", seed=2)
+    out = tmp_path / "out"
+    args = ["--model", tmp_path / "model", "--lora", f"{lokr}:0.7", "--lora", f"{doha}@0:1,1:0.2", "--prompt", "a dog",
+            "--steps", "3", "--size", "32", "--seed", "5", "-o", out]  # fmt: skip
+    result = CliRunner().invoke(generate.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    lora_kit.load(pipe, lokr, weight=0.7)
+    lora_kit.load(pipe, doha)
+    lora_kit.schedule(pipe, {"doha": "0:1,1:0.2"})
+    image = pipe("a dog", num_inference_steps=3, width=32, height=32, generator=torch.Generator().manual_seed(5))
+    written = Image.open(next(out.glob("000-*.png"))).convert("RGB")
+    assert np.array_equal(np.asarray(image.images[0]), np.asarray(written))
