@@ -47,9 +47,15 @@ HELP = {
     "ti_lr": "Learning rate of new token embeddings. [5e-3]",
     "lr_scheduler": "constant | constant_with_warmup | linear | cosine. [constant]",
     "warmup_steps": "LR warmup steps (linear from 0; with the constant scheduler it is constant_with_warmup). [0]",
-    "optimizer": "adamw | adamw8bit (needs bitsandbytes). [adamw]",
-    "weight_decay": "AdamW weight decay of the adapters. [0.01]",
+    "optimizer": "adamw | adamw8bit (needs bitsandbytes) | prodigy (needs prodigyopt; its authors advise --lr 1) "
+    "| adafactor (transformers', at the fixed --lr) | schedulefree (needs schedulefree: AdamWScheduleFree; samples "
+    "and the file use its averaged weights) | lion8bit (needs bitsandbytes; Lion wants a 3-10x smaller --lr). "
+    "[adamw]",
+    "weight_decay": "Weight decay of the adapters (decoupled, for every optimizer). [0.01]",
     "max_grad_norm": "Gradient clipping norm (0 = off). [1.0]",
+    "ema": "Keep an fp32 exponential moving average of the trained tensors with this decay (0 < DECAY < 1, e.g. "
+    "0.999), updated after every step: validation samples and the written file use it (as kohya and SimpleTuner "
+    "do); checkpoints hold it beside the live weights. Not with schedulefree. [off]",
     "seed": "Seed of every random choice (data order, noise, ...), 0 to 2**63 - 1. [0]",
     "mixed_precision": "no | fp16 (a CUDA GPU) | bf16 (adapters and new token embeddings stay fp32). [no]",
     "gradient_checkpointing": "Recompute activations in the backward pass to save memory. [off]",

@@ -3,6 +3,7 @@ validation sample grids (PNG) and the loss log (CSV, plus tensorboard when it is
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ def grid(images, columns: int = 2):
 
 class Validation:
     """Every `validate_every` steps: 4 samples of `validation_prompt` (seeds 0-3) as one grid PNG in
-    `<output stem>-samples/step-N.png`."""
+    `<output stem>-samples/step-N.png`, drawn with the weights the run writes (context["weights"]: --ema's average,
+    schedule-free's), the live ones restored after."""
 
     def __init__(self, cfg: TrainConfig, n: int = 4):
         self.cfg, self.n, self.folder = cfg, n, cfg.samples_dir
@@ -41,7 +43,8 @@ class Validation:
             m.eval()
         from ..models import _quiet_loggers
 
-        with torch.no_grad(), _quiet_loggers():  # diffusers would echo a long prompt's cut words on every sample
+        # diffusers would echo a long prompt's cut words on every sample
+        with torch.no_grad(), _quiet_loggers(), context.get("weights", nullcontext)():
             images = [
                 pipe(cfg.validation_prompt, num_inference_steps=cfg.validation_steps, height=cfg.resolution,
                      width=cfg.resolution, generator=torch.Generator().manual_seed(i)).images[0]

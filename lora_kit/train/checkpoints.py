@@ -1,6 +1,6 @@
 """Checkpoints of a training run, in `<output stem>-checkpoints/step-N/`: the trainable tensors, the optimizer, LR
-scheduler and fp16 loss-scaler states, and `state.json` (the step, the run's --steps, and fingerprints of the
-config, the data and the model, which `--resume` must match).
+scheduler and fp16 loss-scaler states (and --ema's averages, in optimizer.pt), and `state.json` (the step, the run's
+--steps, and fingerprints of the config, the data and the model, which `--resume` must match).
 
 The data's fingerprint covers the files training reads, as data.candidates finds them (images, masks, captions,
 manifest.jsonl, hidden folders included): every name and size, and the content of the captions and the manifest.
@@ -102,7 +102,7 @@ def clear_earlier_run(cfg: TrainConfig) -> None:
             shutil.rmtree(p)
 
 
-def save_checkpoint(cfg, step, recipe: Recipe, pipe, optimizer, scheduler, scaler, prints: dict) -> Path:
+def save_checkpoint(cfg, step, recipe: Recipe, pipe, optimizer, scheduler, scaler, prints: dict, ema=None) -> Path:
     from ..formats import files
 
     folder = cfg.checkpoint_dir / f"step-{step}"
@@ -113,6 +113,8 @@ def save_checkpoint(cfg, step, recipe: Recipe, pipe, optimizer, scheduler, scale
     states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     if scaler is not None:  # fp16: the loss scale it has found (else a resume starts again from 65536)
         states["scaler"] = scaler.state_dict()
+    if ema is not None:
+        states["ema"] = ema.state_dict()
     torch.save(states, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "steps": cfg.steps, **prints}))
     shutil.rmtree(folder, ignore_errors=True)
@@ -187,7 +189,7 @@ def _states(folder: Path, mmap: bool = False) -> dict:
     return saved
 
 
-def load_checkpoint(cfg, recipe: Recipe, pipe, optimizer, scheduler, scaler, prints: dict) -> int:
+def load_checkpoint(cfg, recipe: Recipe, pipe, optimizer, scheduler, scaler, prints: dict, ema=None) -> int:
     """Restore the checkpoint `cfg.resume` names into the run; returns its step."""
     from ..formats import files
 
@@ -200,6 +202,8 @@ def load_checkpoint(cfg, recipe: Recipe, pipe, optimizer, scheduler, scaler, pri
         scheduler.load_state_dict(saved["scheduler"])
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise LoraKitError(f"{folder}: the checkpoint does not fit this run ({_first_line(e)})") from None
     return int(json.loads((folder / "state.json").read_text())["step"])

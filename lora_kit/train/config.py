@@ -20,7 +20,7 @@ from ..errors import SEED_MAX, SEED_RANGE, LoraKitError, word_problem
 MODES = ("lora", "dreambooth", "textual-inversion", "pivotal")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree", "lion8bit")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 PRIOR_TARGETS = ("images", "base")
 INITS = ("kaiming", "gaussian")
@@ -38,6 +38,7 @@ BOUNDS = (
     (("alpha", "conv_alpha", "text_encoder_alpha", "lr", "text_encoder_lr", "ti_lr", "min_snr_gamma"),
      lambda v: v > 0, "it must be above 0"),
     (("dropout", "caption_dropout", "mask_floor"), lambda v: 0 <= v <= 1, "it must be in [0, 1]"),
+    (("ema",), lambda v: 0 < v < 1, "it must be between 0 and 1 (e.g. 0.999), both excluded"),
     (("lokr_factor",), lambda v: v == -1 or v >= 1, "it must be -1 (the most balanced split) or at least 1"),
     # upper bounds where a larger value fails mid-run: torch's seeds (errors.SEED_MAX); 8192 pixels a side is beyond
     # any GPU's memory already (larger overflowed PIL); a CLIP prompt holds 75 tokens between its start and end tokens
@@ -142,6 +143,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0  # 0 = no clipping
+    ema: float | None = None  # decay of an fp32 moving average of the trainable tensors, written as the output
     seed: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -212,6 +214,9 @@ class TrainConfig:
         if self.mode == "dreambooth" and not self.class_prompt:
             raise ConfigError("mode", self.mode, "it needs {class_prompt} (e.g. 'a photo of a dog')")
         self._check_adapter()
+        if self.ema is not None and self.optimizer == "schedulefree":
+            raise ConfigError("ema", self.ema, "schedulefree averages the weights itself (what it writes is its "
+                              "average); leave {ema} unset or choose another {optimizer}")  # fmt: skip
         if self.mode == "pivotal" and self.ti_steps >= self.steps:
             raise ConfigError("ti_steps", self.ti_steps, "pivotal needs it below {steps} so that LoRA trains too")
 
@@ -258,6 +263,8 @@ class TrainConfig:
             kept.pop("prediction_type")
         if self.adapter == "lora":  # (the same)
             kept.pop("adapter")
+        if self.ema is None:  # (the same)
+            kept.pop("ema")
         for key in ("lokr_factor", "lokr_full_w1") if self.adapter != "lokr" else ():  # (defaults: _check_adapter)
             kept.pop(key)
         if self.class_data is not None:

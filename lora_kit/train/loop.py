@@ -9,6 +9,8 @@ the global batch compute what one process computes. Adapter dropout masks (torch
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import sys
@@ -28,6 +30,7 @@ from .callbacks import default_callbacks
 from .checkpoints import check_resume, clear_earlier_run, fingerprints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import Example, Plan, load, rng, scan, sdxl_time_ids, torch_generator
+from .ema import EMA, evaluated
 from .prior import check_class_folder, class_examples, uses_prior
 from .recipes import Recipe, build, output_files, save_outputs
 
@@ -168,10 +171,10 @@ def interrupted_outputs(cfg: TrainConfig) -> list[Path]:
 
 def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] = ()) -> dict[str, str]:
     """Refuse now, before the model loads, what would fail or be lost later: an existing output (without force), an
-    output that is or lies in an input (the data, a local model, `inputs`: always), a missing optional package
-    (bitsandbytes for adamw8bit), the checkpoints or samples of an earlier run (without force or resume), a missing
-    or damaged checkpoint to resume from or one of another config, data or model, class images drawn with other
-    settings, a folder option (logdir, class_data) naming a file.
+    output that is or lies in an input (the data, a local model, `inputs`: always), a missing optional package (an
+    optimizer's: OPTIONAL_PACKAGES), the checkpoints or samples of an earlier run (without force or resume), a
+    missing or damaged checkpoint to resume from or one of another config, data or model, class images drawn with
+    other settings, a folder option (logdir, class_data) naming a file.
     Returns the run's fingerprints (what its checkpoints record) when it saves or resumes checkpoints."""
     from ..formats import files
     from ..models import local_paths
@@ -187,8 +190,7 @@ def check_before_loading(cfg: TrainConfig, inputs: Sequence[str | os.PathLike] =
         files.check_output(path, cfg.force or path in leftovers, [cfg.data, *inputs, *local_paths(cfg.model)])
     if cfg.mixed_precision == "fp16" and not _uses_cuda():  # the CPU has no fp16 autocast: one line, not a crash
         raise ConfigError("mixed_precision", "fp16", "it needs a CUDA GPU; use bf16 or no on the CPU")
-    if cfg.optimizer == "adamw8bit":  # an optional package
-        _bitsandbytes()
+    _optional_package(cfg.optimizer)
     for name in ("logdir", "class_data"):
         _check_folder(cfg, name)
     if uses_prior(cfg):  # class images drawn with another prompt, model, ...
@@ -244,20 +246,45 @@ def make_scheduler(cfg: TrainConfig, optimizer):
     return get_scheduler(schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
 
 
-def _bitsandbytes():
-    """bitsandbytes (adamw8bit), or one line saying it is missing: check_before_loading asks first, so a run without
-    it stops before the model loads and class images are drawn."""
+OPTIONAL_PACKAGES = {"adamw8bit": "bitsandbytes", "lion8bit": "bitsandbytes", "prodigy": "prodigyopt",
+                     "schedulefree": "schedulefree"}  # fmt: skip
+
+
+def _optional_package(optimizer: str):
+    """The optional package an optimizer needs (None for those of torch and transformers), or one line saying it is
+    missing: check_before_loading asks first, so a run without it stops before the model loads and class images are
+    drawn."""
+    import importlib
+
+    name = OPTIONAL_PACKAGES.get(optimizer)
+    if name is None:
+        return None
     try:
-        import bitsandbytes
+        return importlib.import_module(name)
     except ImportError:
-        raise LoraKitError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
-    return bitsandbytes
+        raise LoraKitError(f"optimizer {optimizer} needs {name} (pip install {name})") from None
 
 
 def make_optimizer(cfg: TrainConfig, recipe: Recipe):
+    """--optimizer's optimizer over the recipe's groups, at --lr and --weight-decay (schedule-free: in train mode)."""
+    groups, common = recipe.groups, dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    package = _optional_package(cfg.optimizer)
     if cfg.optimizer == "adamw8bit":
-        return _bitsandbytes().optim.AdamW8bit(recipe.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(recipe.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return package.optim.AdamW8bit(groups, **common)
+    if cfg.optimizer == "lion8bit":
+        return package.optim.Lion8bit(groups, **common)
+    if cfg.optimizer == "prodigy":
+        with contextlib.redirect_stdout(io.StringIO()):  # (it prints "Using decoupled weight decay")
+            return package.Prodigy(groups, **common)
+    if cfg.optimizer == "schedulefree":
+        optimizer = package.AdamWScheduleFree(groups, **common)
+        optimizer.train()
+        return optimizer
+    if cfg.optimizer == "adafactor":  # at a fixed --lr (its own relative step and scaling off), as kohya's presets
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, **common)
+    return torch.optim.AdamW(groups, **common)
 
 
 def train(
@@ -300,9 +327,11 @@ def train(
     optimizer = accelerator.prepare(make_optimizer(cfg, recipe))  # fp16 loss scaling lives in the wrapper
     scheduler = make_scheduler(cfg, optimizer)
     scaler = accelerator.scaler  # fp16 on a GPU: the loss scale, saved and restored with the optimizer
-    start = load_checkpoint(cfg, recipe, pipe, optimizer, scheduler, scaler, prints) if cfg.resume else 0
+    ema = EMA(cfg.ema, recipe.trainable()) if cfg.ema else None
+    start = load_checkpoint(cfg, recipe, pipe, optimizer, scheduler, scaler, prints, ema) if cfg.resume else 0
     trainable = recipe.trainable()
-    context = {"cfg": cfg, "pipe": pipe, "accelerator": accelerator, "skipped": skipped, "optimizer": optimizer}
+    context = {"cfg": cfg, "pipe": pipe, "accelerator": accelerator, "skipped": skipped, "optimizer": optimizer,
+               "weights": lambda: evaluated(recipe, optimizer, ema)}  # fmt: skip
     callbacks = default_callbacks(cfg) + list(callbacks or [])
     if accelerator.is_main_process:
         if cfg.force and not cfg.resume:  # a new run replaces the earlier one's checkpoints, now that it can start
@@ -354,11 +383,14 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             recipe.after_step()
+            if ema is not None:
+                ema.update()
             done = step + 1
             bar.set_postfix(loss=f"{total:.4f}")
             if accelerator.is_main_process:
                 if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                    last_checkpoint = save_checkpoint(cfg, done, recipe, pipe, optimizer, scheduler, scaler, prints)
+                    last_checkpoint = save_checkpoint(cfg, done, recipe, pipe, optimizer, scheduler, scaler, prints,
+                                                      ema)  # fmt: skip
                 for cb in callbacks:
                     cb(done, total, context)
     finally:  # (a failed run leaves no token-row hook on a pipeline the caller passed in)
@@ -366,7 +398,8 @@ def train(
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return []
-    return write_outputs(cfg, recipe, pipe)
+    with evaluated(recipe, optimizer, ema):  # the EMA (or schedule-free's average) is what gets written
+        return write_outputs(cfg, recipe, pipe)
 
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -375,14 +408,14 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 def check_space(cfg: TrainConfig, recipe: Recipe) -> None:
     """Refuse, before the first step, a run whose files will not fit: once the adapters exist the size of what it
     writes is known (the trainable tensors in --save-dtype, a header entry each; a checkpoint holds them in fp32 with
-    AdamW's two moments), and a full disk found when the run ends loses the run."""
+    AdamW's two moments, and the EMA), and a full disk found when the run ends loses the run."""
     import shutil
 
     params = recipe.trainable()
     n, entries = sum(p.numel() for p in params), 64 * 1024 + 512 * len(params)  # headers, metadata, the config
     sizes = {Path(cfg.output).parent: n * SAVE_DTYPES[cfg.save_dtype].itemsize + entries}
     if cfg.save_every and cfg.save_every < cfg.steps:
-        sizes[cfg.checkpoint_dir] = 3 * 4 * n + entries
+        sizes[cfg.checkpoint_dir] = (4 if cfg.ema else 3) * 4 * n + entries
     need: dict[int, list] = {}  # per filesystem: [a folder on it, bytes]
     for folder, size in sizes.items():
         existing = next(p for p in (folder, *folder.parents) if p.exists())
