@@ -141,7 +141,8 @@ def test_quality_budget_gives_each_mode_its_text_encoder_rank(tmp_path):
         return budget.config("toy", tmp_path, tmp_path / "o.safetensors", mode, token, tmp_path, 2).text_encoder_rank
 
     budget = bench.Budget()
-    assert [rank(budget, m) for m in bench.MODES if m not in bench.PEERS] == [4, 4, 0, 0]
+    assert [rank(budget, m) for m in bench.MODES if m not in bench.PEERS and m not in bench.KINDS] == [4, 4, 0, 0]
+    assert all(bench.KINDS[m][0] == "dreambooth" for m in bench.MODES if m in bench.KINDS)  # (other adapter kinds)
     assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "pivotal") == 4
     assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "dreambooth") == 2
     assert [bench.Budget(steps=2000).config("toy", tmp_path, tmp_path / "o", m, "<sks>", tmp_path, 2).ti_steps

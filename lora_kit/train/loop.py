@@ -38,10 +38,12 @@ from .recipes import Recipe, build, output_files, save_outputs
 class Batcher:
     """Turns planned example indices into model inputs, caching latent distributions and frozen text embeddings."""
 
-    def __init__(self, cfg: TrainConfig, backbone: Backbone, examples: list[Example], plan: Plan, cache_text: bool):
+    def __init__(self, cfg: TrainConfig, backbone: Backbone, examples: list[Example], plan: Plan, cache_text: bool,
+                 text_trains: bool = False):  # fmt: skip
         self.cfg, self.backbone, self.examples, self.plan = cfg, backbone, examples, plan
         self.latents: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
         self.text: dict[str, dict[str, torch.Tensor]] | None = {} if cache_text else None
+        self.text_trains = text_trains
 
     def latent_dist(self, index: int, flip: bool):
         key = (index, flip)
@@ -73,15 +75,18 @@ class Batcher:
         return text
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if self.text is None:
+        """The text conditioning of a batch. A frozen text encoder encodes each caption alone, cached or not: CPU
+        GEMM kernels can give a row other last bits by its position in a batch (seen on AMD EPYC: one caption at rows
+        0 and 2 of one batch), so only an embedding computed alone is the same whichever batch asks for it (cache ==
+        --no-cache, resumed == uninterrupted, to the bit). A text encoder under training encodes the batch at once."""
+        if self.text_trains:
             return self.backbone.encode_text(captions)
-        missing = [c for c in dict.fromkeys(captions) if c not in self.text]
-        if missing:
-            with torch.no_grad():
-                out = self.backbone.encode_text(missing)
-            for i, c in enumerate(missing):
-                self.text[c] = {k: v[i : i + 1] for k, v in out.items() if v is not None}
-        return {k: torch.cat([self.text[c][k] for c in captions]) for k in self.text[captions[0]]}
+        table = self.text if self.text is not None else {}
+        missing = [c for c in dict.fromkeys(captions) if c not in table]
+        with torch.no_grad() if self.text is not None else contextlib.nullcontext():
+            for c in missing:
+                table[c] = {k: v for k, v in self.backbone.encode_text([c]).items() if v is not None}
+        return {k: torch.cat([table[c][k] for c in captions]) for k in table[captions[0]]}
 
     def batch(self, indices: list[int], positions: list[int], step_key: tuple[int, ...], prior: bool = False):
         """Latents, conditioning, noise and timesteps of one micro-batch; `positions` index the global batch."""
@@ -318,12 +323,13 @@ def train(
     if accelerator.is_main_process:
         check_space(cfg, recipe)
     plan = Plan(examples, cfg.batch_size, cfg.resolution, backbone.size_step, cfg.seed, cfg.buckets)
-    batcher = Batcher(cfg, backbone, examples, plan, cache_text=cfg.cache and not recipe.text_trains)
+    batcher = Batcher(cfg, backbone, examples, plan, cfg.cache and not recipe.text_trains, recipe.text_trains)
     prior_plan = prior_batcher = None
     if prior_examples:
         prior_plan = Plan(prior_examples, cfg.batch_size, cfg.resolution, backbone.size_step, cfg.seed + 1,
                           cfg.buckets)  # fmt: skip
-        prior_batcher = Batcher(cfg, backbone, prior_examples, prior_plan, batcher.text is not None)
+        cached = batcher.text is not None
+        prior_batcher = Batcher(cfg, backbone, prior_examples, prior_plan, cached, recipe.text_trains)
     optimizer = accelerator.prepare(make_optimizer(cfg, recipe))  # fp16 loss scaling lives in the wrapper
     scheduler = make_scheduler(cfg, optimizer)
     scaler = accelerator.scaler  # fp16 on a GPU: the loss scale, saved and restored with the optimizer
