@@ -355,3 +355,17 @@ def assert_outputs_close(a: dict, b: dict, pipe=None, exact: bool = False) -> No
         else:
             model = main_model(pipe) if k == "main" else getattr(pipe, k)
             assert_close_scaled(a[k], b[k], reduction=model, msg=lambda m, k=k: f"{k}: {m}")
+
+
+class Stopped(Exception):
+    """Raised by stop_after's callback: a training run cut short, as a crash or a kill would."""
+
+
+def stop_after(n: int | None = None):
+    """A lora-train callback that stops the run once step `n` is done (after its checkpoint), or at the first step."""
+
+    def callback(step, loss, context):
+        if n is None or step == n:
+            raise Stopped
+
+    return callback

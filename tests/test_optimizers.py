@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import Stopped, stop_after
 from lora_kit.cli import train as train_cli
 from test_train import write_images
 from test_train_checks import config
@@ -33,18 +34,6 @@ def data(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("optimizers_data") / "images")
 
 
-class Stop(Exception):
-    pass
-
-
-def stop_at(n):
-    def stop(step, loss, context):
-        if step == n:
-            raise Stop
-
-    return stop
-
-
 def trained(pipe) -> dict[str, torch.Tensor]:
     """The adapter's tensors (canonical names, copies), alpha left out."""
     return {k: v for k, v in lora_state_dict(pipe, "trained").items() if not k.endswith("alpha")}
@@ -57,8 +46,8 @@ def run_and_resume(make_pipe, data, tmp_path, steps=4, callbacks=(), **kw):
     loop.train(config(data, tmp_path / "a", steps=steps, save_dtype="fp32", **kw), callbacks=list(callbacks),
                pipe=make_pipe("sd1"))  # fmt: skip
     half = dict(steps=steps, save_dtype="fp32", save_every=steps // 2, **kw)
-    with pytest.raises(Stop):
-        loop.train(config(data, tmp_path / "b", **half), callbacks=[stop_at(steps // 2)], pipe=make_pipe("sd1"))
+    with pytest.raises(Stopped):
+        loop.train(config(data, tmp_path / "b", **half), callbacks=[stop_after(steps // 2)], pipe=make_pipe("sd1"))
     torch.manual_seed(1234)  # (the resumed run sets every seed it needs)
     loop.train(config(data, tmp_path / "b", resume="latest", **half), pipe=make_pipe("sd1"))
     return files.load(tmp_path / "a" / "out.safetensors")[0], files.load(tmp_path / "b" / "out.safetensors")[0]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_close_scaled, fixed_noise_loss
+from conftest import Stopped, assert_close_scaled, fixed_noise_loss, stop_after
 from lora_kit.cli import train as train_cli
 from PIL import Image
 
@@ -382,16 +382,8 @@ def test_resume_is_bit_exact(make_pipe, data, tmp_path, models, extra):
     (tmp_path / "a").mkdir()
     loop.train(config(models, data, tmp_path / "a", **common), pipe=make_pipe("sd1"))
     (tmp_path / "b").mkdir()
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_2(step, loss, context):
-        if step == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        loop.train(config(models, data, tmp_path / "b", save_every=2, **common), callbacks=[stop_at_2],
+    with pytest.raises(Stopped):
+        loop.train(config(models, data, tmp_path / "b", save_every=2, **common), callbacks=[stop_after(2)],
                    pipe=make_pipe("sd1"))  # fmt: skip
     assert (tmp_path / "b" / "out-checkpoints" / "step-2" / "state.json").exists()
     torch.manual_seed(1234)  # whatever the global RNG holds when the resumed run starts
@@ -506,15 +498,8 @@ def test_resume_refuses_changed_data_or_model(make_pipe, models, tmp_path):
     model, data = tmp_path / "model", write_images(tmp_path / "data", n=2)
     shutil.copytree(models["sd1"], model)
     cfg = config({"sd1": str(model)}, data, tmp_path, steps=2, save_every=1)
-
-    class Stop(Exception):
-        pass
-
-    def stop(step, loss, context):
-        raise Stop
-
-    with pytest.raises(Stop):
-        loop.train(cfg, callbacks=[stop], pipe=make_pipe("sd1"))
+    with pytest.raises(Stopped):
+        loop.train(cfg, callbacks=[stop_after()], pipe=make_pipe("sd1"))
     resume = replace(cfg, resume="latest")
     caption, unet_config = (data / "img0.txt").read_text(), (model / "unet" / "config.json").read_text()
     edits = [

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_close_scaled
+from conftest import Stopped, assert_close_scaled, stop_after
 from lora_kit.cli import train as train_cli
 from PIL import Image
 from test_train import config as train_config
@@ -305,17 +305,11 @@ def test_embedding_modes_resume_bit_exactly(make_pipe, data, tmp_path, mode, ext
                   save_dtype="fp32", instance_prompt=None, **extra)  # fmt: skip
     (tmp_path / "a").mkdir()
     loop.train(config(data, tmp_path / "a", **common), pipe=make_pipe("sd1"))
-
-    class Stop(Exception):
-        pass
-
-    def stop_early(step, loss, context):
-        if step == stop:
-            raise Stop
-
     (tmp_path / "b").mkdir()
-    with pytest.raises(Stop):
-        loop.train(config(data, tmp_path / "b", save_every=1, **common), callbacks=[stop_early], pipe=make_pipe("sd1"))
+    with pytest.raises(Stopped):
+        loop.train(
+            config(data, tmp_path / "b", save_every=1, **common), callbacks=[stop_after(stop)], pipe=make_pipe("sd1")
+        )
     torch.manual_seed(1234)  # whatever the global RNG holds when the resumed run starts
     loop.train(config(data, tmp_path / "b", save_every=1, resume="latest", **common), pipe=make_pipe("sd1"))
     names = ["out.safetensors"] + (["out.emb.safetensors"] if mode == "pivotal" else [])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_outputs_close, build_pipeline, fixed_noise_loss, pipeline_outputs
+from conftest import Stopped, assert_outputs_close, build_pipeline, fixed_noise_loss, pipeline_outputs, stop_after
 from lora_kit.cli import train as train_cli
 from test_train import write_images
 
@@ -221,17 +221,9 @@ def test_flux_resume_is_bit_exact(make_pipe, data, tmp_path):
     common = dict(steps=4, lr_scheduler="cosine", warmup_steps=1, flip=True, caption_dropout=0.3, save_dtype="fp32")
     (tmp_path / "a").mkdir()
     loop.train(config(data, tmp_path / "a", "flux", **common), pipe=make_pipe("flux"))
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_2(step, loss, context):
-        if step == 2:
-            raise Stop
-
     (tmp_path / "b").mkdir()
-    with pytest.raises(Stop):
-        loop.train(config(data, tmp_path / "b", "flux", save_every=2, **common), callbacks=[stop_at_2],
+    with pytest.raises(Stopped):
+        loop.train(config(data, tmp_path / "b", "flux", save_every=2, **common), callbacks=[stop_after(2)],
                    pipe=make_pipe("flux"))  # fmt: skip
     assert (tmp_path / "b" / "out-checkpoints" / "step-2" / "state.json").exists()
     loop.train(config(data, tmp_path / "b", "flux", save_every=2, resume="latest", **common), pipe=make_pipe("flux"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_close_scaled, assert_outputs_close, pipeline_outputs
+from conftest import Stopped, assert_close_scaled, assert_outputs_close, pipeline_outputs, stop_after
 from lora_kit.cli import train as train_cli
 from test_train import write_images
 from torch import nn
@@ -193,16 +193,10 @@ def test_resume_is_bit_exact(make_pipe, data, tmp_path, kind):
     (tmp_path / "a").mkdir()
     loop.train(config(data, tmp_path / "a", **common), pipe=make_pipe("sd1"))
     (tmp_path / "b").mkdir()
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_2(step, loss, context):
-        if step == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        loop.train(config(data, tmp_path / "b", save_every=2, **common), callbacks=[stop_at_2], pipe=make_pipe("sd1"))
+    with pytest.raises(Stopped):
+        loop.train(
+            config(data, tmp_path / "b", save_every=2, **common), callbacks=[stop_after(2)], pipe=make_pipe("sd1")
+        )
     saved, _ = files.load(tmp_path / "b" / "out-checkpoints" / "step-2" / "trainable.safetensors")
     own = SUFFIXES[kind] - {"alpha", "lora_down.weight", "lora_up.weight"}  # (the kind's own tensors are kept)
     assert any(k.endswith("." + suffix) for k in saved for suffix in own)
