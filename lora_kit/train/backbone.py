@@ -27,6 +27,12 @@ FLOW = ("sd3", "flux")  # the architectures trained with flow matching
 T5_TOKENS = {"sd3": 77, "flux": 512}
 FLUX_GUIDANCE = 3.5  # distilled guidance of guidance-embedding FLUX models (FLUX.1-dev) while training, as in
 # diffusers' and kohya's FLUX trainers
+# --compile: the repeated blocks compiled in place (diffusers' regional compilation, compile_repeated_blocks): a
+# UNet's transformer blocks and resnets, SD3's joint blocks, FLUX's double and single blocks. Identical blocks share
+# one graph, so the first step stays short. COMPILE_OPTIONS go to torch.compile (tests use backend "aot_eager").
+REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "JointTransformerBlock", "FluxTransformerBlock",
+                   "FluxSingleTransformerBlock")  # fmt: skip
+COMPILE_OPTIONS: dict = {}
 
 
 class Backbone:
@@ -97,6 +103,26 @@ class Backbone:
             for layer in te.modules():
                 if isinstance(layer, GradientCheckpointingLayer):
                     layer.training = True
+
+    def compile_blocks(self) -> list[torch.nn.Module]:
+        """Compile the UNet's or transformer's repeated blocks in place (after the adapters are added: lora_kit's
+        wrappers trace without a graph break); returns the blocks compiled. The model, its state dict and its
+        checkpoints stay as they were: only each block's call goes through its compiled graph."""
+        from collections import Counter
+
+        import torch._dynamo
+
+        names = set(REPEATED_BLOCKS) | set(getattr(self.main, "_repeated_blocks", None) or ())
+        blocks = [m for m in self.main.modules() if type(m).__name__ in names]
+        # blocks of one class share one forward, and dynamo keeps at most recompile_limit (8) graphs of it, beyond
+        # which it runs eager: a graph per parameter shape (SD1's resnets come in 12), each traced again for an input
+        # that does not require grad, under no_grad (validation) and once a resolution turns dynamic (buckets)
+        signatures = {(type(b).__name__, tuple(p.shape for p in b.parameters())) for b in blocks}
+        limit = 4 * max(Counter(name for name, _ in signatures).values(), default=0)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        for block in blocks:
+            block.compile(**COMPILE_OPTIONS)
+        return blocks
 
     @property
     def size_step(self) -> int:

@@ -147,6 +147,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet's or transformer's repeated blocks (regional compilation)
     # objective
     min_snr_gamma: float | None = None  # Min-SNR weighting (5.0 is the paper's value); None = plain MSE
     noise_offset: float = 0.0
@@ -265,6 +266,8 @@ class TrainConfig:
             kept.pop("adapter")
         if self.ema is None:  # (the same)
             kept.pop("ema")
+        if not self.compile:  # (the same)
+            kept.pop("compile")
         for key in ("lokr_factor", "lokr_full_w1") if self.adapter != "lokr" else ():  # (defaults: _check_adapter)
             kept.pop(key)
         if self.class_data is not None:

@@ -320,6 +320,8 @@ def train(
     recipe = build(cfg, pipe)
     if cfg.gradient_checkpointing:
         backbone.enable_gradient_checkpointing(text_encoders=recipe.text_trains)
+    if cfg.compile:  # (after the adapters: they are traced into the blocks' graphs)
+        backbone.compile_blocks()
     if accelerator.is_main_process:
         check_space(cfg, recipe)
     plan = Plan(examples, cfg.batch_size, cfg.resolution, backbone.size_step, cfg.seed, cfg.buckets)
