@@ -63,6 +63,13 @@ HELP = {
     "regional compilation: each transformer block and resnet, or each DiT block, compiled in place; identical "
     "blocks share one graph, so the first steps stay short). Faster steps on a GPU, after a compile of a minute or "
     "more; the same training as without it, to rounding. [off]",
+    "quantize_base": "none | fp8 | int8 | nf4: hold the frozen UNet/transformer's linear layers quantized while the "
+    "adapters train beside them in full precision (QLoRA; torchao's weight-only tensors, on the CPU too: pip install "
+    "torchao). The file applies to the unquantized base; its metadata records what it trained on. [none]",
+    "quantize_text_encoders": "none | fp8 | int8 | nf4: the same for the text encoders (with --text-encoder-rank "
+    "their adapters train beside the quantized layers). [none]",
+    "offload_blocks": "Keep N of the UNet's or transformer's repeated blocks off the GPU, each copied in for its "
+    "forward and backward (as sd-scripts' --blocks_to_swap); the same adapter as without it. [0]",
     "min_snr_gamma": "Min-SNR loss weighting with this gamma (5 is usual; not SD3/FLUX: flow matching). [off]",
     "noise_offset": "Noise offset (e.g. 0.05) for very dark/bright images. [0]",
     "mask_floor": "Loss weight outside subject masks (manifest masks). [0.1]",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import quantize
 from .errors import LoraKitError, finite
 from .layers import LoraAdapter, LoraWrapper, is_norm, wrap
 from .targets import Target, layer_kind, resolve
@@ -106,7 +108,8 @@ def inject_lora(
         wrapper = layer if isinstance(layer, LoraWrapper) else None
         if wrapper is not None and name in wrapper.adapters:
             raise LoraKitError(f"{path} already has an adapter named {name!r}")
-        limit = wrapper.max_rank if wrapper else min(layer.weight.shape[0], layer.weight[0].numel())
+        shape = quantize.shape(_base(layer))
+        limit = min(shape[0], math.prod(shape[1:]))
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise LoraKitError(f"rank {r!r} of {path}: give a whole number >= 1")
         if r > limit:
@@ -184,6 +187,7 @@ def check_in_memory(model: nn.Module) -> None:
     """LoraKitError unless every adapted layer's base weight holds values: sequential CPU offload keeps them on the
     meta device (accelerate streams them in per call), where nothing can be baked into them."""
     for path, wrapper in lora_modules(model):
+        quantize.refuse(wrapper.base, f"{type(model).__name__}.{path}", "collapsing")
         if wrapper.base.weight.is_meta:
             raise LoraKitError(
                 f"cannot collapse into {type(model).__name__}.{path}: its base weight is on the meta device "

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional, kinds, offload
+from . import functional, kinds, offload, quantize
 from .plans import (  # (re-exported: lora_kit.layers.FactorBatch, .tensor_key, ._bump are what callers know)
     _GENERATION,
     _QUIET,
@@ -241,8 +241,8 @@ class LoraWrapper(nn.Module):
 
     @property
     def max_rank(self) -> int:
-        weight = self.base.weight
-        return min(weight.shape[0], math.prod(weight.shape[1:]))
+        shape = quantize.shape(self.base)
+        return min(shape[0], math.prod(shape[1:]))
 
     def add_adapter(
         self, name: str, rank: int, alpha: float | None = None, dropout: float = 0.0, init: str = "kaiming"
@@ -282,8 +282,9 @@ class LoraWrapper(nn.Module):
         if not all(a.plain for a in chosen):
             with torch.no_grad():
                 given = [(_parts(a), a.effective_weight if with_weight else 1.0) for a in chosen]
-                return kinds.apply(self.base.weight, given) - self.base.weight.float()
-        total = torch.zeros(self.base.weight.shape, dtype=torch.float32, device=self.base.weight.device)
+                w = quantize.dense(self.base)
+                return kinds.apply(w, given) - w.float()
+        total = torch.zeros(quantize.shape(self.base), dtype=torch.float32, device=self.base.weight.device)
         for n in names:
             a = self.adapters[n]
             factor = a.scale * (a.effective_weight if with_weight else 1.0)
@@ -454,9 +455,10 @@ class LoraWrapper(nn.Module):
         adapter applied (kinds.apply: additive deltas, then DoRA's rescale; full diffs' bias deltas on the bias),
         composed in fp32 at each call (with autograd when training), held only for the call, so no weight-sized
         memory is kept; fused (lora_kit.fuse) keeps it until something changes. A base module whose op cannot be
-        called directly (hooks, offload, quantisation) runs as it is and the op adds the composed delta."""
+        called directly (hooks, offload, quantisation) runs as it is and the op adds the composed delta (a quantized
+        weight read dequantized for the call)."""
         base = self.base
-        w, b = base.weight, base.bias
+        w, b = quantize.dense(base), base.bias
         adapters = [(_parts(a), a.effective_weight) for a in active]
 
         def compose():
@@ -543,8 +545,8 @@ class LoraWrapper(nn.Module):
     def _own_op(self, base: nn.Module) -> bool:
         """Whether calling the base's op (F.linear, _conv_forward) on its weight is calling the base: no hooks or
         patched forward (see _plain), and a class whose forward is that op (not a subclass with its own forward:
-        quantised or LoRA-compatible linears)."""
-        return type(base).forward is self._BASE.forward and _plain(base)
+        quantised or LoRA-compatible linears), nor a quantized weight in a plain class (torchao's)."""
+        return type(base).forward is self._BASE.forward and _plain(base) and not quantize.is_quantized(base.weight)
 
     def _compose_above(self) -> int:
         """The input size (numel) above which composing the weight computes fewer FLOPs than the pair on the

@@ -7,12 +7,13 @@ diffusers/transformers module name. Order carries no meaning.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from . import offload
+from . import offload, quantize
 from .errors import LoraKitError, finite
 from .formats import kind_rules
 from .formats.check import module_problem
@@ -163,10 +164,10 @@ def _check_group(component: str, path: str, parts: Mapping, layers: dict | None,
     if isinstance(layer, LoraWrapper) and name in layer.adapters:
         return f"{component}.{path}: already has an adapter named {name!r}"
     base = layer.base if isinstance(layer, LoraWrapper) else layer
-    weight = base.weight
+    shape = quantize.shape(base)  # (as its op sees it: a 4-bit weight is packed)
     if not plain_pair(parts):
         shapes = {part: tuple(t.shape) for part, t in parts.items()}
-        problem = module_problem(shapes, tuple(weight.shape))
+        problem = module_problem(shapes, shape)
         for name in ("diff_b", "b_norm"):
             if problem is None and name in parts and (base.bias is None or parts[name].numel() != base.bias.numel()):
                 problem = f"{name} {shapes[name]} does not fit the layer's bias ({type(base).__name__})"
@@ -175,15 +176,11 @@ def _check_group(component: str, path: str, parts: Mapping, layers: dict | None,
         return f"{component}.{path}: lora_down and lora_up must both be present"
     down, up = parts["down"], parts["up"]
     rank = down.shape[0]
-    fan_in = weight[0].numel()
-    if (
-        down.numel() != rank * fan_in
-        or up.numel() != weight.shape[0] * rank
-        or up.shape[:2] != (weight.shape[0], rank)
-    ):
+    fan_in = math.prod(shape[1:])
+    if down.numel() != rank * fan_in or up.numel() != shape[0] * rank or up.shape[:2] != (shape[0], rank):
         return (
             f"{component}.{path}: down {tuple(down.shape)} / up {tuple(up.shape)} do not fit a layer with weight "
-            f"{tuple(weight.shape)}"
+            f"{shape}"
         )
     return None
 

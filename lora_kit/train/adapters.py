@@ -7,10 +7,12 @@ Every kind takes the same targets, ranks and alphas as LoRA: --rank/--alpha, --c
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from .. import kinds
+from .. import kinds, quantize
 from ..errors import LoraKitError
 from ..inject import attach_kind, inject_lora, lora_parameters, targeted
 from ..layers import LoraWrapper
@@ -32,13 +34,14 @@ def add(module: nn.Module, cfg: TrainConfig, name: str, targets: str, rank: int,
         base = layer.base if isinstance(layer, LoraWrapper) else layer
         use_conv = conv_rank is not None and layer_kind(base) == "conv"
         r, a = (conv_rank, conv_alpha) if use_conv else (rank, alpha)
-        limit = min(base.weight.shape[0], base.weight[0].numel())
+        shape = quantize.shape(base)
+        limit = min(shape[0], math.prod(shape[1:]))
         if cfg.adapter == "dora" and r > limit:  # (a LoRA pair's rule; LoHa and LoKr take any rank, as LyCORIS does)
             raise LoraKitError(f"rank {r} is larger than min(in, out) = {limit} of {path}")
         plan.append((path, base, r, a))
     for path, base, r, a in plan:  # everything checked: now change the model
-        parts = kinds.init_parts(cfg.adapter, tuple(base.weight.shape), r, a, factor=cfg.lokr_factor,
-                                 full_w1=cfg.lokr_full_w1, weight=base.weight, init=cfg.init)  # fmt: skip
+        parts = kinds.init_parts(cfg.adapter, quantize.shape(base), r, a, factor=cfg.lokr_factor,
+                                 full_w1=cfg.lokr_full_w1, weight=quantize.dense(base), init=cfg.init)  # fmt: skip
         attach_kind(module, path, name, parts)
     return list(lora_parameters(module, name))
 

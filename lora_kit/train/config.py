@@ -26,14 +26,15 @@ PRIOR_TARGETS = ("images", "base")
 INITS = ("kaiming", "gaussian")
 ADAPTERS = ("lora", "dora", "loha", "lokr")
 PREDICTIONS = ("epsilon", "v_prediction")
+QUANTIZATIONS = ("none", "fp8", "int8", "nf4")  # of the frozen base (quantize.py: the backend of each)
 
 
 # allowed values of numeric fields; an unset (None) value is always fine
 BOUNDS = (
     (("steps", "batch_size", "grad_accum", "rank", "conv_rank", "num_class_images", "validation_steps", "clip_skip"),
      lambda v: v >= 1, "it must be at least 1"),
-    (("text_encoder_rank", "warmup_steps", "keep_tokens", "ti_steps", "save_every", "save_limit", "validate_every",
-      "weight_decay", "max_grad_norm", "noise_offset", "prior_loss_weight", "class_guidance"),
+    (("text_encoder_rank", "offload_blocks", "warmup_steps", "keep_tokens", "ti_steps", "save_every", "save_limit",
+      "validate_every", "weight_decay", "max_grad_norm", "noise_offset", "prior_loss_weight", "class_guidance"),
      lambda v: v >= 0, "it must be 0 or more"),
     (("alpha", "conv_alpha", "text_encoder_alpha", "lr", "text_encoder_lr", "ti_lr", "min_snr_gamma"),
      lambda v: v > 0, "it must be above 0"),
@@ -70,7 +71,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     clip = tuple(p for p in PRESETS if p.startswith("clip-"))
     return {"mode": MODES, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS, "optimizer": OPTIMIZERS,
             "save_dtype": SAVE_DTYPES, "prior_target": PRIOR_TARGETS, "init": INITS, "prediction_type": PREDICTIONS,
-            "adapter": ADAPTERS,
+            "adapter": ADAPTERS, "quantize_base": QUANTIZATIONS, "quantize_text_encoders": QUANTIZATIONS,
             "targets": tuple(p for p in PRESETS if p not in clip), "text_encoder_targets": clip}  # fmt: skip
 
 
@@ -148,6 +149,10 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet's or transformer's repeated blocks (regional compilation)
+    # memory: the frozen UNet/transformer (and text encoders) held quantized; repeated blocks kept off the device
+    quantize_base: str = "none"  # fp8 | int8 | nf4: the UNet's or transformer's frozen linear layers
+    quantize_text_encoders: str = "none"  # the same for the frozen text encoders
+    offload_blocks: int = 0  # repeated blocks held off the execution device, each streamed in for its forward/backward
     # objective
     min_snr_gamma: float | None = None  # Min-SNR weighting (5.0 is the paper's value); None = plain MSE
     noise_offset: float = 0.0
@@ -258,7 +263,7 @@ class TrainConfig:
         taken resolved."""
         loose = {"steps", "save_every", "save_limit", "resume", "validation_prompt", "validate_every",
                  "validation_steps", "logdir", "force", "output", "save_dtype", "extra", "model", "data",
-                 "allow_pickle"}  # fmt: skip
+                 "allow_pickle", "offload_blocks"}  # fmt: skip
         kept = {k: v for k, v in self.to_dict().items() if k not in loose}
         if self.prediction_type is None:  # (as before the field existed: earlier checkpoints still resume)
             kept.pop("prediction_type")
@@ -268,6 +273,9 @@ class TrainConfig:
             kept.pop("ema")
         if not self.compile:  # (the same)
             kept.pop("compile")
+        for key in ("quantize_base", "quantize_text_encoders"):  # (the same)
+            if kept[key] == "none":
+                kept.pop(key)
         for key in ("lokr_factor", "lokr_full_w1") if self.adapter != "lokr" else ():  # (defaults: _check_adapter)
             kept.pop(key)
         if self.class_data is not None:
