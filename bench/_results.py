@@ -3,7 +3,9 @@ run, the other sections kept."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,3 +35,14 @@ def write_section(path: str | Path, lines: list[str]) -> None:
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A markdown table's lines: the header, its rule, a line per row (cells already formatted)."""
     return [f"| {' | '.join(cells)} |" for cells in (header, ["---"] * len(header), *rows)]
+
+
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Add --results (bench/RESULTS.md) to a benchmark's options and parse `argv` (sys.argv's); args.shown is the
+    command line without --results: what reproduces the result, wherever it was written."""
+    parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    cut = argv.index("--results") if "--results" in argv else len(argv)
+    args.shown = argv[:cut] + argv[cut + 2 :]
+    return args

@@ -192,9 +192,11 @@ def test_train_bench_quick_compares_like_with_like(tmp_path):
 
     bench = load("train")
     results = tmp_path / "RESULTS.md"
-    assert bench.main(["--quick", "--steps", "2", "--results", str(results)]) == 0
+    rows = "floor,lora_kit,diffusers+peft,int8"  # (the compiled row: test_compiled_train_row_quick)
+    assert bench.main(["--quick", "--steps", "2", "--rows", rows, "--results", str(results)]) == 0
     text = results.read_text()
     assert "## bench/train.py (quick)" in text and "| lora_kit |" in text and "| diffusers+peft |" in text
+    assert "| frozen floor |" in text and "| lora_kit int8 base |" in text and "frozen floor: **" in text
 
     args = bench.main.__globals__["argparse"].Namespace(quick=True, seed=0, gradient_checkpointing=False)
     unet = bench.build_unet(args, torch.device("cpu"), torch.float32)
@@ -226,3 +228,71 @@ def test_train_bench_quick_compares_like_with_like(tmp_path):
     assert_close_scaled(torch.tensor(loss_a), torch.tensor(loss_b), reduction=reduction)
     for key, grad in grads_a.items():
         assert_close_scaled(grad, grads_b[key], reduction=reduction, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_train_bench_rows_leave_the_shared_weights_alone():
+    """bench/train.py's rows train copies of the UNet that share its frozen weights: quantizing, wrapping or
+    compiling a copy leaves the original UNet's weights and modules as they were."""
+    import contextlib
+
+    import torch
+
+    bench = load("train")
+    args = bench.main.__globals__["argparse"].Namespace(quick=True, seed=0, gradient_checkpointing=False,
+                                                        rows=["floor", "int8", "compile", "offload"],
+                                                        compile_backend="eager", offload_blocks=0)  # fmt: skip
+    unet = bench.build_unet(args, torch.device("cpu"), torch.float32)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    layers = {n: type(m) for n, m in unet.named_modules()}
+    with contextlib.ExitStack() as stack:
+        rows, notes = bench.build_rows(args, unet, bench.find_targets(unet, "attn"), 4, torch.device("cpu"), stack)
+        assert list(rows) == ["frozen floor", "lora_kit int8 base", "lora_kit --compile"] and len(notes) == 1
+        copy_ = rows["lora_kit --compile"].unet
+        assert copy_.conv_in.weight is unet.conv_in.weight  # (shared, not copied)
+    assert {n: type(m) for n, m in unet.named_modules()} == layers
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
+def test_memory_bench_quick(tmp_path):
+    """bench/memory.py's SDXL and FLUX rows run on the tiny models (the FLUX one with an int8 base and a block
+    streamed), each writing its own section."""
+    bench = load("memory")
+    results = tmp_path / "RESULTS.md"
+    assert bench.main(["--quick", "--arch", "sdxl", "--steps", "1", "--results", str(results)]) == 0
+    assert bench.main(["--quick", "--arch", "flux", "--quantize", "int8", "--offload-blocks", "1", "--steps", "1",
+                       "--results", str(results)]) == 0  # fmt: skip
+    text = results.read_text()
+    assert "## bench/memory.py (sdxl, quick, cpu)" in text
+    assert "## bench/memory.py (flux, quick, cpu, int8, 1 blocks offloaded)" in text
+    assert "linear layers int8" in text and "1 of 2 repeated blocks streamed" in text
+
+
+@pytest.mark.slow
+def test_e2e_bench_quick_trains_the_same_layers(tmp_path):
+    """bench/e2e.py runs lora-train and the peer as whole processes (quick) and writes its section; both files hold
+    adapters on the same UNet layers (read by lora_kit onto the toy pipeline)."""
+    from diffusers import StableDiffusionPipeline
+
+    from lora_kit.formats import read
+
+    bench = load("e2e")
+    results = tmp_path / "RESULTS.md"
+    keep = tmp_path / "work"
+    argv = ["--quick", "--steps", "1", "--batch", "1", "--images", "2", "--keep", str(keep), "--results", str(results)]
+    assert bench.main(argv) == 0
+    text = results.read_text()
+    assert "## bench/e2e.py (quick)" in text and "| lora_kit |" in text and "| diffusers example |" in text
+    pipe = StableDiffusionPipeline.from_pretrained(str(bench.TOY))
+    ours, _ = read(keep / "lora_kit-0.safetensors", pipe)
+    peer, _ = read(keep / "peer-0" / "pytorch_lora_weights.safetensors", pipe)
+    assert {k for k in ours if k.endswith(".lora_down.weight")} == {k for k in peer if k.endswith(".lora_down.weight")}
+
+
+@pytest.mark.slow
+def test_compiled_train_row_quick(tmp_path):
+    """bench/train.py's compiled row (regional compilation, aot_eager here: inductor's compile takes minutes)."""
+    bench = load("train")
+    results = tmp_path / "RESULTS.md"
+    assert bench.main(["--quick", "--steps", "1", "--rows", "lora_kit,diffusers+peft,compile", "--compile-backend",
+                       "aot_eager", "--results", str(results)]) == 0  # fmt: skip
+    assert "| lora_kit --compile |" in results.read_text() and "blocks compiled (aot_eager)" in results.read_text()
