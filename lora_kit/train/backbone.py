@@ -30,6 +30,7 @@ FLUX_GUIDANCE = 3.5  # distilled guidance of guidance-embedding FLUX models (FLU
 # --compile: the repeated blocks compiled in place (diffusers' regional compilation, compile_repeated_blocks): a
 # UNet's transformer blocks and resnets, SD3's joint blocks, FLUX's double and single blocks. Identical blocks share
 # one graph, so the first step stays short. COMPILE_OPTIONS go to torch.compile (tests use backend "aot_eager").
+# --offload-blocks streams the largest of the same blocks (offload_blocks.py).
 REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "JointTransformerBlock", "FluxTransformerBlock",
                    "FluxSingleTransformerBlock")  # fmt: skip
 COMPILE_OPTIONS: dict = {}
@@ -104,6 +105,12 @@ class Backbone:
                 if isinstance(layer, GradientCheckpointingLayer):
                     layer.training = True
 
+    def repeated_blocks(self) -> list[torch.nn.Module]:
+        """The UNet's or transformer's repeated blocks (REPEATED_BLOCKS and the model's own `_repeated_blocks`), in
+        module order: what --compile compiles and --offload-blocks streams."""
+        names = set(REPEATED_BLOCKS) | set(getattr(self.main, "_repeated_blocks", None) or ())
+        return [m for m in self.main.modules() if type(m).__name__ in names]
+
     def compile_blocks(self) -> list[torch.nn.Module]:
         """Compile the UNet's or transformer's repeated blocks in place (after the adapters are added: lora_kit's
         wrappers trace without a graph break); returns the blocks compiled. The model, its state dict and its
@@ -112,8 +119,7 @@ class Backbone:
 
         import torch._dynamo
 
-        names = set(REPEATED_BLOCKS) | set(getattr(self.main, "_repeated_blocks", None) or ())
-        blocks = [m for m in self.main.modules() if type(m).__name__ in names]
+        blocks = self.repeated_blocks()
         # blocks of one class share one forward, and dynamo keeps at most recompile_limit (8) graphs of it, beyond
         # which it runs eager: a graph per parameter shape (SD1's resnets come in 12), each traced again for an input
         # that does not require grad, under no_grad (validation) and once a resolution turns dynamic (buckets)
