@@ -259,11 +259,7 @@ def offloadable(backbone) -> list[tuple[str, nn.Module]]:
 def check(n: int, backbone) -> list[tuple[str, nn.Module]]:
     """The blocks --offload-blocks n offloads; ConfigError for more blocks than the model has, or for blocks holding
     memory that a tensor outside them holds too."""
-    from .distributed import requested
-
-    if requested():
-        raise ConfigError("offload_blocks", n, "it does not combine with FSDP, which shards the blocks already")
-    blocks = offloadable(backbone)
+    blocks = offloadable(backbone)  # (under FSDP distributed.check has refused offloading before the model loaded)
     if n > len(blocks):
         kind = "UNet" if backbone.objective == "diffusion" else "transformer"
         raise ConfigError("offload_blocks", n, f"it must be at most {len(blocks)}, the repeated blocks of this "
