@@ -45,9 +45,20 @@ def main(file: str, as_json: bool, metadata: bool) -> None:
     click.echo(f"  dtypes        {', '.join(info['dtypes'])}")
     if info["trigger_words"]:
         click.echo(f"  trigger words {info['trigger_words']}")
+    if info["quantized_base"]:  # (it applies to the unquantized base; this is what it trained over)
+        click.echo(f"  trained over  a quantized base: {_held(info['quantized_base'])}")
     if info["other_keys"]:
         click.echo(f"  other keys    {', '.join(info['other_keys'])}")
     _metadata(info, metadata)
+
+
+def _held(text: str) -> str:
+    """lora_kit.quantized_base ({component: what it held}, as JSON) as one line; another value as it is."""
+    try:
+        held = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return "; ".join(f"{c} {what}" for c, what in held.items()) if isinstance(held, dict) else text
 
 
 def _metadata(info: dict, shown: bool) -> None:

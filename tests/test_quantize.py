@@ -196,6 +196,11 @@ def test_training_over_a_quantized_base_equals_training_over_its_dense_weights(m
     assert any(k.startswith("lora_te_") for k in written["dense"])
     for key, want in written["dense"].items():
         torch.testing.assert_close(written["quantized"][key], want, atol=bound, rtol=0, msg=key)
+    from click.testing import CliRunner
+    from lora_kit.cli import inspect as inspect_cli
+
+    shown = CliRunner().invoke(inspect_cli.main, [str(tmp_path / "quantized" / "out.safetensors")]).output
+    assert "trained over  a quantized base: unet Int8Tensor x 50 of 50 linear layers; text_encoder NF4Tensor" in shown
     float_pipe = make_pipe("sd1")
     lora_kit.load(float_pipe, tmp_path / "quantized" / "out.safetensors")
     factors = sum(k.startswith("lora_unet_") and not k.endswith(".alpha") for k in written["dense"])

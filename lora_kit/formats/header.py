@@ -263,6 +263,7 @@ def describe(path: str | os.PathLike) -> dict:
         "conv_modules": sum(1 for i in stems.values() if i["kind"] == "conv"),
         "dtypes": sorted({i["dtype"] for i in stems.values() if "dtype" in i}),
         "trigger_words": metadata.get("lora_kit.trigger_words") or metadata.get("modelspec.trigger_phrase"),
+        "quantized_base": metadata.get("lora_kit.quantized_base"),  # what lora-train --quantize-base trained on
         "other_keys": other[:10],
         "metadata": metadata,
     }
