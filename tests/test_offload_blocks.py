@@ -4,11 +4,13 @@ during a forward or a backward do more of the offloaded blocks hold their frozen
 computing), two with prefetch (forced on here: it is CUDA's default). More blocks than the model has, or blocks
 tied to tensors outside them, are refused in one line."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch._dynamo
 from click.testing import CliRunner
-from conftest import build_pipeline, forward_main, main_model
+from conftest import Stopped, build_pipeline, forward_main, main_model, stop_after
 from test_train import write_images
 from test_train_checks import config
 
@@ -144,8 +146,6 @@ def test_choice_and_release(make_pipe, data, tmp_path):
     batcher = loop.Batcher(cfg, backbone, [], None, cache_text=True)
     assert offload_blocks.releasable(cfg, batcher) == ["vae", "text_encoder"]
     for change in (dict(shuffle_captions=True), dict(cache=False), dict(validation_prompt="a dog", validate_every=1)):
-        from dataclasses import replace
-
         kept = offload_blocks.releasable(replace(cfg, **change), batcher)
         assert kept == ([] if "shuffle_captions" not in change else ["vae"]), change
     assert offload_blocks.releasable(cfg, loop.Batcher(cfg, backbone, [], None, cache_text=False)) == ["vae"]
@@ -191,3 +191,21 @@ def test_bad_n_and_tied_blocks_refused_in_one_line(make_pipe, data, tmp_path):
     assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
     assert "--offload-blocks is 13; it must be at most 12, the repeated blocks of this sd1 UNet" in result.output
     assert not out.exists()
+
+
+def test_resumed_run_and_a_stopped_one(make_pipe, data, tmp_path, monkeypatch):
+    """A run stopped after its first step's checkpoint leaves every block resident on the pipeline it was given, and
+    resumed with another N (not in the fingerprint) it writes the adapter of an uninterrupted resident run."""
+    monkeypatch.setattr(offload_blocks, "PREFETCH", False)
+    want, _, _ = train(make_pipe, data, tmp_path / "resident", "sd1")
+    (tmp_path / "resumed").mkdir()
+    cfg = config(data, tmp_path / "resumed", "sd1", steps=2, save_dtype="fp32", save_every=1, offload_blocks=6)
+    pipe = make_pipe("sd1")
+    with pytest.raises(Stopped):
+        loop.train(cfg, pipe=pipe, callbacks=[stop_after(1)])
+    assert all(resident(b) for b in Backbone(pipe).repeated_blocks())
+    loop.train(replace(cfg, resume="latest", offload_blocks=3), pipe=make_pipe("sd1"))
+    got = files.load(tmp_path / "resumed" / "out.safetensors")[0]
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key

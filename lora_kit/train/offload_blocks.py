@@ -122,7 +122,7 @@ class BlockOffload:
         self.stream = torch.cuda.Stream(device) if cuda and self.prefetch else None
         self.blocks = [_Block(m, name, pin=cuda) for name, m in blocks]
         self.order: list[_Block] = []  # the offloaded blocks in execution order, as the first forward ran them
-        self.prefetched: _Block | None = None
+        self.current: _Block | None = None  # the offloaded block computing (loaded for its forward or backward)
         self.loads = 0  # how many times a block came in while streaming (tests)
         self._task = None  # the backward whose end-callback is queued
         self._handles = []
@@ -148,12 +148,14 @@ class BlockOffload:
     def _park(self, block: _Block) -> None:
         if not block.loaded:
             return
+        if block.ready is not None:  # prefetched, never used: its memory is freed once its copy is done
+            torch.cuda.current_stream().wait_event(block.ready)
         with self._plain():
             for s in block.storages:
                 s.park()
         block.loaded, block.ready = False, None
-        if self.prefetched is block:
-            self.prefetched = None
+        if self.current is block:
+            self.current = None
 
     def _copy_in(self, block: _Block, side: bool) -> None:
         with self._plain():
@@ -171,9 +173,13 @@ class BlockOffload:
         block.loaded = True
 
     def _load(self, block: _Block) -> None:
-        """Load `block` for computing; every other offloaded block but the prefetched one is parked first."""
+        """Load `block` for computing; every other offloaded block is parked first (a prefetched one that is not
+        `block` was prefetched in vain). Loading the block already computing again (a block with several outputs,
+        gradient checkpointing's recomputation) changes nothing."""
+        if block is self.current and block.loaded:
+            return
         for other in self.blocks:
-            if other is not block and other is not self.prefetched:
+            if other is not block:
                 self._park(other)
         if not block.loaded:
             self._copy_in(block, side=False)
@@ -181,13 +187,11 @@ class BlockOffload:
         if block.ready is not None:  # its prefetch copy: the compute stream waits for it
             torch.cuda.current_stream().wait_event(block.ready)
             block.ready = None
-        if self.prefetched is block:
-            self.prefetched = None
+        self.current = block
 
     def _prefetch(self, block: _Block | None) -> None:
         if not self.prefetch or block is None or block.loaded:
             return
-        self.prefetched = block
         self._copy_in(block, side=self.stream is not None)
         self.loads += 1
 
