@@ -57,6 +57,14 @@ MODES = (
     "diffusers-ti",
     "dora-dreambooth",
     "lokr-dreambooth",
+    "int8-dreambooth",
+    "nf4-dreambooth",
+    "compile-dreambooth",
+    "ema-dreambooth",
+    "prodigy-dreambooth",
+    "adafactor-dreambooth",
+    "schedulefree-dreambooth",
+    "lion8bit-dreambooth",
 )
 BACKGROUNDS = [c for c in generate.COLOURS if c not in ("red", "white")]
 
@@ -84,7 +92,21 @@ INIT_WORD = "circle"  # the subject's class: new tokens start from its embedding
 # captions, see datasets/toyworld/pretrain.py's colourless stage), on every background
 CLASS_PROMPTS = "|".join(f"a circle on a {bg} background" for bg in generate.COLOURS)
 PEERS = {"peft": "lora", "peft-dreambooth": "dreambooth", "diffusers-ti": "textual-inversion"}  # peer -> its mode
-KINDS = {"dora-dreambooth": ("dreambooth", "dora"), "lokr-dreambooth": ("dreambooth", "lokr")}  # -> (mode, --adapter)
+DEFAULT_MODES = MODES[:9]  # the four modes, their peers, DoRA and LoKr; the rest, one setting changed, when named
+# the same DreamBooth with one lora-train setting changed -> (mode, the settings). Prodigy finds its own step size
+# (its authors' lr 1); Lion's updates are sign-sized, so it takes a third of AdamW's lr (its authors: 3-10x smaller)
+VARIANTS = {
+    "dora-dreambooth": ("dreambooth", {"adapter": "dora"}),
+    "lokr-dreambooth": ("dreambooth", {"adapter": "lokr"}),
+    "int8-dreambooth": ("dreambooth", {"quantize_base": "int8", "quantize_text_encoders": "int8"}),
+    "nf4-dreambooth": ("dreambooth", {"quantize_base": "nf4", "quantize_text_encoders": "nf4"}),
+    "compile-dreambooth": ("dreambooth", {"compile": True}),
+    "ema-dreambooth": ("dreambooth", {"ema": 0.999}),
+    "prodigy-dreambooth": ("dreambooth", {"optimizer": "prodigy", "lr": 1.0}),
+    "adafactor-dreambooth": ("dreambooth", {"optimizer": "adafactor"}),
+    "schedulefree-dreambooth": ("dreambooth", {"optimizer": "schedulefree"}),
+    "lion8bit-dreambooth": ("dreambooth", {"optimizer": "lion8bit", "lr-third": True}),
+}
 
 
 def peer_train(kind: str, model: str, data: Path, out: Path, steps: int, rank: int, lr: float, resolution: int,
@@ -307,14 +329,17 @@ def run(model: str, modes, budget: Budget, samples: int, sample_steps: int, guid
     work.mkdir(parents=True, exist_ok=True)
     rows, figure = {}, []  # figure: one row of samples per mode
     for mode in ("base", *modes):  # the base model first, untrained: what each metric reads without an adapter
-        kind = PEERS.get(mode, KINDS.get(mode, (mode,))[0])  # a peer is scored like the mode it stands beside
+        kind = PEERS.get(mode, VARIANTS.get(mode, (mode,))[0])  # a peer is scored like the mode it stands beside
         token = "<sks>" if kind in ("textual-inversion", "pivotal") else "sks"
         out = work / f"{mode}.safetensors"
         if mode != "base":
             data = instance_data(work / f"data-{mode}", budget.instance_images, token)
             cfg = budget.config(model, data, out, kind, token, work / "class-images", sample_steps)
-            if mode in KINDS:  # the same DreamBooth with another adapter kind (lora-train --adapter)
-                cfg = replace(cfg, adapter=KINDS[mode][1])
+            if mode in VARIANTS:  # the same DreamBooth with one setting changed
+                settings = dict(VARIANTS[mode][1])
+                if settings.pop("lr-third", False):
+                    settings["lr"] = budget.lr / 3
+                cfg = replace(cfg, **settings)
         if mode in PEERS:
             lr = budget.ti_lr if kind == "textual-inversion" else budget.lr
             peer_train(mode, model, data, out, budget.steps, budget.rank, lr, 64, token, budget.targets, class_cfg=cfg,
@@ -367,12 +392,20 @@ LABELS = {
     "diffusers-ti": "diffusers textual inversion (peer of textual-inversion)",
     "dora-dreambooth": "dreambooth, DoRA adapters (--adapter dora)",
     "lokr-dreambooth": "dreambooth, LoKr adapters (--adapter lokr)",
+    "int8-dreambooth": "dreambooth over an int8 base (--quantize-base int8 --quantize-text-encoders int8)",
+    "nf4-dreambooth": "dreambooth over an NF4 base (--quantize-base nf4 --quantize-text-encoders nf4)",
+    "compile-dreambooth": "dreambooth, compiled blocks (--compile)",
+    "ema-dreambooth": "dreambooth, the EMA written (--ema 0.999)",
+    "prodigy-dreambooth": "dreambooth, Prodigy (--optimizer prodigy --lr 1)",
+    "adafactor-dreambooth": "dreambooth, Adafactor (--optimizer adafactor)",
+    "schedulefree-dreambooth": "dreambooth, schedule-free AdamW (--optimizer schedulefree)",
+    "lion8bit-dreambooth": "dreambooth, Lion 8-bit (--optimizer lion8bit, a third of the lr)",
 }
 
 
 def write_results(args, command: str, base: dict | None, rows: dict, path: Path) -> None:
     b = args.budget
-    partial = "" if set(args.modes.split(",")) == set(MODES) else f" --modes {args.modes}"  # (its own section)
+    partial = "" if set(args.modes.split(",")) == set(DEFAULT_MODES) else f" --modes {args.modes}"  # (its own section)
     lines = [
         "## bench/quality.py" + partial + (" (quick)" if args.quick else ""),
         "",
@@ -421,7 +454,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toy", help="toy-world base model folder (default: the shipped one)")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {','.join(MODES)}")
     for f in fields(Budget):  # the training budget of every mode and peer
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     parser.add_argument("--samples", type=int, default=48, help="samples per metric")
@@ -447,6 +480,9 @@ def main(argv=None) -> int:
             args.model = str(pretrain.pretrain(work / "base", "tiny", "cpu", log=lambda _: None))
             args.label = "a tiny random base (the numbers mean nothing; this checks the benchmark runs)"
             args.steps, args.samples, args.sample_steps, args.base_samples, args.num_class_images = 2, 1, 2, 2, 1
+            from lora_kit.train import backbone
+
+            backbone.COMPILE_OPTIONS = {"backend": "aot_eager"}  # (inductor's C++ build takes minutes on a CPU)
         args.budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
         if args.model == "toy":
             from lora_kit.models import toy_model
@@ -477,7 +513,7 @@ def main(argv=None) -> int:
     if strip:
         grid(strip, columns=len(strip)).save(figures / "toyworld-base.png")
     if figure:  # one row per mode: 4 fidelity, 1 prior, 1 coloured, 2 composability samples
-        name = "toyworld-modes.png" if set(modes) == set(MODES) else f"toyworld-{'+'.join(modes)}.png"
+        name = "toyworld-modes.png" if set(modes) == set(DEFAULT_MODES) else f"toyworld-{'+'.join(modes)}.png"
         grid([image for row in figure for image in row], columns=len(figure[0])).save(figures / name)
     return 0
 

@@ -69,6 +69,20 @@ def test_quality_bench_quick(tmp_path):
     assert bench.pool(runs) == {"dreambooth": {"fidelity": (85, 96), "prior": (86, 96)}}
 
 
+def test_quality_bench_quick_variants(tmp_path):
+    """The DreamBooth rows with one setting changed (quantized base, --compile, EMA, each optimizer) train, sample
+    and get judged when named."""
+    bench = load("quality")
+    results = tmp_path / "RESULTS.md"
+    variants = [m for m in bench.MODES if m not in bench.DEFAULT_MODES]
+    assert set(variants) <= set(bench.VARIANTS) and len(variants) == 8
+    argv = ["--quick", "--modes", ",".join(variants), "--base-samples", "0", "--results", str(results)]
+    assert bench.main(argv) == 0
+    text = results.read_text()
+    for mode in variants:
+        assert f"| {bench.LABELS[mode]} |" in text, mode
+
+
 def test_inference_bench_quick(tmp_path):
     bench = load("inference")
     results = tmp_path / "RESULTS.md"
@@ -141,8 +155,8 @@ def test_quality_budget_gives_each_mode_its_text_encoder_rank(tmp_path):
         return budget.config("toy", tmp_path, tmp_path / "o.safetensors", mode, token, tmp_path, 2).text_encoder_rank
 
     budget = bench.Budget()
-    assert [rank(budget, m) for m in bench.MODES if m not in bench.PEERS and m not in bench.KINDS] == [4, 4, 0, 0]
-    assert all(bench.KINDS[m][0] == "dreambooth" for m in bench.MODES if m in bench.KINDS)  # (other adapter kinds)
+    assert [rank(budget, m) for m in bench.MODES if m not in bench.PEERS and m not in bench.VARIANTS] == [4, 4, 0, 0]
+    assert all(bench.VARIANTS[m][0] == "dreambooth" for m in bench.MODES if m in bench.VARIANTS)
     assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "pivotal") == 4
     assert rank(bench.Budget(pivotal_text_encoder_rank=4, text_encoder_rank=2), "dreambooth") == 2
     assert [bench.Budget(steps=2000).config("toy", tmp_path, tmp_path / "o", m, "<sks>", tmp_path, 2).ti_steps
