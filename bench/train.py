@@ -9,8 +9,9 @@ on the same noisy latents, timesteps and text states, with the same epsilon MSE 
 lora-train makes (torch's fused AdamW where every tensor allows it: loop._fusable), the peer with the example's
 torch.optim.AdamW. Rows:
 
-- frozen floor: the UNet's forward and a backward to its input with no adapters and no optimizer, the least a
-  training step can cost (every adapter needs the gradient of its output, which flows back through nearly all of it);
+- frozen floor: the UNet's forward and a backward from the loss to the input of the first layer the preset adapts
+  (in module order), with no adapters and no optimizer: the least a training step of these adapters can cost (each
+  adapter needs the gradient of its output, so the backward runs through every layer after the first adapted one);
 - lora_kit, diffusers+peft: the pair the ratio compares;
 - lora_kit --compile: lora-train --compile's regional compilation (Backbone.compile_blocks; inductor, also on the
   CPU); its compile (the first step's time beyond a step) is reported apart from its step time;
@@ -142,8 +143,11 @@ def build_rows(args, unet, paths, rank, device, stack: contextlib.ExitStack) -> 
     rows, notes = {}, []
     for key in args.rows:
         name = ROWS[key]
-        if key == "floor":
-            rows[name] = Row(name, unet, [], None)
+        if key == "floor":  # the first adapted layer's input requires grad, so the backward stops there
+            floor = sharing_copy(unet)
+            hook = lambda _, args: (args[0].detach().requires_grad_(), *args[1:])  # noqa: E731
+            floor.get_submodule(paths[0]).register_forward_pre_hook(hook)
+            rows[name] = Row(name, floor, [], None)
             continue
         if key == "offload" and device.type != "cuda":
             notes.append(f"{name}: left out on the CPU (offloading moves blocks off a GPU; nothing to save here)")
@@ -193,10 +197,8 @@ def inputs(unet, args, device, dtype, seed: int) -> dict:
     }
 
 
-def loss_of(unet, batch: dict, device, autocast: bool, input_grad: bool = False) -> torch.Tensor:
+def loss_of(unet, batch: dict, device, autocast: bool) -> torch.Tensor:
     noisy = batch["latents"] + batch["noise"]  # (the schedule's mixing does not change the step's cost)
-    if input_grad:  # the frozen floor: the gradient flows back to the input, as it must to every adapter
-        noisy.requires_grad_(True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         pred = unet(noisy, batch["timesteps"], batch["context"]).sample
     return torch.nn.functional.mse_loss(pred.float(), batch["noise"].float())
@@ -212,7 +214,7 @@ def saved_bytes(row: Row, batch: dict, device, autocast: bool) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_of(row.unet, batch, device, autocast, input_grad=row.optimizer is None)
+        loss = loss_of(row.unet, batch, device, autocast)
     del loss
     return sum(storages.values())
 
@@ -222,19 +224,22 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(row: Row, batch: dict, device, autocast: bool) -> float:
-    """One training step (the floor: forward and backward only); its wall time."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # --clock: cpu, the process's CPU time (all threads)
+
+
+def timed_step(row: Row, batch: dict, device, autocast: bool, clock=time.perf_counter) -> float:
+    """One training step (the floor: forward and backward only); its time by `clock`."""
     sync(device)
-    start = time.perf_counter()
-    loss_of(row.unet, batch, device, autocast, input_grad=row.optimizer is None).backward()
+    start = clock()
+    loss_of(row.unet, batch, device, autocast).backward()
     if row.optimizer is not None:
         row.optimizer.step()
         row.optimizer.zero_grad(set_to_none=True)
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def first_step(row: Row, batch: dict, device, autocast: bool) -> dict[str, int | None]:
+def first_step(row: Row, batch: dict, device, autocast: bool, clock=time.perf_counter) -> dict[str, int | None]:
     """The warm-up step (compilation, for the compiled row); on a GPU, how far its allocated memory rises above what
     was resident before it (step) and its whole peak allocation (peak)."""
     gpu = device.type == "cuda"
@@ -242,7 +247,7 @@ def first_step(row: Row, batch: dict, device, autocast: bool) -> dict[str, int |
         sync(device)
         resident = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    row.first = timed_step(row, batch, device, autocast)
+    row.first = timed_step(row, batch, device, autocast, clock)
     if not gpu:
         return {"step": None, "peak": None}
     peak = torch.cuda.max_memory_allocated(device)
@@ -261,6 +266,13 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled row")
     parser.add_argument("--offload-blocks", type=int, default=0, help="blocks the offloaded row streams (half)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall, or cpu: the process's CPU time, steadier on a shared machine (use --threads 1)",
+    )
     parser.add_argument("--device", default=None, help="cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = _results.parse(parser, argv)
@@ -270,6 +282,9 @@ def main(argv=None) -> int:
         parser.error(f"--rows: {', '.join(unknown) or 'lora_kit and diffusers+peft are needed'} (of {list(ROWS)})")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
     args.steps = args.steps or (8 if args.quick else 6)
     args.batch = args.batch or (4 if gpu else 1)
     dtype = torch.bfloat16 if gpu else torch.float32  # the frozen base; the adapters train in fp32 either way
@@ -285,12 +300,12 @@ def main(argv=None) -> int:
         order = list(rows.values())
         for row in order:  # (the first step, a warm-up, also gives the GPU's figures and the compile time)
             state = sum(p.numel() * p.element_size() for p in row.params) * 4  # weights, gradients, two moments
-            row.memory = {**first_step(row, batch, device, gpu), "state": state}
+            row.memory = {**first_step(row, batch, device, gpu, clock), "state": state}
             compiled = row.name == ROWS["compile"] or row.name == ROWS["offload"]  # (their saved tensors: not hooked)
             row.memory["saved"] = None if compiled else saved_bytes(row, batch, device, gpu)
         for i in range(args.steps):  # step by step in turn, in alternating order: the machine's drift cancels
             for row in order if i % 2 == 0 else order[::-1]:
-                row.times.append(timed_step(row, batch, device, gpu))
+                row.times.append(timed_step(row, batch, device, gpu, clock))
             print(f"round {i + 1}/{args.steps}: " + ", ".join(f"{r.name} {r.times[-1]:.3f} s" for r in order),
                   flush=True)  # fmt: skip
     peer = rows["diffusers+peft"].times
@@ -337,7 +352,9 @@ def write_results(args, device, dtype, rank, layers, rows, median, ratio, notes)
         + f", latents {args.latent_size}x{args.latent_size}, batch {args.batch}; rank-{rank} adapters (alpha = rank) "
         f"on the {layers} layers of the `{args.targets}` preset, trained in fp32 (lora_kit: lora-train's fused AdamW; "
         "the peer: torch.optim.AdamW); each row on its own copy of the UNet, "
-        f"{args.steps} steps each after a warm-up step, taken in turn in alternating order; x peer: the median of the "
+        f"{args.steps} steps each after a warm-up step, taken in turn in alternating order, timed by "
+        + ("wall clock" if args.clock == "wall" else "the process's CPU time (time waiting for a core left out)")
+        + "; x peer: the median of the "
         "rounds' ratios to diffusers+peft's step. Saved for backward: what autograd keeps from one forward (each "
         "storage once; - where compiled or streamed blocks hide it); adapter state: weights, gradients and two "
         "optimizer moments"
