@@ -11,9 +11,10 @@
 #   quick:   the GPU tests and the 512 px benchmark (about 4 minutes on an H200)
 #   full:    every GPU row of issue 27 in one call, each within what is left of $BUDGET seconds (530), in this order:
 #            the training step at SD1.5 512 px batch 4 (bench/train.py: frozen floor, lora_kit, diffusers+peft,
-#            compiled, int8 base, offloaded), whole lora-train runs against the diffusers example (bench/e2e.py),
-#            SDXL 1024 px batch 1 peak memory, the FLUX.1-sized transformer at 1024 px with an int8 base and 32
-#            blocks offloaded (bench/memory.py), then the inference rows at 512 and 1024 px (bench/inference.py).
+#            int8 base, offloaded), whole lora-train runs against the diffusers example (bench/e2e.py), SDXL 1024 px
+#            batch 1 peak memory, the FLUX.1-sized transformer at 1024 px with an int8 base and 32 blocks offloaded
+#            (bench/memory.py), the compiled training step (a run and section of its own: a compile that runs out of
+#            time loses only that row), then the inference rows at 512 and 1024 px (bench/inference.py).
 #            No GPU tests (run quick for them).
 #   compile: the GPU tests and the 512 px benchmark with the UNet compiled (CUDA graphs)
 # `bash bench/gpu.sh full cpu` tries the same sequence on a CPU: the GPU checks skipped (nvidia-smi, tests/test_gpu.py),
@@ -65,10 +66,11 @@ fi
 case "$what" in
   quick) tests; run bench64 240 inference.py "${q[@]}" --steps 10 --rounds 3 ;;
   full)
-    run train64 170 train.py "${train[@]}"
+    run train64 100 train.py "${train[@]}" --rows floor,lora_kit,diffusers+peft,int8,offload
     run e2e 150 e2e.py "${e2e[@]}"
     run sdxl1024 60 memory.py --arch sdxl "${sdxl[@]}"
     run flux1024 120 memory.py --arch flux "${flux[@]}"
+    run train64c 150 train.py "${train[@]}" --rows lora_kit,diffusers+peft,compile --tag compiled
     run bench64 90 inference.py "${infer[@]}"
     [ "$cpu" = 1 ] || run bench128 90 inference.py --steps 4 --rounds 1 --latent 128 ;;
   compile) tests; run compiled64 330 inference.py "${q[@]}" --compile reduce-overhead --steps 10 --rounds 1 ;;

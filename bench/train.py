@@ -267,6 +267,7 @@ def main(argv=None) -> int:
     parser.add_argument("--offload-blocks", type=int, default=0, help="blocks the offloaded row streams (half)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--tag", default="", help="a word for the results heading (a section of its own)")
     parser.add_argument(
         "--clock",
         choices=tuple(CLOCKS),
@@ -342,7 +343,8 @@ def write_results(args, device, dtype, rank, layers, rows, median, ratio, notes)
     saved = {c: ROWS[c] for c in CONFIGS}
     lines = [
         f"## bench/train.py ({'quick' if args.quick else device.type}"
-        + (", gradient checkpointing)" if args.gradient_checkpointing else ")"),
+        + (", gradient checkpointing" if args.gradient_checkpointing else "")
+        + (f", {args.tag})" if args.tag else ")"),
         "",
         f"`{' '.join(['python bench/train.py', *args.shown])}` — {datetime.date.today()}, commit "
         f"{_results.commit()}, {where}, torch {torch.__version__}, seed {args.seed}",
