@@ -104,7 +104,12 @@ def timed(command: list[str], work: Path, threads: int = 0) -> dict:
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, __file__, "--child", str(peak_file), *command], stdout=out,
                                    stderr=subprocess.STDOUT, env=env)  # fmt: skip
-        _, status, usage = os.wait4(process.pid, 0)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:  # (interrupted: the run does not outlive the benchmark)
+            process.kill()
+            process.wait()
+            raise
     wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
