@@ -39,6 +39,23 @@ def command(**settings):
     return click.command(cls=Command, context_settings=CONTEXT | settings)
 
 
+# Loggers whose warnings say only how an optional library was imported, nothing about the run: torchao, which
+# diffusers and transformers import whenever it is installed (lora_kit[quant]), logs every CUDA kernel library a
+# CPU-only torch cannot load and Triton's absence, and its enum registrations make torch's pytree warn of a
+# deprecation; diffusers' torchao quantizer warns of a torchao release newer than it knows; bitsandbytes of an
+# optional CPU kernel package. Raised to errors in lora_kit's commands (a Python session that imports lora_kit
+# keeps its own settings).
+QUIETED = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
+           "bitsandbytes.backends.cpu.ops")  # fmt: skip
+
+
+def _quiet_import_warnings() -> None:
+    import logging
+
+    for name in QUIETED:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def friendly_errors(fn):
     """Run a command body; LoraKitError (or an OSError the body did not expect: a full disk, a vanished folder) ->
     one line 'error: ...' on stderr, after clearing any progress bar, and exit 2."""
@@ -47,6 +64,7 @@ def friendly_errors(fn):
     def run(*args, **kwargs):
         from lora_kit.errors import LoraKitError
 
+        _quiet_import_warnings()
         try:
             return fn(*args, **kwargs)
         except (LoraKitError, OSError) as e:

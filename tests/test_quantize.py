@@ -274,3 +274,21 @@ def test_quantize_flags_and_fingerprint():
     )
     with pytest.raises(ConfigError, match="quantize_base is 'int4'; choose one of none, fp8, int8, nf4"):
         TrainConfig(model="m", data="d", output="o.safetensors", quantize_base="int4")
+
+
+def test_lora_train_quantized_prints_no_import_noise(make_pipe, data, tmp_path):
+    """The command as a user runs it (a fresh process, so diffusers imports torchao there): stderr holds lora-train's
+    own lines, not the warnings torchao, torch and bitsandbytes log while being imported (cli/_common.QUIETED)."""
+    import os
+    import subprocess
+
+    model = tmp_path / "model"
+    make_pipe("sd1").save_pretrained(model)
+    out = tmp_path / "o.safetensors"
+    argv = [sys.executable, "-m", "lora_kit.cli.train", "--model", str(model), "--data", str(data), "--steps", "1",
+            "--resolution", "32", "--rank", "2", "--quantize-base", "int8", "-o", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["training lora on 4 images in 1 processes",
+                                        "unet: Int8Tensor x 50 of 50 linear layers"], done.stderr  # fmt: skip
+    assert out.exists()
